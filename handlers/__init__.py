@@ -1,0 +1,1 @@
+"""TorchServe handlers and the pre/post-processing they share with training."""

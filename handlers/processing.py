@@ -1,0 +1,148 @@
+"""Pre- and post-processing shared by training and serving.
+
+Training imports this module and every archive ships it, so the two sides cannot
+drift: one implementation of decoding, resizing, padding, text composition,
+tokenization and label mapping.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# Photos beyond this many pixels are refused before decoding (decompression bombs).
+DEFAULT_MAX_PIXELS = 50_000_000
+PAD_COLOUR = (0, 0, 0)
+
+_NAME_SUFFIX = re.compile(r"\s*\|\s*in\s+[^|]*\|\s*Gumtree\s*$", re.IGNORECASE)
+_POSTED_BY = re.compile(r"Posted by\b[^.]*\.?", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+
+
+class InputError(ValueError):
+    """A request or data item that cannot be processed; the message says why."""
+
+
+# ---------------------------------------------------------------- images
+def decode_image(data: bytes, draft_size: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to an upright RGB picture, refusing bombs and broken files.
+
+    With `draft_size`, JPEGs are decoded at the smallest DCT scale that still
+    covers `draft_size` on the longer side, which is cheaper and feeds the same
+    model input size.
+    """
+    if not data:
+        raise InputError("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InputError(f"image too large: {width}x{height} pixels (limit {max_pixels})")
+            if draft_size and image.format == "JPEG":
+                scale = draft_size / max(width, height)
+                if scale < 1:
+                    image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+            image.load()
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
+        raise InputError(f"not a readable image: {error}") from error
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any mode to RGB (transparency onto the pad colour)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, PAD_COLOUR)
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def fit_to_square(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the longer side is `size`, keep the aspect ratio, pad to a centred square."""
+    width, height = image.size
+    scale = size / max(width, height)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=None)
+    if new_size == (size, size):
+        return image
+    square = Image.new("RGB", (size, size), PAD_COLOUR)
+    square.paste(image, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    return square
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB picture -> uint8 tensor [3, H, W]; normalisation lives inside the model."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def model_image(image: Image.Image, size: int) -> torch.Tensor:
+    """What every image model sees: RGB, fitted into a padded square, uint8 [3, size, size]."""
+    return image_to_tensor(fit_to_square(to_rgb(image), size))
+
+
+def model_image_from_bytes(data: bytes, size: int,
+                           max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    return image_to_tensor(fit_to_square(decode_image(data, size, max_pixels), size))
+
+
+# ---------------------------------------------------------------- text
+def strip_name_boilerplate(name: str) -> str:
+    """Remove the site's ` | in <town> | Gumtree` suffix."""
+    return _NAME_SUFFIX.sub("", name).strip()
+
+
+def strip_description_boilerplate(description: str) -> str:
+    """Remove `Posted by <user> in <sub-categories> in <town>.` sentences (they name the label)."""
+    return _SPACES.sub(" ", _POSTED_BY.sub(" ", description)).strip()
+
+
+def normalise_whitespace(text: str) -> str:
+    return _SPACES.sub(" ", text).strip()
+
+
+def listing_text(name: str | None, description: str | None) -> str:
+    """Name first, so truncation keeps it; boilerplate removed on both fields."""
+    name = strip_name_boilerplate(normalise_whitespace(name or ""))
+    description = strip_description_boilerplate(description or "")
+    return " ".join(part for part in (name, description) if part)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, padded only to the longest text of the batch."""
+    encoded = tokenizer(list(texts), padding="longest", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+# ---------------------------------------------------------------- outputs
+def describe_probabilities(probabilities: Iterable[float], index_to_name: dict[str, str],
+                           top_k: int = 3) -> dict:
+    """One response: best category, its probability, the top k and all probabilities."""
+    values = [float(p) for p in probabilities]
+    order = sorted(range(len(values)), key=lambda i: values[i], reverse=True)
+    top_k = max(1, min(int(top_k), len(values)))
+    best = order[0]
+    return {
+        "category": index_to_name[str(best)],
+        "probability": values[best],
+        "top_k": [{"category": index_to_name[str(i)], "probability": values[i]}
+                  for i in order[:top_k]],
+        "probabilities": {index_to_name[str(i)]: values[i] for i in range(len(values))},
+    }

@@ -1,0 +1,87 @@
+"""Model commands of the CLI: train, evaluate, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from training.train import TrainConfig
+
+TRAIN_OPTIONS = {
+    "epochs": "passes over the training split",
+    "batch_size": "samples per step",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "patience": "stop after this many epochs without a better validation accuracy (0: off)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "seed": "random seed (runs are deterministic on CPU)",
+    "image_backbone": "resnet50 or efficientnet_lite0",
+    "image_weights": "imagenet, none, or the path of a state dict",
+    "image_size": "side of the square model input",
+    "finetune": "image backbone: none (frozen, cached features), last (last stage) or all",
+    "text_encoder": "minilm (shipped), a model folder, or a name in the local HF cache",
+    "max_length": "tokens kept of name + description",
+    "feature_batch_size": "batch size when computing frozen features",
+    "num_workers": "data loader processes when fine-tuning",
+    "cache_dir": "where frozen features are cached",
+    "checkpoint_dir": "where checkpoints/<model>/best.pt goes",
+    "runs_dir": "TensorBoard logs",
+}
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.train import train
+
+    names = {field.name for field in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    print(f"best checkpoint: {train(config)}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate, write_summary
+
+    for model in args.model:
+        metrics = evaluate(Path(args.checkpoint_dir) / model / "best.pt", args.data_dir,
+                           args.reports_dir, args.split, args.device)
+        print(f"{model}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+              f"on {metrics['samples']} {args.split} {metrics['unit']}s")
+    print(write_summary(Path(args.reports_dir)))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from training.export import export
+
+    for model in args.model:
+        result = export(Path(args.checkpoint_dir) / model / "best.pt", args.data_dir, args.artifacts_dir)
+        print(json.dumps(result))
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train the image, text or combined model")
+    train.add_argument("--model", choices=("image", "text", "combined"), required=True)
+    train.add_argument("--data-dir", required=True, help="cleaned and split folder")
+    train.add_argument("--finetune-encoder", action="store_true", help="train the text encoder too")
+    defaults = TrainConfig()
+    for name, text in TRAIN_OPTIONS.items():
+        default = getattr(defaults, name)
+        kind = type(default) if default is not None else str
+        train.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                           help=f"{text} (default: {default})")
+    train.set_defaults(run=_train)
+
+    for name, run, text in (("evaluate", _evaluate, "test-split reports under reports/<model>/"),
+                            ("export", _export, "TorchScript and handler files under artifacts/<model>/")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--model", nargs="+", choices=("image", "text", "combined"),
+                             default=["image", "text", "combined"])
+        command.add_argument("--data-dir", required=True, help="cleaned and split folder")
+        command.add_argument("--checkpoint-dir", default="checkpoints")
+        if name == "evaluate":
+            command.add_argument("--reports-dir", default="reports")
+            command.add_argument("--split", choices=("train", "val", "test"), default="test")
+            command.add_argument("--device", default="auto")
+        else:
+            command.add_argument("--artifacts-dir", default="artifacts")
+        command.set_defaults(run=run)

@@ -1,0 +1,134 @@
+"""Honest evaluation on the test split: metrics, confusion matrix and training curves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+from training.data import CleanData
+from training.train import TrainConfig, choose_device, load_checkpoint, make_task
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    size = len(names)
+    confusion = np.zeros((size, size), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    per_class = {}
+    for index, name in enumerate(names):
+        true_positive = confusion[index, index]
+        predicted, actual = confusion[:, index].sum(), confusion[index].sum()
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall),
+                           "f1": float(f1), "support": int(actual)}
+    present = [m["f1"] for m in per_class.values() if m["support"] > 0]
+    return {"accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)),
+            "macro_f1": float(np.mean(present)) if present else 0.0,
+            "samples": int(confusion.sum()), "per_class": per_class,
+            "confusion_matrix": confusion.tolist()}
+
+
+@torch.inference_mode()
+def predict_split(model, config: TrainConfig, data: CleanData, split: str,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    task = make_task(model.to(device).eval(), config, data, device)
+    labels, predictions = [], []
+    for batch in task.batches(split, config.batch_size):
+        labels.append(batch.labels.cpu())
+        predictions.append(task.logits(batch.inputs).argmax(1).cpu())
+    if not labels:
+        raise ValueError(f"the {split} split has no {config.model} samples")
+    return torch.cat(labels).numpy(), torch.cat(predictions).numpy()
+
+
+def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: str = "test",
+             device: str = "auto") -> dict:
+    """Write reports/<model>/ (metrics.json, confusion_matrix.png, curves.png) and return the metrics."""
+    model, checkpoint = load_checkpoint(checkpoint_path)
+    config = replace(TrainConfig(**checkpoint["config"]), data_dir=str(data_dir))
+    data = CleanData.load(Path(data_dir))
+    names = [checkpoint["index_to_name"][str(i)] for i in range(len(checkpoint["index_to_name"]))]
+    labels, predictions = predict_split(model, config, data, split, choose_device(device))
+    metrics = classification_metrics(labels, predictions, names)
+    metrics.update(model=config.model, split=split, unit="product" if config.model == "text" else "photo",
+                   training=describe_training(config), best_epoch=checkpoint["best_epoch"],
+                   best_val_accuracy=checkpoint["best_val_accuracy"])
+    out = Path(reports_dir) / config.model
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion(np.array(metrics["confusion_matrix"]), names, out / "confusion_matrix.png",
+                   f"{config.model} model, {split} split")
+    plot_curves(checkpoint["history"], out / "curves.png", config.model)
+    write_summary(Path(reports_dir))
+    return metrics
+
+
+def describe_training(config: TrainConfig) -> str:
+    if config.model == "combined":
+        image, text = TrainConfig(**config.branches["image"]), TrainConfig(**config.branches["text"])
+        return f"fusion of [{describe_training(image)}] and [{describe_training(text)}]"
+    if config.model == "image":
+        mode = "frozen backbone" if config.finetune == "none" else f"fine-tuned ({config.finetune})"
+        return f"{config.image_backbone} ({config.image_weights} weights), {mode}, {config.image_size}px"
+    mode = "fine-tuned encoder" if config.finetune_encoder else "frozen encoder"
+    return f"{config.text_encoder} encoder, {mode}, 1-D CNN head, max {config.max_length} tokens"
+
+
+def plot_confusion(confusion: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    figure, axes = plt.subplots(figsize=(9, 8))
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    for (row, column), count in np.ndenumerate(confusion):
+        if count:
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=6,
+                      color="white" if shares[row, column] > 0.5 else "black")
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_curves(history: list[dict], path: Path, model: str) -> None:
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
+        accuracy_axes.plot(epochs, [row[f"{split}_accuracy"] for row in history], marker="o",
+                           label=split)
+    loss_axes.set_title(f"{model}: loss")
+    accuracy_axes.set_title(f"{model}: accuracy")
+    for axes in (loss_axes, accuracy_axes):
+        axes.set_xlabel("epoch")
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_summary(reports_dir: Path) -> str:
+    """reports/summary.md: one row per evaluated model, for the README."""
+    lines = ["| model | test accuracy | macro-F1 | samples | unit | training |",
+             "|---|---|---|---|---|---|"]
+    for model in ("image", "text", "combined"):
+        path = reports_dir / model / "metrics.json"
+        if path.exists():
+            m = json.loads(path.read_text())
+            lines.append(f"| {model} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['samples']} | "
+                         f"{m['unit']} | {m['training']} |")
+    table = "\n".join(lines) + "\n"
+    (reports_dir / "summary.md").write_text(table)
+    return table

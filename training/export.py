@@ -1,0 +1,130 @@
+"""Export a trained model as TorchScript with everything its handler reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from handlers.processing import tokenize
+from training.categories import write_index_to_name
+from training.data import CleanData
+from training.features import load_model_image
+from training.text_encoder import load_tokenizer
+from training.train import TrainConfig, load_checkpoint
+
+PARITY_TOLERANCE = 1e-4
+BATCH_SIZES = (1, 3, 8)
+
+
+class ExportError(RuntimeError):
+    """The exported program does not reproduce the trained model."""
+
+
+def preprocessing_settings(config: TrainConfig, model) -> dict:
+    """The single source of what the handler must do before and after the model."""
+    settings = {"model": config.model, "inputs": [], "num_classes": None}
+    if config.model in ("image", "combined"):
+        image_model = model if config.model == "image" else model.image_model
+        settings["image"] = {
+            "size": config.image_size, "resize": "fit longer side, pad to centred square",
+            "pad_colour": [0, 0, 0], "dtype": "uint8", "layout": "[B,3,H,W] RGB",
+            "mean": (image_model.mean.flatten() / 255).tolist(),
+            "std": (image_model.std.flatten() / 255).tolist(),
+            "normalisation": "inside the model"}
+        settings["inputs"].append("images")
+    if config.model in ("text", "combined"):
+        settings["text"] = {"max_length": config.max_length, "padding": "longest in batch",
+                            "fields": ["product_name", "product_description"], "joiner": " ",
+                            "strip_boilerplate": True, "tokenizer": "tokenizer",
+                            "encoder": config.text_encoder}
+        settings["inputs"] += ["input_ids", "attention_mask"]
+    return settings
+
+
+def example_batches(config: TrainConfig, data: CleanData, tokenizer) -> list[tuple]:
+    """Real batches of several sizes and, for text, several padded lengths."""
+    samples = data.samples(config.model, "test")
+    if len(samples) < max(BATCH_SIZES):
+        samples = data.samples(config.model)
+    if config.model != "image":
+        lengths = samples["text"].str.len()
+        samples = samples.iloc[lengths.argsort().to_numpy()].reset_index(drop=True)
+    batches = []
+    for size in BATCH_SIZES:
+        # short texts first, the longest last: each batch pads to a different length
+        chosen = samples.iloc[list(range(size - 1)) + [len(samples) - 1 - size]]
+        inputs = []
+        if config.model in ("image", "combined"):
+            inputs.append(torch.stack([load_model_image(data.image_path(i), config.image_size)
+                                       for i in chosen["id"]]))
+        if config.model in ("text", "combined"):
+            inputs += list(tokenize(tokenizer, list(chosen["text"]), config.max_length))
+        batches.append(tuple(inputs))
+    return batches
+
+
+def check_parity(model, scripted, batches: list[tuple]) -> float:
+    worst = 0.0
+    with torch.inference_mode():
+        for inputs in batches:
+            worst = max(worst, (model(*inputs) - scripted(*inputs)).abs().max().item())
+    if worst > PARITY_TOLERANCE:
+        shapes = [tuple(tensor.shape) for tensor in batches[-1]]
+        raise ExportError(f"TorchScript differs from the eager model by {worst:.2e} "
+                          f"(> {PARITY_TOLERANCE}) on inputs shaped like {shapes}")
+    return worst
+
+
+def check_fresh_process(model_path: Path, batches: list[tuple], expected: list[torch.Tensor]) -> None:
+    """Load the file in a new interpreter with map_location=cpu and compare its outputs."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe.pt"
+        torch.save({"batches": batches, "expected": expected}, probe)
+        script = ("import sys, torch\n"
+                  "m = torch.jit.load(sys.argv[1], map_location='cpu')\n"
+                  "d = torch.load(sys.argv[2])\n"
+                  "with torch.inference_mode():\n"
+                  "    pairs = zip(d['batches'], d['expected'])\n"
+                  "    worst = max((m(*b) - e).abs().max().item() for b, e in pairs)\n"
+                  f"sys.exit(0 if worst <= {PARITY_TOLERANCE} else 3)\n")
+        result = subprocess.run([sys.executable, "-c", script, str(model_path), str(probe)],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ExportError(f"{model_path} failed to load or reproduce outputs in a fresh process: "
+                          f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
+
+
+def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path) -> dict:
+    """Write artifacts/<model>/: model.pt, index_to_name.json, preprocessing.json, tokenizer/."""
+    model, checkpoint = load_checkpoint(checkpoint_path)
+    config = TrainConfig(**checkpoint["config"])
+    data = CleanData.load(Path(data_dir))
+    tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
+    batches = example_batches(config, data, tokenizer)
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Shape-derived constants (e.g. 'same' padding for the fixed image size) are intended.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        scripted = torch.jit.trace(model, batches[1], check_trace=False)
+    worst = check_parity(model, scripted, batches)
+    out = Path(artifacts_dir) / config.model
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / "model.pt.partial"
+    scripted.save(str(temporary))
+    os.replace(temporary, out / "model.pt")
+    with torch.inference_mode():
+        expected = [model(*inputs) for inputs in batches]
+    check_fresh_process(out / "model.pt", batches, expected)
+    write_index_to_name(checkpoint["index_to_name"], out / "index_to_name.json")
+    settings = preprocessing_settings(config, model)
+    settings["num_classes"] = len(checkpoint["index_to_name"])
+    (out / "preprocessing.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    return {"model": config.model, "path": str(out / "model.pt"), "max_abs_diff": worst}

@@ -1,0 +1,79 @@
+"""Frozen-encoder features, computed once and cached on disk under a key of everything
+they depend on (data, encoder and its weights, preprocessing), so a change invalidates them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from handlers.processing import model_image, tokenize
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def file_stamps(paths: Sequence[Path]) -> list:
+    """Name, size and modification time of each file: cheap, and changes when a file does."""
+    stamps = []
+    for path in paths:
+        stat = Path(path).stat()
+        stamps.append([Path(path).name, stat.st_size, stat.st_mtime_ns])
+    return stamps
+
+
+def cached(cache_dir: Path | None, kind: str, parts: dict, compute) -> dict[str, torch.Tensor]:
+    """Load `kind` features for `parts` from the cache, or compute and store them atomically."""
+    if cache_dir is None:
+        return compute()
+    path = Path(cache_dir) / f"{kind}-{cache_key(parts)}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".partial")
+    torch.save(result, temporary)
+    os.replace(temporary, path)
+    return result
+
+
+@torch.inference_mode()
+def compute_image_features(model, paths: Sequence[Path], image_size: int, device: torch.device,
+                           batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Backbone features [N, F] of the photos at `paths`, in eval mode without augmentation."""
+    model.eval().to(device)
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="image features", unit="batch",
+                      disable=None):
+        batch = torch.stack([load_model_image(path, image_size)
+                             for path in paths[start:start + batch_size]])
+        chunks.append(model.features(batch.to(device)).float().cpu())
+    return {"features": torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim)}
+
+
+def load_model_image(path: Path, image_size: int) -> torch.Tensor:
+    with Image.open(path) as picture:
+        return model_image(picture, image_size)
+
+
+@torch.inference_mode()
+def compute_hidden_states(text_model, tokenizer, texts: Sequence[str], max_length: int,
+                          device: torch.device, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Encoder hidden states [N, max_length, H] (float16 to halve the cache) and masks [N, max_length]."""
+    text_model.eval().to(device)
+    hidden_chunks, mask_chunks = [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc="text features", unit="batch",
+                      disable=None):
+        ids, mask = tokenize(tokenizer, texts[start:start + batch_size], max_length)
+        hidden = text_model.hidden_states(ids.to(device), mask.to(device)).float().cpu()
+        pad = max_length - hidden.shape[1]
+        hidden_chunks.append(torch.nn.functional.pad(hidden, (0, 0, 0, pad)).half())
+        mask_chunks.append(torch.nn.functional.pad(mask, (0, pad)))
+    return {"hidden": torch.cat(hidden_chunks), "mask": torch.cat(mask_chunks)}

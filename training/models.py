@@ -1,0 +1,107 @@
+"""The three classifiers. Each takes what the handler hands it (uint8 images, token ids
+and masks) and returns logits; normalisation lives inside, so serving cannot drift."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+
+class ImageClassifier(nn.Module):
+    """uint8 [B,3,H,W] -> logits [B,C]: normalise, backbone features, dropout + linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2,
+                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = backbone.feature_dim
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images.float() - self.mean) / self.std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+class TextCNNHead(nn.Module):
+    """Hidden states [B,T,H] + mask [B,T] -> pooled features -> logits.
+
+    Units of conv -> ReLU -> max-pool -> dropout as in the original study, then a
+    global max over time. Padded positions are zeroed after every unit and pooling
+    uses ceil mode, so the answer for a text does not depend on how far its batch
+    was padded (dynamic padding at serving equals fixed padding in training).
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int, channels: tuple[int, ...] = (256, 128),
+                 kernel_size: int = 3, dropout: float = 0.3):
+        super().__init__()
+        sizes = (hidden_size, *channels)
+        self.convs = nn.ModuleList(nn.Conv1d(sizes[i], sizes[i + 1], kernel_size,
+                                             padding=kernel_size // 2) for i in range(len(channels)))
+        self.unit_dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.feature_dim = channels[-1]
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.to(hidden.dtype).unsqueeze(1)  # [B,1,T]
+        x = hidden.transpose(1, 2) * keep
+        for conv in self.convs:
+            x = nn.functional.relu(conv(x))
+            x = nn.functional.max_pool1d(x, 2, 2, ceil_mode=True)
+            keep = nn.functional.max_pool1d(keep, 2, 2, ceil_mode=True)
+            x = self.unit_dropout(x) * keep
+        return x.amax(dim=2)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pooled(hidden, mask)))
+
+
+class TextClassifier(nn.Module):
+    """token ids [B,T] + attention mask [B,T] -> logits, through a BERT-family encoder."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, **head_options):
+        super().__init__()
+        self.encoder = encoder
+        self.head = TextCNNHead(encoder.config.hidden_size, num_classes, **head_options)
+        self.feature_dim = self.head.feature_dim
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids, attention_mask), attention_mask)
+
+
+class CombinedClassifier(nn.Module):
+    """Photo + text -> logits: penultimate features of both branches fused by one linear layer."""
+
+    def __init__(self, image_model: ImageClassifier, text_model: TextClassifier, num_classes: int,
+                 dropout: float = 0.2):
+        super().__init__()
+        self.image_model = image_model
+        self.text_model = text_model
+        self.dropout = nn.Dropout(dropout)
+        self.fusion = nn.Linear(image_model.feature_dim + text_model.feature_dim, num_classes)
+
+    @torch.no_grad()
+    def init_fusion_from_heads(self) -> None:
+        """Start as the sum of the two trained single models' logits."""
+        image_linear, text_linear = self.image_model.head[-1], self.text_model.head.classifier
+        self.fusion.weight.copy_(torch.cat([image_linear.weight, text_linear.weight], dim=1))
+        self.fusion.bias.copy_(image_linear.bias + text_linear.bias)
+
+    def fuse(self, image_features: torch.Tensor, hidden: torch.Tensor,
+             attention_mask: torch.Tensor) -> torch.Tensor:
+        text_features = self.text_model.head.pooled(hidden, attention_mask)
+        return self.fusion(self.dropout(torch.cat([image_features, text_features], dim=1)))
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_model.hidden_states(input_ids, attention_mask)
+        return self.fuse(self.image_model.features(images), hidden, attention_mask)

@@ -1,0 +1,173 @@
+"""What one training or evaluation step feeds the model, per model kind and training mode.
+
+Frozen mode feeds cached encoder outputs to the trainable part only (epochs cost
+seconds); fine-tuning feeds decoded photos and token ids through the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from handlers.processing import tokenize
+from training.data import CleanData
+from training.features import (
+    cached,
+    compute_hidden_states,
+    compute_image_features,
+    file_stamps,
+    load_model_image,
+)
+from training.text_encoder import encoder_identity
+
+
+@dataclass
+class Batch:
+    inputs: tuple
+    labels: torch.Tensor
+
+
+class FrozenTask:
+    """Cached features in memory; `logits` runs only the trainable part of the model."""
+
+    def __init__(self, model: nn.Module, kind: str, tensors: dict[str, torch.Tensor],
+                 labels: torch.Tensor, splits: list[str], device: torch.device):
+        self.model, self.kind, self.tensors, self.device = model, kind, tensors, device
+        self.labels = labels
+        self.split_index = {name: torch.tensor([i for i, s in enumerate(splits) if s == name])
+                            for name in ("train", "val", "test")}
+
+    def size(self, split: str) -> int:
+        return len(self.split_index[split])
+
+    def batches(self, split: str, batch_size: int, generator: torch.Generator | None = None):
+        index = self.split_index[split]
+        if generator is not None:
+            index = index[torch.randperm(len(index), generator=generator)]
+        for start in range(0, len(index), batch_size):
+            chosen = index[start:start + batch_size]
+            yield Batch(self._inputs(chosen), self.labels[chosen].to(self.device))
+
+    def _inputs(self, chosen: torch.Tensor) -> tuple:
+        t, device = self.tensors, self.device
+        if self.kind == "image":
+            return (t["features"][chosen].to(device),)
+        rows = chosen if self.kind == "text" else t["product_row"][chosen]
+        hidden, mask = t["hidden"][rows].to(device).float(), t["mask"][rows].to(device)
+        if self.kind == "text":
+            return hidden, mask
+        return t["features"][chosen].to(device), hidden, mask
+
+    def logits(self, inputs: tuple) -> torch.Tensor:
+        if self.kind == "image":
+            return self.model.head(*inputs)
+        if self.kind == "text":
+            return self.model.head(*inputs)
+        return self.model.fuse(*inputs)
+
+
+def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
+                device: torch.device, cache_dir: Path | None) -> FrozenTask:
+    samples = data.samples(kind)
+    tensors: dict[str, torch.Tensor] = {}
+    if kind in ("image", "combined"):
+        image_model = model if kind == "image" else model.image_model
+        tensors.update(_image_features(image_model, data, samples, settings, device, cache_dir))
+    if kind in ("text", "combined"):
+        text_model = model if kind == "text" else model.text_model
+        products = data.products
+        tensors.update(_hidden_states(text_model, products, settings, device, cache_dir))
+        if kind == "combined":
+            row_of = {product_id: row for row, product_id in enumerate(products["id"])}
+            tensors["product_row"] = torch.tensor([row_of[p] for p in samples["product_id"]])
+    labels = torch.tensor(samples["label"].to_numpy(), dtype=torch.long)
+    return FrozenTask(model, kind, tensors, labels, list(samples["split"]), device)
+
+
+def _image_features(image_model, data: CleanData, samples, settings: dict, device, cache_dir):
+    paths = [data.image_path(image_id) for image_id in samples["id"]]
+    parts = {"backbone": settings["image_backbone"], "weights": _weights_identity(settings),
+             "image_size": settings["image_size"], "files": file_stamps(paths)}
+    return cached(cache_dir, "image", parts, lambda: compute_image_features(
+        image_model, paths, settings["image_size"], device, settings["feature_batch_size"]))
+
+
+def _weights_identity(settings: dict):
+    weights = settings["image_weights"]
+    if weights in ("imagenet", "none"):
+        return weights
+    return file_stamps([Path(weights)])[0] + [str(Path(weights).resolve())]
+
+
+def _hidden_states(text_model, products, settings: dict, device, cache_dir):
+    from training.text_encoder import load_tokenizer
+
+    texts = list(products["text"])
+    parts = {"encoder": encoder_identity(settings["text_encoder"]),
+             "max_length": settings["max_length"], "texts": texts}
+    tokenizer = load_tokenizer(settings["text_encoder"])
+    return cached(cache_dir, "text", parts, lambda: compute_hidden_states(
+        text_model, tokenizer, texts, settings["max_length"], device,
+        settings["feature_batch_size"]))
+
+
+class RawSamples(Dataset):
+    """Decoded photos and/or texts of one split, augmented in training only."""
+
+    def __init__(self, kind: str, data: CleanData, split: str, image_size: int, train: bool):
+        self.kind, self.data, self.image_size = kind, data, image_size
+        self.samples = data.samples(kind, split)
+        self.augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
+                                   v2.RandomHorizontalFlip()]) if train else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        row = self.samples.iloc[index]
+        item = {"label": int(row["label"])}
+        if self.kind in ("image", "combined"):
+            image = load_model_image(self.data.image_path(row["id"]), self.image_size)
+            item["image"] = self.augment(image) if self.augment else image
+        if self.kind in ("text", "combined"):
+            item["text"] = row["text"]
+        return item
+
+
+class RawTask:
+    """Whole-model steps over decoded inputs, for fine-tuning."""
+
+    def __init__(self, model: nn.Module, kind: str, data: CleanData, settings: dict,
+                 device: torch.device, tokenizer=None):
+        self.model, self.kind, self.data, self.device = model, kind, data, device
+        self.settings, self.tokenizer = settings, tokenizer
+
+    def size(self, split: str) -> int:
+        return len(self.data.samples(self.kind, split))
+
+    def batches(self, split: str, batch_size: int, generator: torch.Generator | None = None):
+        dataset = RawSamples(self.kind, self.data, split, self.settings["image_size"],
+                             train=generator is not None)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None,
+                            generator=generator, collate_fn=self._collate,
+                            num_workers=self.settings.get("num_workers", 0))
+        yield from loader
+
+    def _collate(self, items: list[dict]) -> Batch:
+        inputs = []
+        if self.kind in ("image", "combined"):
+            inputs.append(torch.stack([item["image"] for item in items]).to(self.device))
+        if self.kind in ("text", "combined"):
+            ids, mask = tokenize(self.tokenizer, [item["text"] for item in items],
+                                 self.settings["max_length"])
+            inputs += [ids.to(self.device), mask.to(self.device)]
+        labels = torch.tensor([item["label"] for item in items], device=self.device)
+        return Batch(tuple(inputs), labels)
+
+    def logits(self, inputs: tuple) -> torch.Tensor:
+        return self.model(*inputs)

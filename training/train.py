@@ -1,0 +1,226 @@
+"""Training: a plain loop over epochs, TensorBoard logs, the best validation checkpoint kept."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from training.backbones import build_backbone
+from training.data import MODEL_KINDS, CleanData
+from training.models import CombinedClassifier, ImageClassifier, TextClassifier
+from training.tasks import RawTask, frozen_task
+from training.text_encoder import load_encoder
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "image"
+    data_dir: str = "data/clean"
+    checkpoint_dir: str = "checkpoints"
+    runs_dir: str = "runs"
+    cache_dir: str | None = "cache/features"
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 0
+    device: str = "auto"
+    seed: int = 0
+    image_backbone: str = "resnet50"
+    image_weights: str = "imagenet"
+    image_size: int = 224
+    finetune: str = "none"  # image backbone: none (frozen, cached features) | last | all
+    text_encoder: str = "minilm"
+    max_length: int = 128
+    finetune_encoder: bool = False
+    feature_batch_size: int = 32
+    num_workers: int = 0
+    branches: dict = field(default_factory=dict)  # combined: the image and text configs
+
+    @property
+    def frozen(self) -> bool:
+        return self.finetune == "none" and not self.finetune_encoder
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- models and checkpoints
+def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    if config.model == "image":
+        weights = config.image_weights if pretrained else "none"
+        return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
+    if config.model == "text":
+        return TextClassifier(load_encoder(config.text_encoder)[0], num_classes)
+    if config.model == "combined":
+        image = build_model(TrainConfig(**config.branches["image"]), num_classes, pretrained)
+        text = build_model(TrainConfig(**config.branches["text"]), num_classes, pretrained)
+        return CombinedClassifier(image, text, num_classes)
+    raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
+    """Write to a temporary file and rename, so a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".partial")
+    torch.save({"config": asdict(config), "state_dict": model.state_dict(), **extra}, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was trained as and load its weights strictly."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found: train that model first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = TrainConfig(**checkpoint["config"])
+    model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.eval(), checkpoint
+
+
+def _combined_branches(config: TrainConfig) -> tuple[nn.Module, dict]:
+    """Combined model initialised from the trained image and text checkpoints."""
+    image, image_checkpoint = load_checkpoint(Path(config.checkpoint_dir) / "image" / "best.pt")
+    text, text_checkpoint = load_checkpoint(Path(config.checkpoint_dir) / "text" / "best.pt")
+    config.branches = {"image": image_checkpoint["config"], "text": text_checkpoint["config"]}
+    for name in ("image_backbone", "image_weights", "image_size"):
+        setattr(config, name, config.branches["image"][name])
+    for name in ("text_encoder", "max_length"):
+        setattr(config, name, config.branches["text"][name])
+    model = CombinedClassifier(image, text, len(image_checkpoint["index_to_name"]))
+    model.init_fusion_from_heads()
+    return model, config.branches
+
+
+# ---------------------------------------------------------------- the loop
+def make_task(model: nn.Module, config: TrainConfig, data: CleanData, device: torch.device):
+    settings = asdict(config)
+    if config.frozen:
+        cache = Path(config.cache_dir) if config.cache_dir else None
+        return frozen_task(model, config.model, data, settings, device, cache)
+    tokenizer = load_encoder(config.text_encoder)[1] if config.model != "image" else None
+    return RawTask(model, config.model, data, settings, device, tokenizer)
+
+
+def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    """Freeze what the training mode keeps fixed; return what the optimiser updates."""
+    image = model if config.model == "image" else getattr(model, "image_model", None)
+    text = model if config.model == "text" else getattr(model, "text_model", None)
+    if image is not None:
+        image.backbone.requires_grad_(config.finetune == "all")
+        if config.finetune == "last":
+            image.backbone.last_stage().requires_grad_(True)
+    if text is not None:
+        text.encoder.requires_grad_(config.finetune_encoder)
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def _train_mode(model: nn.Module, config: TrainConfig) -> None:
+    """Dropout on; batch-norm statistics of frozen parts stay as pretrained."""
+    model.train()
+    for module in model.modules():
+        frozen = not any(parameter.requires_grad for parameter in module.parameters())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
+            module.eval()
+
+
+def run_epoch(task, split: str, batch_size: int, optimizer=None, generator=None,
+              device: torch.device = CPU) -> tuple[float, float]:
+    """Mean loss and accuracy over one split; updates the model when given an optimiser."""
+    total_loss, correct, seen = 0.0, 0, 0
+    with torch.set_grad_enabled(optimizer is not None):
+        for batch in task.batches(split, batch_size, generator):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = task.logits(batch.inputs)
+            loss = nn.functional.cross_entropy(logits.float(), batch.labels)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total_loss += loss.item() * len(batch.labels)
+            correct += (logits.argmax(1) == batch.labels).sum().item()
+            seen += len(batch.labels)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train one model; return the path of its best-validation checkpoint."""
+    seed_everything(config.seed)
+    device = choose_device(config.device)
+    data = CleanData.load(Path(config.data_dir))
+    if config.model == "combined":
+        model, _ = _combined_branches(config)
+    else:
+        model = build_model(config, data.num_classes)
+    model.to(device)
+    task = make_task(model, config, data, device)
+    for split in ("train", "val"):
+        if task.size(split) == 0:
+            raise ValueError(f"the {split} split has no {config.model} samples")
+    parameters = set_trainable(model, config)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return _fit(model, task, optimizer, config, data, device)
+
+
+def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device) -> Path:
+    best_path = Path(config.checkpoint_dir) / config.model / "best.pt"
+    writer = SummaryWriter(str(Path(config.runs_dir) / config.model))
+    generator = torch.Generator().manual_seed(config.seed)
+    history, best_accuracy, best_epoch = [], -1.0, 0
+    epochs = tqdm(range(1, config.epochs + 1), desc=f"training {config.model}", unit="epoch",
+                  disable=None)
+    for epoch in epochs:
+        _train_mode(model, config)
+        train_loss, train_accuracy = run_epoch(task, "train", config.batch_size, optimizer,
+                                               generator, device)
+        model.eval()
+        val_loss, val_accuracy = run_epoch(task, "val", config.batch_size, device=device)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+               "val_loss": val_loss, "val_accuracy": val_accuracy}
+        history.append(row)
+        for name, value in row.items():
+            if name != "epoch":
+                writer.add_scalar(name.replace("_", "/", 1), value, epoch)
+        tqdm.write(f"{config.model} epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.3f}"
+                   f" | val loss {val_loss:.4f} acc {val_accuracy:.3f}")
+        if val_accuracy > best_accuracy:
+            best_accuracy, best_epoch = val_accuracy, epoch
+            save_checkpoint(best_path, model, config, history=history, best_epoch=epoch,
+                            best_val_accuracy=val_accuracy, index_to_name=data.index_to_name)
+        if config.patience and epoch - best_epoch >= config.patience:
+            tqdm.write(f"early stop: no better validation accuracy for {config.patience} epochs")
+            break
+    writer.close()
+    _store_full_history(best_path, history)
+    return best_path
+
+
+def _store_full_history(path: Path, history: list[dict]) -> None:
+    """The best checkpoint keeps the curves of the whole run, for the report."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["history"] = history
+    temporary = path.with_suffix(".partial")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
