@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) scripts/grpc_stubs.py > /dev/null
 	touch $(STAMP)
 
 install: check-java $(STAMP)

@@ -28,6 +28,12 @@ _SPACES = re.compile(r"\s+")
 class InputError(ValueError):
     """A request or data item that cannot be processed; the message says why."""
 
+    status = 400
+
+
+class UnsupportedMediaType(InputError):
+    status = 415
+
 
 # ---------------------------------------------------------------- images
 def decode_image(data: bytes, draft_size: int | None = None,
@@ -54,8 +60,9 @@ def decode_image(data: bytes, draft_size: int | None = None,
             image.load()
     except InputError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError(f"image too large: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"not a readable image: {error}") from error
     return to_rgb(image)
 
@@ -118,10 +125,16 @@ def normalise_whitespace(text: str) -> str:
 
 
 def listing_text(name: str | None, description: str | None) -> str:
-    """Name first, so truncation keeps it; boilerplate removed on both fields."""
+    """Name first, so truncation keeps it; boilerplate and control characters removed."""
     name = strip_name_boilerplate(normalise_whitespace(name or ""))
     description = strip_description_boilerplate(description or "")
-    return " ".join(part for part in (name, description) if part)
+    text = " ".join(part for part in (name, description) if part)
+    return "".join(character for character in text if character.isprintable())
+
+
+def free_text(text: str) -> str:
+    """A listing sent as one text: the same cleaning as name + description."""
+    return listing_text(None, strip_name_boilerplate(normalise_whitespace(text)))
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

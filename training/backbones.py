@@ -12,6 +12,9 @@ from training.efficientnet_lite import EfficientNetLite0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The EfficientNet-Lite weights were converted from TensorFlow, trained on inputs in [-1, 1]:
+# a linear probe on real listings measured 44.0% with this and 39.2% with ImageNet's mean/std.
+HALF = (0.5, 0.5, 0.5)
 BACKBONES = ("resnet50", "efficientnet_lite0")
 
 
@@ -23,6 +26,7 @@ class ResNet50Features(nn.Module):
     """torchvision ResNet-50 without its classifier: [B,3,H,W] -> [B,2048]."""
 
     feature_dim = 2048
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(self, network: torchvision.models.ResNet):
         super().__init__()
@@ -38,6 +42,7 @@ class ResNet50Features(nn.Module):
 
 class EfficientNetLite0Features(nn.Module):
     feature_dim = EfficientNetLite0.feature_dim
+    mean, std = HALF, HALF
 
     def __init__(self, network: EfficientNetLite0):
         super().__init__()

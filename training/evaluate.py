@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import torch
 
 from training.data import CleanData
@@ -41,14 +42,24 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
 @torch.inference_mode()
 def predict_split(model, config: TrainConfig, data: CleanData, split: str,
                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and class probabilities of every sample of a split, in the split's order."""
     task = make_task(model.to(device).eval(), config, data, device)
-    labels, predictions = [], []
+    labels, probabilities = [], []
     for batch in task.batches(split, config.batch_size):
         labels.append(batch.labels.cpu())
-        predictions.append(task.logits(batch.inputs).argmax(1).cpu())
+        probabilities.append(torch.softmax(task.logits(batch.inputs).float(), 1).cpu())
     if not labels:
         raise ValueError(f"the {split} split has no {config.model} samples")
-    return torch.cat(labels).numpy(), torch.cat(predictions).numpy()
+    return torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
+
+
+def product_accuracy(samples, labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Accuracy per product when its photos' probabilities are averaged (comparable to text)."""
+    frame = pd.DataFrame(probabilities)
+    frame["product_id"] = samples["product_id"].to_numpy()
+    mean = frame.groupby("product_id", sort=False).mean()
+    truth = pd.Series(labels, index=samples["product_id"].to_numpy()).groupby(level=0).first()
+    return float((mean.to_numpy().argmax(1) == truth.loc[mean.index].to_numpy()).mean())
 
 
 def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: str = "test",
@@ -58,8 +69,11 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     config = replace(TrainConfig(**checkpoint["config"]), data_dir=str(data_dir))
     data = CleanData.load(Path(data_dir))
     names = [checkpoint["index_to_name"][str(i)] for i in range(len(checkpoint["index_to_name"]))]
-    labels, predictions = predict_split(model, config, data, split, choose_device(device))
-    metrics = classification_metrics(labels, predictions, names)
+    labels, probabilities = predict_split(model, config, data, split, choose_device(device))
+    metrics = classification_metrics(labels, probabilities.argmax(1), names)
+    samples = data.samples(config.model, split)
+    metrics["product_accuracy"] = (metrics["accuracy"] if config.model == "text"
+                                   else product_accuracy(samples, labels, probabilities))
     metrics.update(model=config.model, split=split, unit="product" if config.model == "text" else "photo",
                    training=describe_training(config), best_epoch=checkpoint["best_epoch"],
                    best_val_accuracy=checkpoint["best_val_accuracy"])
@@ -121,14 +135,16 @@ def plot_curves(history: list[dict], path: Path, model: str) -> None:
 
 def write_summary(reports_dir: Path) -> str:
     """reports/summary.md: one row per evaluated model, for the README."""
-    lines = ["| model | test accuracy | macro-F1 | samples | unit | training |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | test accuracy | macro-F1 | product accuracy | samples | unit | training |",
+             "|---|---|---|---|---|---|---|"]
     for model in ("image", "text", "combined"):
         path = reports_dir / model / "metrics.json"
         if path.exists():
             m = json.loads(path.read_text())
-            lines.append(f"| {model} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['samples']} | "
-                         f"{m['unit']} | {m['training']} |")
+            per_product = m.get("product_accuracy")
+            per_product = "n/a" if per_product is None else f"{per_product:.3f}"
+            lines.append(f"| {model} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {per_product} | "
+                         f"{m['samples']} | {m['unit']} | {m['training']} |")
     table = "\n".join(lines) + "\n"
     (reports_dir / "summary.md").write_text(table)
     return table

@@ -6,15 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.backbones import IMAGENET_MEAN, IMAGENET_STD
-
 
 class ImageClassifier(nn.Module):
     """uint8 [B,3,H,W] -> logits [B,C]: normalise, backbone features, dropout + linear head."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2,
-                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2):
         super().__init__()
+        mean, std = backbone.mean, backbone.std  # what the pretrained weights expect
         self.backbone = backbone
         self.feature_dim = backbone.feature_dim
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
@@ -52,7 +50,8 @@ class TextCNNHead(nn.Module):
         keep = mask.to(hidden.dtype).unsqueeze(1)  # [B,1,T]
         x = hidden.transpose(1, 2) * keep
         for conv in self.convs:
-            x = nn.functional.relu(conv(x))
+            # ReLU outputs are >= 0, so zeroed padding never wins a max over real positions
+            x = nn.functional.relu(conv(x)) * keep
             x = nn.functional.max_pool1d(x, 2, 2, ceil_mode=True)
             keep = nn.functional.max_pool1d(keep, 2, 2, ceil_mode=True)
             x = self.unit_dropout(x) * keep

@@ -92,7 +92,8 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
 def _image_features(image_model, data: CleanData, samples, settings: dict, device, cache_dir):
     paths = [data.image_path(image_id) for image_id in samples["id"]]
     parts = {"backbone": settings["image_backbone"], "weights": _weights_identity(settings),
-             "image_size": settings["image_size"], "files": file_stamps(paths)}
+             "image_size": settings["image_size"], "files": file_stamps(paths),
+             "normalisation": [image_model.mean.flatten().tolist(), image_model.std.flatten().tolist()]}
     return cached(cache_dir, "image", parts, lambda: compute_image_features(
         image_model, paths, settings["image_size"], device, settings["feature_batch_size"]))
 

@@ -1,0 +1,157 @@
+"""Reading one request of a batch: raw bytes, text, JSON or multipart parts, REST or gRPC."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from handlers.processing import InputError, UnsupportedMediaType, free_text, listing_text
+
+BODY_KEYS = ("data", "body")
+FIELDS = ("image", "text", "product_name", "product_description", "top_k")
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+DEFAULT_TOP_K = 3
+# An empty type is what gRPC requests carry.
+ACCEPTED_TYPES = ("application/json", "application/octet-stream", "multipart/form-data")
+
+
+@dataclass
+class Listing:
+    """What a request asks about: photo bytes and/or text, and how many top classes to return."""
+
+    image: bytes | None = None
+    text: str | None = None
+    top_k: int = DEFAULT_TOP_K
+
+
+def parse_request(request: dict, content_type: str | None, needs: frozenset[str],
+                  num_classes: int) -> Listing:
+    """Turn one request into a Listing, or raise InputError saying what is wrong with it."""
+    fields = _fields(request, content_type or "")
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise InputError(f"unknown field(s) {unknown}; expected some of {list(FIELDS)}")
+    listing = Listing(image=_image(fields.get("image")), text=_text(fields),
+                      top_k=_top_k(fields.get("top_k"), num_classes))
+    if "image" in needs and listing.image is None:
+        raise InputError("no image: send the photo as the body, as a multipart part named 'image', "
+                         "or base64-encoded in the JSON field 'image'")
+    if "text" in needs and listing.text is None:
+        raise InputError("no text: send text/plain, or JSON with 'text' or "
+                         "'product_name'/'product_description'")
+    return listing
+
+
+def _check_content_type(content_type: str) -> None:
+    media = content_type.split(";")[0].strip().lower()
+    if media and media not in ACCEPTED_TYPES and not media.startswith(("image/", "text/")):
+        raise UnsupportedMediaType(
+            f"unsupported content type {media!r}; send image/*, application/octet-stream, "
+            "text/plain, application/json or multipart/form-data")
+
+
+def _fields(request: dict, content_type: str) -> dict:
+    if not isinstance(request, dict):
+        raise InputError("malformed request")
+    _check_content_type(content_type)
+    parts = {key: value for key, value in request.items() if key not in BODY_KEYS}
+    if parts:  # multipart form parts, or a gRPC input map
+        return parts
+    body = next((request[key] for key in BODY_KEYS if request.get(key) is not None), None)
+    if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
+        raise InputError("empty request body")
+    if isinstance(body, (dict, list)):
+        return _json_object(body)
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    body = bytes(body)
+    if "json" in content_type or body.lstrip()[:1] in (b"{", b"["):
+        return _json_object(_load_json(body))
+    if body.startswith(IMAGE_SIGNATURES) or content_type.startswith("image/"):
+        return {"image": body}
+    return {"text": body}
+
+
+def _load_json(body: bytes):
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise InputError("JSON body is not valid UTF-8") from error
+    except RecursionError as error:
+        raise InputError("JSON body is nested too deeply") from error
+    except json.JSONDecodeError as error:
+        raise InputError(f"body is not valid JSON: {error.msg} at position {error.pos}") from error
+
+
+def _json_object(value) -> dict:
+    if not isinstance(value, dict):
+        raise InputError(f"JSON body must be an object with some of {list(FIELDS)}, "
+                         f"not {type(value).__name__}")
+    return value
+
+
+def _image(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+        if not data.startswith(IMAGE_SIGNATURES):
+            data = _maybe_base64(data) or data  # multipart/gRPC parts may carry base64 text
+        return data
+    if isinstance(value, str):
+        decoded = _maybe_base64(value.encode("ascii", errors="replace"))
+        if decoded is None:
+            raise InputError("field 'image' is not valid base64")
+        return decoded
+    raise InputError(f"field 'image' must be base64 text or bytes, not {type(value).__name__}")
+
+
+def _maybe_base64(data: bytes) -> bytes | None:
+    if data.startswith(b"data:") and b"," in data[:100]:
+        data = data.split(b",", 1)[1]  # data URLs
+    try:
+        return base64.b64decode(b"".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _as_str(name: str, value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(f"{name} is not valid UTF-8 text") from error
+    if not isinstance(value, str):
+        raise InputError(f"field '{name}' must be a string, not {type(value).__name__}")
+    return value
+
+
+def _text(fields: dict) -> str | None:
+    text = _as_str("text", fields.get("text"))
+    name = _as_str("product_name", fields.get("product_name"))
+    description = _as_str("product_description", fields.get("product_description"))
+    if text is None and name is None and description is None:
+        return None
+    if text is not None and (name is not None or description is not None):
+        raise InputError("send either 'text' or 'product_name'/'product_description', not both")
+    composed = free_text(text) if text is not None else listing_text(name, description)
+    if not composed.strip():
+        raise InputError("text is empty")
+    return composed
+
+
+def _top_k(value, num_classes: int) -> int:
+    if value is None:
+        return DEFAULT_TOP_K
+    if isinstance(value, (bytes, bytearray, str)):
+        try:
+            value = int(value)
+        except ValueError as error:
+            raise InputError("field 'top_k' must be an integer") from error
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_classes:
+        raise InputError(f"field 'top_k' must be an integer from 1 to {num_classes}")
+    return value

@@ -1,0 +1,119 @@
+"""Build model_store/{image,text,combined}.mar from artifacts/ with torch-model-archiver.
+
+Usage: python scripts/archive.py [--artifacts-dir artifacts] [--model-store model_store] [--model ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HANDLER_FILES = ("__init__.py", "processing.py", "payloads.py", "listing_handler.py")
+MODELS = ("image", "text", "combined")
+# Chosen by measurement in `make bench`; see config.properties for the reasoning.
+MODEL_CONFIG = {
+    "minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20,
+    "responseTimeout": 60, "deviceType": "gpu",
+    "handler": {"autocast": True, "max_image_pixels": 50_000_000},
+}
+REQUIREMENTS = ("torch==2.14.1", "transformers==5.24.0", "tokenizers==0.23.3", "pillow==13.0.0",
+                "numpy==2.4.6")
+
+
+class ArchiveError(RuntimeError):
+    """An archive cannot be built from what was given."""
+
+
+def required_files(artifacts: Path, model: str) -> list[Path]:
+    files = [artifacts / model / name for name in ("model.pt", "index_to_name.json", "preprocessing.json")]
+    if model != "image":
+        files.append(artifacts / model / "tokenizer")
+    return files
+
+
+def check_inside(path: Path, root: Path) -> Path:
+    """Refuse paths outside the project (e.g. `../../etc`) and missing files."""
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ArchiveError(f"{path} is outside the project folder {root}")
+    if not resolved.exists():
+        raise ArchiveError(f"{path} is missing: run `python -m training export` first")
+    return resolved
+
+
+def stage(model: str, artifacts: Path, folder: Path, model_config: dict) -> None:
+    """Lay out the extra files: handlers package, label and preprocessing JSON, tokenizer."""
+    (folder / "handlers").mkdir(parents=True)
+    for name in HANDLER_FILES:
+        shutil.copy2(ROOT / "handlers" / name, folder / "handlers" / name)
+    for source in required_files(artifacts, model)[1:]:
+        if source.is_dir():
+            shutil.copytree(source, folder / source.name)
+        else:
+            shutil.copy2(source, folder / source.name)
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(model_config, sort_keys=False))
+    (folder / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
+
+
+def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
+                  model_config: dict | None = None, version: str = "1.0") -> Path:
+    if model not in MODELS:
+        raise ArchiveError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    artifacts, store = check_inside(artifacts, root), store.resolve()
+    if store != root and root not in store.parents:
+        raise ArchiveError(f"model store {store} is outside the project folder {root}")
+    for path in required_files(artifacts, model):
+        check_inside(path, root)
+    config = model_config or MODEL_CONFIG
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as temporary:
+        extra = Path(temporary) / "extra"
+        stage(model, artifacts, extra, config)
+        command = [
+            shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
+            "--model-name", model, "--version", version,
+            "--serialized-file", str(artifacts / model / "model.pt"),
+            "--handler", str(ROOT / "handlers" / f"{model}_handler.py"),
+            "--extra-files", str(extra),
+            "--config-file", str(extra / "model-config.yaml"),
+            "--requirements-file", str(extra / "requirements.txt"),
+            "--export-path", str(store), "--force",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ArchiveError(f"torch-model-archiver failed for {model}: {result.stderr.strip()[-500:]}")
+    return store / f"{model}.mar"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
+    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--batch-size", type=int, default=MODEL_CONFIG["batchSize"])
+    parser.add_argument("--max-batch-delay", type=int, default=MODEL_CONFIG["maxBatchDelay"])
+    parser.add_argument("--workers", type=int, default=MODEL_CONFIG["minWorkers"])
+    args = parser.parse_args(argv)
+    config = MODEL_CONFIG | {"batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay,
+                             "minWorkers": args.workers, "maxWorkers": args.workers}
+    try:
+        for model in args.model:
+            path = build_archive(model, args.artifacts_dir, args.model_store, model_config=config)
+            print(json.dumps({"model": model, "archive": str(path),
+                              "megabytes": round(path.stat().st_size / 2**20, 1)}))
+    except ArchiveError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Classify a listing's photo, text, or both with the served models, over REST or gRPC.
+
+Usage: python scripts/predict.py --model image|text|combined [--image PHOTO] [--text TEXT |
+       --name NAME --description DESCRIPTION] [--protocol rest|grpc] [--top-k 3]
+Addresses come from config.properties, the token from TorchServe's key file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import ROOT, read_key, read_properties  # noqa: E402  (script beside this one)
+
+
+class ClientError(RuntimeError):
+    """The server refused the request or could not be reached."""
+
+
+def text_fields(text: str | None, name: str | None, description: str | None) -> dict[str, str]:
+    if text is not None:
+        return {"text": text}
+    return {key: value for key, value in (("product_name", name), ("product_description", description))
+            if value is not None}
+
+
+def rest_predict(base_url: str, model: str, image: bytes | None, fields: dict, top_k: int,
+                 token: str | None, timeout: float = 60) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{base_url}/predictions/{model}"
+    try:
+        if image is not None:
+            parts = {"image": ("photo", image, "application/octet-stream")}
+            response = requests.post(url, files=parts, data=fields | {"top_k": str(top_k)},
+                                     headers=headers, timeout=timeout)
+        else:
+            response = requests.post(url, json=fields | {"top_k": top_k}, headers=headers,
+                                     timeout=timeout)
+    except requests.ConnectionError as error:
+        raise ClientError(f"cannot reach {url}: is the server running?") from error
+    body = _json(response.content)
+    if response.status_code >= 400:
+        raise ClientError(f"HTTP {response.status_code}: {body.get('error') or body.get('message') or body}")
+    return body
+
+
+def grpc_stubs():
+    try:
+        import inference_pb2
+        import inference_pb2_grpc
+    except ImportError:  # not generated at install time: generate now, beside the project
+        from grpc_stubs import generate
+
+        out = ROOT / "build" / "grpc"
+        generate(out)
+        sys.path.insert(0, str(out))
+        import inference_pb2
+        import inference_pb2_grpc
+    return inference_pb2, inference_pb2_grpc
+
+
+def grpc_predict(target: str, model: str, image: bytes | None, fields: dict, top_k: int,
+                 token: str | None, timeout: float = 60) -> dict:
+    import grpc
+
+    messages, services = grpc_stubs()
+    inputs = {key: value.encode("utf-8") for key, value in fields.items()}
+    inputs["top_k"] = str(top_k).encode()
+    if image is not None:
+        inputs["image"] = image
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(target) as channel:
+        stub = services.InferenceAPIsServiceStub(channel)
+        try:
+            reply = stub.Predictions(messages.PredictionsRequest(model_name=model, input=inputs),
+                                     metadata=metadata, timeout=timeout)
+        except grpc.RpcError as error:
+            raise ClientError(f"gRPC {error.code().name}: {error.details()}") from error
+    body = _json(reply.prediction)
+    if "error" in body:
+        raise ClientError(f"refused: {body['error']}")
+    return body
+
+
+def _json(content: bytes) -> dict:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return {"error": content[:200].decode("utf-8", errors="replace")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("image", "text", "combined"), required=True)
+    parser.add_argument("--image", type=Path, help="photo file")
+    parser.add_argument("--text", help="name and description as one text")
+    parser.add_argument("--name", help="product name")
+    parser.add_argument("--description", help="product description")
+    parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
+    parser.add_argument("--key-file", type=Path, default=ROOT / ".serve" / "key_file.json")
+    args = parser.parse_args(argv)
+    try:
+        image = args.image.read_bytes() if args.image else None
+        properties = read_properties(args.config)
+        token = read_key(args.key_file) if args.key_file.exists() else None
+        fields = text_fields(args.text, args.name, args.description)
+        if args.protocol == "rest":
+            answer = rest_predict(properties["inference_address"], args.model, image, fields,
+                                  args.top_k, token)
+        else:
+            target = (f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
+                      f"{properties.get('grpc_inference_port', '7070')}")
+            answer = grpc_predict(target, args.model, image, fields, args.top_k, token)
+    except (ClientError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    answer.pop("probabilities", None)
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

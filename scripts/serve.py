@@ -1,0 +1,164 @@
+"""Start, stop or check TorchServe with the project's config.properties.
+
+Usage: python scripts/serve.py start|stop|status [--config config.properties] [--model-store model_store]
+       [--state-dir .serve] [--timeout 180] [--disable-token-auth]
+The key file with the inference and management tokens is written to <state-dir>/key_file.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServeError(RuntimeError):
+    """TorchServe could not be started, reached or stopped as asked."""
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def model_names(properties: dict) -> list[str]:
+    return [name.strip().removesuffix(".mar") for name in properties.get("load_models", "").split(",")
+            if name.strip() and name.strip() not in ("all", "ALL")]
+
+
+def read_key(key_file: Path, kind: str = "inference") -> str:
+    if not Path(key_file).exists():
+        raise ServeError(f"no key file at {key_file}: is TorchServe running with token authorization?")
+    return json.loads(Path(key_file).read_text())[kind]["key"]
+
+
+def auth_headers(key_file: Path | None, kind: str = "inference") -> dict[str, str]:
+    if key_file is None or not Path(key_file).exists():
+        return {}
+    return {"Authorization": f"Bearer {read_key(key_file, kind)}"}
+
+
+def torchserve_binary() -> str:
+    found = shutil.which("torchserve") or str(Path(sys.executable).parent / "torchserve")
+    if not Path(found).exists():
+        raise ServeError("torchserve is not installed in this environment (pip install torchserve)")
+    return found
+
+
+def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180,
+          disable_token_auth: bool = False) -> dict:
+    """Start TorchServe and wait until every model in load_models has a ready worker."""
+    if shutil.which("java") is None:
+        raise ServeError("java not found: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)")
+    properties = read_properties(config)
+    missing = [name for name in model_names(properties) if not (model_store / f"{name}.mar").exists()]
+    if missing:
+        raise ServeError(f"{model_store} lacks {', '.join(m + '.mar' for m in missing)}: "
+                         "run `python scripts/archive.py` first")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "key_file.json").unlink(missing_ok=True)
+    env = os.environ | {"LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs")}
+    command = [torchserve_binary(), "--start", "--ts-config", str(config.resolve()),
+               "--model-store", str(model_store.resolve()), "--ncs"]
+    if disable_token_auth:
+        command.append("--disable-token-auth")
+    output = state_dir / "torchserve.out"
+    with output.open("w") as sink:  # not a pipe: the server keeps it open for its whole life
+        result = subprocess.run(command, cwd=state_dir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    said = output.read_text(errors="replace")
+    if result.returncode != 0 or "already running" in said:
+        raise ServeError(f"torchserve --start failed: {said.strip()[-400:]}")
+    key_file = None if disable_token_auth else state_dir / "key_file.json"
+    wait_ready(properties, key_file, timeout, state_dir)
+    return {"inference": properties["inference_address"], "management": properties["management_address"],
+            "grpc": f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
+                    f"{properties.get('grpc_inference_port', '7070')}",
+            "key_file": str(key_file) if key_file else None, "logs": str(state_dir / "logs")}
+
+
+def model_ready(properties: dict, key_file: Path | None, name: str) -> bool:
+    url = f"{properties['management_address']}/models/{name}"
+    try:
+        response = requests.get(url, headers=auth_headers(key_file, "management"), timeout=5)
+    except requests.ConnectionError:
+        return False
+    if response.status_code != 200:
+        return False
+    workers = [worker for model in response.json() for worker in model.get("workers", [])]
+    return bool(workers) and all(worker.get("status") == "READY" for worker in workers)
+
+
+def wait_ready(properties: dict, key_file: Path | None, timeout: float, state_dir: Path) -> None:
+    deadline = time.monotonic() + timeout
+    pending = model_names(properties)
+    while pending and time.monotonic() < deadline:
+        if key_file is None or key_file.exists():
+            pending = [name for name in pending if not model_ready(properties, key_file, name)]
+        if pending:
+            time.sleep(1)
+    if pending:
+        log = state_dir / "logs" / "ts_log.log"
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+        raise ServeError(f"models {pending} not ready after {timeout:.0f}s; last log lines:\n"
+                         + "\n".join(tail))
+
+
+def stop(state_dir: Path) -> str:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([torchserve_binary(), "--stop"], cwd=state_dir, capture_output=True,
+                            text=True)
+    return (result.stdout + result.stderr).strip()
+
+
+def status(config: Path, key_file: Path) -> dict:
+    properties = read_properties(config)
+    try:
+        ping = requests.get(f"{properties['inference_address']}/ping",
+                            headers=auth_headers(key_file), timeout=5)
+    except requests.ConnectionError:
+        return {"running": False}
+    key = key_file if key_file.exists() else None
+    return {"running": True, "ping": ping.json() if ping.ok else ping.status_code,
+            "models": {name: model_ready(properties, key, name) for name in model_names(properties)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
+    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".serve")
+    parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument("--disable-token-auth", action="store_true",
+                        help="serve without tokens (anyone who reaches the port may call it)")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "start":
+            print(json.dumps(start(args.config, args.model_store, args.state_dir.resolve(), args.timeout,
+                                   args.disable_token_auth), indent=2))
+        elif args.action == "stop":
+            print(stop(args.state_dir.resolve()))
+        else:
+            print(json.dumps(status(args.config, args.state_dir / "key_file.json"), indent=2))
+    except ServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

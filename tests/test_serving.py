@@ -1,0 +1,173 @@
+"""End to end: a real TorchServe from a test copy of config.properties, archives built from
+the tiny trained models, called over REST and gRPC. The server is stopped whatever happens."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from handlers.processing import free_text, model_image_from_bytes, tokenize
+from scripts import serve
+from scripts.archive import MODEL_CONFIG, build_archive
+from scripts.predict import ClientError, grpc_predict, rest_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["ps5 console with two controllers and fifa", "oak dining table", "kettle"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def photo(colour=(30, 140, 60), size=(640, 480)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_test_config(path: Path, store: Path) -> dict:
+    """config.properties with free ports and the test's model store; everything else as shipped."""
+    ports = {"inference_address": free_port(), "management_address": free_port(),
+             "metrics_address": free_port(), "grpc_inference_port": free_port(),
+             "grpc_management_port": free_port()}
+    lines = []
+    for line in (ROOT / "config.properties").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ports:
+            value = ports[key] if key.startswith("grpc") else f"http://127.0.0.1:{ports[key]}"
+            line = f"{key}={value}"
+        elif key == "model_store":
+            line = f"model_store={store}"
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+    return serve.read_properties(path)
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serving")
+    store = artifacts.parent / "model_store"  # the archive builder keeps to the project folder
+    # a long batch delay so that concurrent test requests share a batch
+    config = MODEL_CONFIG | {"maxBatchDelay": 300, "batchSize": 8}
+    for model in ("image", "text", "combined"):
+        build_archive(model, artifacts, store, root=artifacts.parent, model_config=config)
+    properties = write_test_config(work / "config.properties", store)
+    state = work / "state"
+    try:
+        info = serve.start(work / "config.properties", store, state, timeout=300)
+        yield {"properties": properties, "info": info, "state": state,
+               "token": serve.read_key(state / "key_file.json"), "artifacts": artifacts}
+    finally:
+        serve.stop(state)
+
+
+def in_process(artifacts: Path, model: str, image: bytes | None, text: str | None) -> torch.Tensor:
+    """The exported TorchScript's probabilities for the same input, without the server."""
+    folder = artifacts / model
+    settings = json.loads((folder / "preprocessing.json").read_text())
+    inputs = []
+    if image is not None:
+        inputs.append(model_image_from_bytes(image, settings["image"]["size"])[None])
+    if text is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        inputs += tokenize(tokenizer, [free_text(text)], settings["text"]["max_length"])
+    scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    with torch.inference_mode():
+        return torch.softmax(scripted(*inputs), 1)[0]
+
+
+def as_vector(answer: dict, artifacts: Path, model: str) -> torch.Tensor:
+    names = json.loads((artifacts / model / "index_to_name.json").read_text())
+    return torch.tensor([answer["probabilities"][names[str(i)]] for i in range(len(names))])
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+@pytest.mark.parametrize("model", ["image", "text", "combined"])
+def test_served_answers_equal_the_torchscript_model(server, model, protocol):
+    properties = server["properties"]
+    image = photo() if model != "text" else None
+    text = TEXTS[0] if model != "image" else None
+    fields = {"text": text} if text else {}
+    if protocol == "rest":
+        answer = rest_predict(properties["inference_address"], model, image, fields, 4, server["token"])
+    else:
+        target = f"127.0.0.1:{properties['grpc_inference_port']}"
+        answer = grpc_predict(target, model, image, fields, 4, server["token"])
+    expected = in_process(server["artifacts"], model, image, text)
+    served = as_vector(answer, server["artifacts"], model)
+    assert served.argmax() == expected.argmax()
+    assert (served - expected).abs().max() <= 1e-4
+    assert len(answer["top_k"]) == 4 and answer["category"] == answer["top_k"][0]["category"]
+
+
+def test_concurrent_requests_are_batched(server):
+    url = f"{server['properties']['inference_address']}/predictions/text"
+    headers = {"Authorization": f"Bearer {server['token']}", "Content-Type": "text/plain"}
+    texts = [f"{TEXTS[i % 3]} number {i}" for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda t: requests.post(url, data=t.encode(), headers=headers,
+                                                          timeout=60), texts))
+    assert [response.status_code for response in responses] == [200] * 16
+    log = (server["state"] / "logs" / "model_log.log").read_text()
+    sizes = [int(size) for size in re.findall(r"batch_size=(\d+)", log)]
+    assert max(sizes) > 1
+
+
+def test_bad_inputs_get_4xx_while_the_good_request_in_the_batch_succeeds(server):
+    url = f"{server['properties']['inference_address']}/predictions/combined"
+    headers = {"Authorization": f"Bearer {server['token']}"}
+    good = {"files": {"image": ("p.jpg", photo(), "image/jpeg")}, "data": {"text": "sofa"}}
+    bad = [
+        {"files": {"image": ("p.jpg", b"not an image", "image/jpeg")}, "data": {"text": "sofa"}},
+        {"files": {"image": ("p.jpg", photo()[:500], "image/jpeg")}, "data": {"text": "sofa"}},
+        {"files": {"image": ("p.jpg", photo(), "image/jpeg")}},
+        {"json": {"image": "###", "text": "sofa"}},
+        {"json": ["not", "an", "object"]},
+        {"data": b"<xml/>", "headers": {"Content-Type": "application/xml"}},
+    ]
+
+    def send(kwargs):
+        extra = kwargs.pop("headers", {})
+        return requests.post(url, headers=headers | extra, timeout=60, **kwargs)
+
+    with ThreadPoolExecutor(len(bad) + 1) as pool:
+        responses = list(pool.map(send, [dict(good)] + [dict(b) for b in bad]))
+    assert responses[0].status_code == 200 and "category" in responses[0].json()
+    for response in responses[1:]:
+        assert 400 <= response.status_code < 500, response.text
+        assert response.json()["error"]
+    log = (server["state"] / "logs" / "model_log.log").read_text()
+    mixed = [(int(a), int(b)) for a, b in re.findall(r"batch_size=(\d+) valid=(\d+)", log)]
+    assert any(0 < valid < size for size, valid in mixed)
+    ping = requests.get(f"{server['properties']['inference_address']}/ping", headers=headers, timeout=10)
+    assert ping.json()["status"] == "Healthy"
+
+
+def test_requests_without_the_token_are_refused(server):
+    properties = server["properties"]
+    response = requests.post(f"{properties['inference_address']}/predictions/text", data=b"kettle",
+                             headers={"Content-Type": "text/plain"}, timeout=30)
+    assert 400 <= response.status_code < 500 and "Token Authorization failed" in response.text
+    with pytest.raises(ClientError, match="PERMISSION_DENIED"):
+        grpc_predict(f"127.0.0.1:{properties['grpc_inference_port']}", "text", None,
+                     {"text": "kettle"}, 3, "wrong-token")
+
+
+def test_model_registration_api_is_off(server):
+    url = f"{server['properties']['management_address']}/models?url=https://example.com/x.mar"
+    token = serve.read_key(server["state"] / "key_file.json", "management")
+    response = requests.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert response.status_code >= 400

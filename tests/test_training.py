@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import torch
+
+from training.data import CleanData
+from training.evaluate import evaluate
+from training.export import export
+from training.tasks import frozen_task
+from training.train import TrainConfig, build_model, load_checkpoint, train
+
+
+def test_training_lowers_the_loss_and_keeps_the_best_checkpoint(trained):
+    for kind in ("image", "text"):
+        checkpoint = torch.load(trained["paths"][kind], weights_only=False)
+        history = checkpoint["history"]
+        assert history[-1]["train_loss"] < history[0]["train_loss"]
+        accuracies = [row["val_accuracy"] for row in history]
+        assert checkpoint["best_epoch"] == accuracies.index(max(accuracies)) + 1
+        assert checkpoint["best_val_accuracy"] == max(accuracies)
+    assert (trained["work"] / "runs" / "image").exists()
+
+
+def test_checkpoints_reload_strictly_and_reproduce(trained):
+    model, checkpoint = load_checkpoint(trained["paths"]["image"])
+    again, _ = load_checkpoint(trained["paths"]["image"])
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.equal(model(images), again(images))
+    assert len(checkpoint["index_to_name"]) == 13
+
+
+def test_training_is_deterministic_for_a_seed(trained, tmp_path):
+    config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path / "a"),
+                     runs_dir=str(tmp_path / "runs"), epochs=2)
+    first = torch.load(train(config), weights_only=False)["history"]
+    second = torch.load(train(replace(config, checkpoint_dir=str(tmp_path / "b"))),
+                        weights_only=False)["history"]
+    assert first == second
+
+
+def test_feature_cache_is_reused_and_invalidated(trained, tmp_path, monkeypatch):
+    from training import tasks
+
+    calls = []
+    original = tasks.compute_image_features
+    monkeypatch.setattr(tasks, "compute_image_features",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    config = trained["configs"]["image"]
+    data = CleanData.load(trained["data_dir"])
+    model = build_model(config, 13)
+    settings = vars(config) | {"feature_batch_size": 64}
+    device = torch.device("cpu")
+    first = frozen_task(model, "image", data, settings, device, tmp_path)
+    frozen_task(model, "image", data, settings, device, tmp_path)
+    assert len(calls) == 1  # second time from the cache
+    frozen_task(model, "image", data, settings | {"image_size": 48}, device, tmp_path)
+    assert len(calls) == 2  # preprocessing changed
+    photo = data.image_path(data.images["id"][0])
+    photo.touch()
+    second = frozen_task(model, "image", data, settings, device, tmp_path)
+    assert len(calls) == 3  # a photo changed
+    assert torch.allclose(first.tensors["features"], second.tensors["features"])
+
+
+def test_evaluation_writes_its_reports(trained, tmp_path):
+    metrics = evaluate(trained["paths"]["combined"], trained["data_dir"], tmp_path)
+    saved = json.loads((tmp_path / "combined" / "metrics.json").read_text())
+    assert saved["accuracy"] == metrics["accuracy"] and 0 <= saved["accuracy"] <= 1
+    assert set(saved["per_class"]) == set(CleanData.load(trained["data_dir"]).index_to_name.values())
+    assert sum(map(sum, saved["confusion_matrix"])) == saved["samples"] > 0
+    for name in ("confusion_matrix.png", "curves.png"):
+        assert (tmp_path / "combined" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| combined |" in (tmp_path / "summary.md").read_text()
+
+
+def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tmp_path):
+    for kind in ("image", "text", "combined"):
+        result = export(trained["paths"][kind], trained["data_dir"], tmp_path)
+        folder = tmp_path / kind
+        assert result["max_abs_diff"] <= 1e-4
+        settings = json.loads((folder / "preprocessing.json").read_text())
+        assert settings["model"] == kind and settings["num_classes"] == 13
+        assert json.loads((folder / "index_to_name.json").read_text())["12"] == "Video Games & Consoles"
+        if kind != "image":
+            assert settings["text"]["max_length"] == 32
+            assert (folder / "tokenizer" / "tokenizer.json").exists()
+        if kind != "text":
+            assert settings["image"]["size"] == 64
+    scripted = torch.jit.load(str(tmp_path / "text" / "model.pt"), map_location="cpu")
+    eager, _ = load_checkpoint(trained["paths"]["text"])
+    from handlers.processing import tokenize
+    from training.text_encoder import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    for texts in (["kettle"], ["a much longer description of a mountain bike with gears", "tv"]):
+        ids, mask = tokenize(tokenizer, texts, 32)
+        with torch.inference_mode():
+            assert (scripted(ids, mask) - eager(ids, mask)).abs().max() <= 1e-4
+
+
+def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, clean_sample):
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "train", "--model", "combined", "--data-dir",
+         str(clean_sample[0]), "--checkpoint-dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: checkpoint {tmp_path}/image/best.pt not found: train that model first"]
+
+
+def test_train_config_defaults_are_frozen_encoders():
+    assert TrainConfig().frozen and not TrainConfig(finetune="last").frozen
