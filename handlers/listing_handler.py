@@ -37,14 +37,14 @@ class ListingHandler(BaseHandler):
         self.max_pixels = int(options.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         self.autocast = self.device.type == "cuda" and bool(options.get("autocast", True))
         self.tokenizer = self.load_tokenizer(model_dir) if "text" in self.needs else None
-        self.set_threads(options, context)
+        self.set_threads(options)
 
     def load_tokenizer(self, model_dir: Path):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
 
-    def set_threads(self, options: dict, context) -> None:
+    def set_threads(self, options: dict) -> None:
         """Share the cores between workers; TorchServe leaves every worker on all of them."""
         workers = int((getattr(self, "model_yaml_config", None) or {}).get("minWorkers", 1) or 1)
         threads = int(options.get("threads", 0)) or max(1, (os.cpu_count() or 1) // workers)

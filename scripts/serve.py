@@ -70,7 +70,6 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
         raise ServeError(f"{model_store} lacks {', '.join(m + '.mar' for m in missing)}: "
                          "run `python scripts/archive.py` first")
     state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / "key_file.json").unlink(missing_ok=True)
     env = os.environ | {"LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs")}
     command = [torchserve_binary(), "--start", "--ts-config", str(config.resolve()),
                "--model-store", str(model_store.resolve()), "--ncs"]
@@ -93,7 +92,11 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
 def model_ready(properties: dict, key_file: Path | None, name: str) -> bool:
     url = f"{properties['management_address']}/models/{name}"
     try:
-        response = requests.get(url, headers=auth_headers(key_file, "management"), timeout=5)
+        headers = auth_headers(key_file, "management")
+    except (ValueError, KeyError):  # the server is still writing its key file
+        return False
+    try:
+        response = requests.get(url, headers=headers, timeout=5)
     except requests.ConnectionError:
         return False
     if response.status_code != 200:

@@ -109,8 +109,8 @@ BUCKET = "https://example-bucket.s3.eu-west-1.amazonaws.com/marketplace/images/"
 class SampleConfig:
     products: int = 1000
     seed: int = 0
-    text_signal: float = 0.27
-    image_signal: float = 0.55
+    text_signal: float = 0.22
+    image_signal: float = 0.6
     min_side: int = 160
     max_side: int = 480
 

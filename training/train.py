@@ -100,7 +100,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
-def _combined_branches(config: TrainConfig) -> tuple[nn.Module, dict]:
+def _combined_branches(config: TrainConfig) -> nn.Module:
     """Combined model initialised from the trained image and text checkpoints."""
     image, image_checkpoint = load_checkpoint(Path(config.checkpoint_dir) / "image" / "best.pt")
     text, text_checkpoint = load_checkpoint(Path(config.checkpoint_dir) / "text" / "best.pt")
@@ -111,7 +111,7 @@ def _combined_branches(config: TrainConfig) -> tuple[nn.Module, dict]:
         setattr(config, name, config.branches["text"][name])
     model = CombinedClassifier(image, text, len(image_checkpoint["index_to_name"]))
     model.init_fusion_from_heads()
-    return model, config.branches
+    return model
 
 
 # ---------------------------------------------------------------- the loop
@@ -171,7 +171,7 @@ def train(config: TrainConfig) -> Path:
     device = choose_device(config.device)
     data = CleanData.load(Path(config.data_dir))
     if config.model == "combined":
-        model, _ = _combined_branches(config)
+        model = _combined_branches(config)
     else:
         model = build_model(config, data.num_classes)
     model.to(device)
