@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import ROOT, read_key, read_properties  # noqa: E402
 
-WORDS = ("sofa table chairs oak console ps5 controller kettle drill bike helmet dress boots "
-         "laptop monitor pram cot perfume guitar vinyl desk phone case good condition collection "
-         "only offers boxed").split()
+WORDS = ("sofa", "table", "chairs", "oak", "console", "ps5", "controller", "kettle", "drill", "bike",
+         "helmet", "dress", "boots", "laptop", "monitor", "pram", "cot", "perfume", "guitar", "vinyl",
+         "desk", "phone", "case", "good", "condition", "collection", "only", "offers", "boxed")
 
 
 def sample_photo(rng: random.Random) -> bytes:
