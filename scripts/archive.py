@@ -20,7 +20,7 @@ HANDLER_FILES = ("__init__.py", "processing.py", "payloads.py", "listing_handler
 MODELS = ("image", "text", "combined")
 # Chosen by measurement in `make bench`; see config.properties for the reasoning.
 MODEL_CONFIG = {
-    "minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20,
+    "minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 10,
     "responseTimeout": 60, "deviceType": "gpu",
     "handler": {"autocast": True, "max_image_pixels": 50_000_000},
 }

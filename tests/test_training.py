@@ -9,7 +9,7 @@ from training.data import CleanData
 from training.evaluate import evaluate
 from training.export import export
 from training.tasks import frozen_task
-from training.train import TrainConfig, build_model, load_checkpoint, train
+from training.train import TrainConfig, build_model, load_checkpoint, seed_everything, train
 
 
 def test_training_lowers_the_loss_and_keeps_the_best_checkpoint(trained):
@@ -112,3 +112,17 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, clean_sample):
 
 def test_train_config_defaults_are_frozen_encoders():
     assert TrainConfig().frozen and not TrainConfig(finetune="last").frozen
+
+
+def test_finetuning_the_last_stage_trains_only_it(trained, tmp_path):
+    config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path), epochs=1,
+                     finetune="last", image_size=32, cache_dir=None)
+    seed_everything(config.seed)
+    fresh = build_model(config, 13)  # what train() starts from with the same seed
+    tuned, checkpoint = load_checkpoint(train(config))
+    assert checkpoint["config"]["finetune"] == "last"
+    network, start = tuned.backbone.network, fresh.backbone.network
+    assert torch.equal(network._conv_stem.weight, start._conv_stem.weight)
+    assert torch.equal(network._blocks[0]._depthwise_conv.weight, start._blocks[0]._depthwise_conv.weight)
+    assert not torch.equal(network._blocks[-1]._project_conv.weight, start._blocks[-1]._project_conv.weight)
+    assert not torch.equal(tuned.head[-1].weight, fresh.head[-1].weight)
