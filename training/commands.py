@@ -7,7 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from training.train import TrainConfig
+from training.config import TrainConfig
 
 TRAIN_OPTIONS = {
     "epochs": "passes over the training split",

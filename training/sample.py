@@ -240,7 +240,7 @@ def _draw(rng: random.Random, label: int, config: SampleConfig) -> Image.Image:
         0, 256, (max(1, height // 4), max(1, width // 4), 3), dtype=np.uint8)
     noise = Image.fromarray(grain).resize((width, height), Image.Resampling.NEAREST)
     picture = Image.blend(picture, noise, rng.uniform(0.05, 0.2))
-    return picture.filter(ImageFilter.BoxBlur(rng.choice((0, 1, 1, 2))))
+    return picture.filter(ImageFilter.BoxBlur(1)) if rng.random() < 0.3 else picture
 
 
 def _shape(draw: ImageDraw.ImageDraw, rng: random.Random, kind: str, colour: tuple,
@@ -295,13 +295,13 @@ def _save_with_mode(rng: random.Random, picture: Image.Image, path: Path, quirks
         modes["RGBA_png"] = modes.get("RGBA_png", 0) + 1
         rgba = picture.convert("RGBA")
         rgba.putalpha(Image.new("L", picture.size, 200))
-        rgba.save(path, "PNG")  # PNG bytes behind a .jpg name, as real exports have
+        rgba.save(path, "PNG", compress_level=1)  # PNG bytes behind a .jpg name, as real exports have
     elif draw < 0.07:
         modes["CMYK"] = modes.get("CMYK", 0) + 1
         picture.convert("CMYK").save(path, "JPEG", quality=85)
     elif draw < 0.09:
         modes["P"] = modes.get("P", 0) + 1
-        picture.convert("P", palette=Image.Palette.ADAPTIVE).save(path, "PNG")
+        picture.convert("P", palette=Image.Palette.WEB).save(path, "PNG", compress_level=1)
     else:
         picture.save(path, "JPEG", quality=rng.randint(70, 92))
 

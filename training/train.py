@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,42 +14,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from training.backbones import build_backbone
+from training.config import TrainConfig
 from training.data import MODEL_KINDS, CleanData
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier
 from training.tasks import RawTask, frozen_task
 from training.text_encoder import load_encoder
 
 CPU = torch.device("cpu")
-
-
-@dataclass
-class TrainConfig:
-    model: str = "image"
-    data_dir: str = "data/clean"
-    checkpoint_dir: str = "checkpoints"
-    runs_dir: str = "runs"
-    cache_dir: str | None = "cache/features"
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 0
-    device: str = "auto"
-    seed: int = 0
-    image_backbone: str = "resnet50"
-    image_weights: str = "imagenet"
-    image_size: int = 224
-    finetune: str = "none"  # image backbone: none (frozen, cached features) | last | all
-    text_encoder: str = "minilm"
-    max_length: int = 128
-    finetune_encoder: bool = False
-    feature_batch_size: int = 32
-    num_workers: int = 0
-    branches: dict = field(default_factory=dict)  # combined: the image and text configs
-
-    @property
-    def frozen(self) -> bool:
-        return self.finetune == "none" and not self.finetune_encoder
 
 
 def choose_device(name: str) -> torch.device:

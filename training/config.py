@@ -1,0 +1,35 @@
+"""Training settings, importable without torch (the CLI builds its options from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    model: str = "image"
+    data_dir: str = "data/clean"
+    checkpoint_dir: str = "checkpoints"
+    runs_dir: str = "runs"
+    cache_dir: str | None = "cache/features"
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 0
+    device: str = "auto"
+    seed: int = 0
+    image_backbone: str = "resnet50"
+    image_weights: str = "imagenet"
+    image_size: int = 224
+    finetune: str = "none"  # image backbone: none (frozen, cached features) | last | all
+    text_encoder: str = "minilm"
+    max_length: int = 128
+    finetune_encoder: bool = False
+    feature_batch_size: int = 32
+    num_workers: int = 0
+    branches: dict = field(default_factory=dict)  # combined: the image and text configs
+
+    @property
+    def frozen(self) -> bool:
+        return self.finetune == "none" and not self.finetune_encoder
