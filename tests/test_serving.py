@@ -171,3 +171,24 @@ def test_model_registration_api_is_off(server):
     token = serve.read_key(server["state"] / "key_file.json", "management")
     response = requests.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert response.status_code >= 400
+
+
+def test_client_cli_prints_the_answer_or_one_error_line(server, tmp_path):
+    import subprocess
+    import sys
+
+    config = server["state"].parent / "config.properties"
+    common = [sys.executable, str(ROOT / "scripts" / "predict.py"), "--config", str(config),
+              "--key-file", str(server["state"] / "key_file.json")]
+    (tmp_path / "photo.jpg").write_bytes(photo())
+    for protocol in ("rest", "grpc"):
+        done = subprocess.run(common + ["--model", "combined", "--image", str(tmp_path / "photo.jpg"),
+                                        "--text", "oak table", "--protocol", protocol, "--top-k", "2"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert len(answer["top_k"]) == 2 and "probabilities" not in answer
+    refused = subprocess.run(common + ["--model", "text", "--text", "   "], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == ["error: HTTP 400: text is empty"]

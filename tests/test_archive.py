@@ -1,0 +1,35 @@
+import zipfile
+
+import pytest
+import yaml
+
+from scripts.archive import MODEL_CONFIG, ArchiveError, build_archive
+
+
+def test_archive_holds_everything_the_handler_reads(artifacts):
+    path = build_archive("text", artifacts, artifacts.parent / "store", root=artifacts.parent)
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        config = yaml.safe_load(archive.read("model-config.yaml"))
+    assert {"model.pt", "text_handler.py", "handlers/listing_handler.py", "handlers/processing.py",
+            "handlers/payloads.py", "index_to_name.json", "preprocessing.json", "requirements.txt",
+            "tokenizer/tokenizer.json", "MAR-INF/MANIFEST.json"} <= names
+    assert {key: config[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",
+                                         "responseTimeout", "deviceType")} == {
+        key: MODEL_CONFIG[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",
+                                           "responseTimeout", "deviceType")}
+
+
+def test_archive_refuses_paths_outside_the_project_and_missing_files(artifacts, tmp_path):
+    root = artifacts.parent
+    with pytest.raises(ArchiveError, match="outside the project"):
+        build_archive("image", tmp_path, root / "store", root=root)
+    with pytest.raises(ArchiveError, match="outside the project"):
+        build_archive("image", artifacts, tmp_path / "store", root=root)
+    with pytest.raises(ArchiveError, match="outside the project"):
+        build_archive("image", root / ".." / tmp_path.name, root / "store", root=root)
+    (root / "empty_artifacts" / "image").mkdir(parents=True)
+    with pytest.raises(ArchiveError, match="model.pt is missing"):
+        build_archive("image", root / "empty_artifacts", root / "store", root=root)
+    with pytest.raises(ArchiveError, match="unknown model"):
+        build_archive("audio", artifacts, root / "store", root=root)
