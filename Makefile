@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SAMPLE_PRODUCTS ?= 800
 DEMO_DIR ?= data/demo
 
-.PHONY: install demo test lint check-java clean-demo
+.PHONY: install demo test bench lint check-java clean-demo
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; Python 3.11 is required" >&2; exit 1; }
@@ -27,6 +27,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+bench: install
+	$(PY) scripts/bench.py
 
 lint: install
 	$(VENV)/bin/ruff check .

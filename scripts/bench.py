@@ -1,0 +1,289 @@
+"""Benchmark: the model's own speed, the served speed (batching on and off) and a naive baseline.
+
+Usage: python scripts/bench.py [--artifacts-dir artifacts] [--checkpoint-dir checkpoints]
+       [--out reports/benchmark] [--scale 1.0]
+Writes benchmark.json, benchmark.md and benchmark.png under --out and prints the table. Every
+compared pair is measured in the same run; the figures are items per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve  # noqa: E402
+from archive import MODEL_CONFIG, build_archive  # noqa: E402
+from load import make_request, run_load  # noqa: E402
+
+ROOT = serve.ROOT
+sys.path.insert(0, str(ROOT))
+from handlers.processing import (  # noqa: E402
+    decode_image,
+    fit_to_square,
+    free_text,
+    image_to_tensor,
+    model_image_from_bytes,
+    tokenize,
+)
+
+MODELS = ("image", "text", "combined")
+BATCH_SIZES = (1, 4, 8, 16)
+CONCURRENCY = (1, 4, 16)
+NAIVE_TEXT_TOKENS = 200
+
+
+def timed_rate(step, items_per_call: int, min_seconds: float, max_calls: int) -> float:
+    """Items per second of `step()`, after one warm-up call."""
+    step()
+    calls, started = 0, time.perf_counter()
+    while calls < max_calls and (calls == 0 or time.perf_counter() - started < min_seconds):
+        step()
+        calls += 1
+    return calls * items_per_call / (time.perf_counter() - started)
+
+
+class Inputs:
+    """Realistic requests and the model inputs the handler would make of them."""
+
+    def __init__(self, model: str, folder: Path, count: int, seed: int = 0):
+        rng = random.Random(seed)
+        self.model, self.settings = model, json.loads((folder / "preprocessing.json").read_text())
+        self.requests = [make_request(model, rng) for _ in range(count)]
+        self.tokenizer = None
+        if model != "image":
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+
+    def photo(self, index: int) -> bytes:
+        request = self.requests[index]
+        return request["files"]["image"][1] if self.model == "combined" else request["data"]
+
+    def text(self, index: int) -> str:
+        request = self.requests[index]
+        return request["data"]["text"] if self.model == "combined" else request["data"].decode()
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        inputs: list[torch.Tensor] = []
+        if self.model != "text":
+            size = self.settings["image"]["size"]
+            inputs.append(torch.stack([model_image_from_bytes(self.photo(i), size) for i in indices]))
+        if self.model != "image":
+            inputs += tokenize(self.tokenizer, [free_text(self.text(i)) for i in indices],
+                               self.settings["text"]["max_length"])
+        return tuple(inputs)
+
+
+def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds: float) -> dict:
+    """In-process TorchScript items/s per batch size, inputs prepared beforehand."""
+    torch.set_num_threads(threads)
+    scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    rates = {}
+    with torch.inference_mode():
+        for size in BATCH_SIZES:
+            batches = [inputs.batch([(start + i) % len(inputs.requests) for i in range(size)])
+                       for start in range(0, 4 * size, size)]
+            rates[size] = timed_rate(_cycling(scripted, batches), size, seconds, 200)
+    return rates
+
+
+def _cycling(function, argument_tuples: list[tuple]):
+    """A step that calls `function` on each argument tuple in turn."""
+    position = iter(range(10**9))
+    return lambda: function(*argument_tuples[next(position) % len(argument_tuples)])
+
+
+def preprocessing_share(inputs: Inputs, model_rate_per_item: float, seconds: float) -> dict:
+    """Decode + resize time of a 1000x750 JPEG against the per-item handler time."""
+    size = inputs.settings["image"]["size"]
+    cycle = iter(range(10**9))
+    with_draft = timed_rate(lambda: model_image_from_bytes(inputs.photo(next(cycle) % 8), size),
+                            1, seconds, 500)
+    full = timed_rate(lambda: image_to_tensor(fit_to_square(decode_image(inputs.photo(next(cycle) % 8)),
+                                                            size)), 1, seconds, 500)
+    pre, infer = 1 / with_draft, 1 / model_rate_per_item
+    return {"decode_resize_ms": 1000 * pre, "decode_resize_full_size_ms": 1000 / full,
+            "model_ms_per_item": 1000 * infer, "share_of_handler_time": pre / (pre + infer)}
+
+
+def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, seconds: float) -> float:
+    """The original study's service: eager model, one request at a time, full-size decoding,
+    text padded to 200 tokens."""
+    from training.train import load_checkpoint
+
+    torch.set_num_threads(threads)
+    eager, _ = load_checkpoint(checkpoint)
+    size = inputs.settings["image"]["size"] if model != "text" else None
+    cycle = iter(range(10**9))
+
+    def one() -> None:
+        index = next(cycle) % len(inputs.requests)
+        tensors = []
+        if size:
+            tensors.append(image_to_tensor(fit_to_square(decode_image(inputs.photo(index)), size))[None])
+        if model != "image":
+            encoded = inputs.tokenizer([free_text(inputs.text(index))], padding="max_length",
+                                       truncation=True, max_length=NAIVE_TEXT_TOKENS, return_tensors="pt")
+            tensors += [encoded["input_ids"], encoded["attention_mask"]]
+        with torch.inference_mode():
+            eager(*tensors)
+
+    return timed_rate(one, 1, seconds, 500)
+
+
+def served(models: list[str], artifacts: Path, model_config: dict, requests_per_run: int,
+           concurrencies: tuple[int, ...], max_seconds: float) -> dict:
+    """A real TorchServe from the project's config (free of other servers), driven over REST."""
+    results: dict = {}
+    project = artifacts.resolve().parent  # the archive builder keeps to the artifacts' project
+    with tempfile.TemporaryDirectory(dir=project) as folder:
+        store, state = Path(folder) / "model_store", Path(folder) / "state"
+        for model in models:
+            build_archive(model, artifacts, store, root=project, model_config=model_config)
+        config = Path(folder) / "config.properties"
+        lines = [line for line in (ROOT / "config.properties").read_text().splitlines()
+                 if not line.startswith("load_models=")]
+        config.write_text("\n".join(lines + [f"load_models={','.join(m + '.mar' for m in models)}"]) + "\n")
+        properties = serve.read_properties(config)
+        try:
+            serve.start(config, store, state, timeout=300)
+            token = serve.read_key(state / "key_file.json")
+            for model in models:
+                rng = random.Random(1)
+                distinct = [make_request(model, rng) for _ in range(16)]
+                url = f"{properties['inference_address']}/predictions/{model}"
+                for concurrency in concurrencies:
+                    payloads = [distinct[i % 16] for i in range(max(requests_per_run, concurrency))]
+                    run_load(url, token, payloads[:concurrency], concurrency, max_seconds)  # warm-up
+                    results.setdefault(model, {})[concurrency] = run_load(
+                        url, token, payloads, concurrency, max_seconds)
+        finally:
+            serve.stop(state)
+    return results
+
+
+def markdown(report: dict) -> str:
+    batch = report["configured_batch_size"]
+    lines = [f"Benchmark of {report['date']} on {report['machine']} "
+             f"({report['threads_per_worker']} threads per worker; items/s unless stated).", "",
+             "| model | model limit b=1 / 4 / 8 / 16 | served c=1 / 4 / 16 | served c=16 / limit "
+             f"b={batch} | batching off c=16 | on/off | p50 / p95 / p99 ms (c=16) | naive | served / naive |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, row in report["models"].items():
+        limit = row["model_limit"]
+        on = row["served"]
+        c16, off = on[16], row["batching_off"]
+        served_rates = " / ".join(f"{on[c]['throughput']:.1f}" for c in CONCURRENCY)
+        lines.append(
+            f"| {model} | {' / '.join(f'{limit[b]:.1f}' for b in BATCH_SIZES)} | "
+            f"{served_rates} | "
+            f"{c16['throughput'] / limit[batch]:.2f} | {off['throughput']:.1f} | "
+            f"{c16['throughput'] / off['throughput']:.2f} (p99 {c16['p99_ms']:.0f} vs {off['p99_ms']:.0f}) | "
+            f"{c16['p50_ms']:.0f} / {c16['p95_ms']:.0f} / {c16['p99_ms']:.0f} | {row['naive']:.1f} | "
+            f"{c16['throughput'] / row['naive']:.2f} |")
+    share = report.get("image_preprocessing")
+    if share:
+        lines += ["", f"Image preprocessing of a 1000x750 JPEG: {share['decode_resize_ms']:.1f} ms "
+                      f"with draft decoding ({share['decode_resize_full_size_ms']:.1f} ms at full size), "
+                      f"{100 * share['share_of_handler_time']:.0f}% of the per-item handler time "
+                      f"({share['model_ms_per_item']:.1f} ms model time per item at batch {batch})."]
+    errors = sum(run["errors"] for row in report["models"].values()
+                 for run in [*row["served"].values(), row["batching_off"]])
+    lines += ["", f"Errors over all served runs: {errors}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = report["configured_batch_size"]
+    names = list(report["models"])
+    series = {f"model limit (b={batch})": [report["models"][m]["model_limit"][batch] for m in names],
+              "served, c=16": [report["models"][m]["served"][16]["throughput"] for m in names],
+              "batching off, c=16": [report["models"][m]["batching_off"]["throughput"] for m in names],
+              "naive baseline": [report["models"][m]["naive"] for m in names]}
+    figure, axes = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for offset, (label, values) in enumerate(series.items()):
+        axes.bar([i + offset * width for i in range(len(names))], values, width, label=label)
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    axes.set_ylabel("items / s")
+    axes.set_title(f"marketplace-classifier on {report['machine']}")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
+        models: tuple[str, ...] = MODELS) -> dict:
+    for model in models:
+        for needed in (artifacts / model / "model.pt", checkpoints / model / "best.pt"):
+            if not needed.exists():
+                raise FileNotFoundError(f"{needed} not found: run `make demo` (or train and export) first")
+    if shutil.which("java") is None:
+        raise RuntimeError("java not found: the served benchmark needs TorchServe (Java 17)")
+    workers = MODEL_CONFIG["minWorkers"]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    batch = MODEL_CONFIG["batchSize"]
+    seconds = 2.0 * scale
+    requests_per_run = max(8, int(96 * scale))
+    report = {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
+              "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU used",
+              "threads_per_worker": threads, "configured_batch_size": batch,
+              "max_batch_delay_ms": MODEL_CONFIG["maxBatchDelay"], "models": {}}
+    for model in models:
+        inputs = Inputs(model, artifacts / model, 16)
+        limit = model_limit(model, artifacts / model, inputs, threads, seconds)
+        report["models"][model] = {"model_limit": limit,
+                                   "naive": naive_baseline(model, checkpoints / model / "best.pt", inputs,
+                                                           threads, seconds)}
+        if model == "image":
+            report["image_preprocessing"] = preprocessing_share(inputs, limit[batch], seconds)
+    on = served(list(models), artifacts, MODEL_CONFIG, requests_per_run, CONCURRENCY, 60 * scale)
+    off = served(list(models), artifacts, MODEL_CONFIG | {"batchSize": 1, "maxBatchDelay": 0},
+                 requests_per_run, (16,), 60 * scale)
+    for model in models:
+        report["models"][model]["served"] = on[model]
+        report["models"][model]["batching_off"] = off[model][16]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "benchmark.md").write_text(markdown(report))
+    plot(report, out / "benchmark.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
+    parser.add_argument("--checkpoint-dir", type=Path, default=ROOT / "checkpoints")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmark")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies durations and request counts")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args.artifacts_dir, args.checkpoint_dir, args.out, args.scale)
+    except (FileNotFoundError, RuntimeError, serve.ServeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    print(f"written to {args.out}/benchmark.json, benchmark.md, benchmark.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
