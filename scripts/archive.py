@@ -24,6 +24,8 @@ MODEL_CONFIG = {
     "responseTimeout": 60, "deviceType": "gpu",
     "handler": {"autocast": True, "max_image_pixels": 50_000_000},
 }
+# Handler options that measured better for one model only (see handlers/listing_handler.py).
+MODEL_HANDLER_OPTIONS = {"image": {"optimize_for_inference": True}}
 REQUIREMENTS = ("torch==2.14.1", "transformers==5.24.0", "tokenizers==0.23.3", "pillow==13.0.0",
                 "numpy==2.4.6")
 
@@ -73,6 +75,7 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
     for path in required_files(artifacts, model):
         check_inside(path, root)
     config = model_config or MODEL_CONFIG
+    config = config | {"handler": config.get("handler", {}) | MODEL_HANDLER_OPTIONS.get(model, {})}
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as temporary:
         extra = Path(temporary) / "extra"

@@ -24,11 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve  # noqa: E402
-from archive import MODEL_CONFIG, build_archive  # noqa: E402
+from archive import MODEL_CONFIG, MODEL_HANDLER_OPTIONS, build_archive  # noqa: E402
 from load import make_request, run_load  # noqa: E402
 
 ROOT = serve.ROOT
 sys.path.insert(0, str(ROOT))
+from handlers.listing_handler import optimise_for_device  # noqa: E402
 from handlers.processing import (  # noqa: E402
     decode_image,
     fit_to_square,
@@ -90,6 +91,9 @@ def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds:
     """In-process TorchScript items/s per batch size, inputs prepared beforehand."""
     torch.set_num_threads(threads)
     scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    # the model exactly as the handler runs it
+    enabled = MODEL_HANDLER_OPTIONS.get(model, {}).get("optimize_for_inference", False)
+    scripted = optimise_for_device(scripted, torch.device("cpu"), enabled)
     rates = {}
     with torch.inference_mode():
         for size in BATCH_SIZES:
