@@ -36,7 +36,7 @@ class ArchiveError(RuntimeError):
 
 def required_files(artifacts: Path, model: str) -> list[Path]:
     files = [artifacts / model / name for name in ("model.pt", "index_to_name.json", "preprocessing.json")]
-    if model != "image":
+    if model_kind(model) != "image":
         files.append(artifacts / model / "tokenizer")
     return files
 
@@ -65,17 +65,25 @@ def stage(model: str, artifacts: Path, folder: Path, model_config: dict) -> None
     (folder / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
 
 
+def model_kind(model: str) -> str:
+    """`text_int8` -> `text`: a variant is served by its model's handler."""
+    kind = model.removesuffix("_int8")
+    if kind not in MODELS or (model != kind and kind == "image"):
+        raise ArchiveError(f"unknown model {model!r}; choose from {', '.join(MODELS)}, "
+                           "text_int8 or combined_int8")
+    return kind
+
+
 def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
                   model_config: dict | None = None, version: str = "1.0") -> Path:
-    if model not in MODELS:
-        raise ArchiveError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    kind = model_kind(model)
     artifacts, store = check_inside(artifacts, root), store.resolve()
     if store != root and root not in store.parents:
         raise ArchiveError(f"model store {store} is outside the project folder {root}")
     for path in required_files(artifacts, model):
         check_inside(path, root)
     config = model_config or MODEL_CONFIG
-    config = config | {"handler": config.get("handler", {}) | MODEL_HANDLER_OPTIONS.get(model, {})}
+    config = config | {"handler": config.get("handler", {}) | MODEL_HANDLER_OPTIONS.get(kind, {})}
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as temporary:
         extra = Path(temporary) / "extra"
@@ -84,7 +92,7 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
             shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
             "--model-name", model, "--version", version,
             "--serialized-file", str(artifacts / model / "model.pt"),
-            "--handler", str(ROOT / "handlers" / f"{model}_handler.py"),
+            "--handler", str(ROOT / "handlers" / f"{kind}_handler.py"),
             "--extra-files", str(extra),
             "--config-file", str(extra / "model-config.yaml"),
             "--requirements-file", str(extra / "requirements.txt"),
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--model", nargs="+", default=list(MODELS),
+                        help="image, text, combined (default: all three), text_int8, combined_int8")
     parser.add_argument("--batch-size", type=int, default=MODEL_CONFIG["batchSize"])
     parser.add_argument("--max-batch-delay", type=int, default=MODEL_CONFIG["maxBatchDelay"])
     parser.add_argument("--workers", type=int, default=MODEL_CONFIG["minWorkers"])

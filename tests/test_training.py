@@ -126,3 +126,22 @@ def test_finetuning_the_last_stage_trains_only_it(trained, tmp_path):
     assert torch.equal(network._blocks[0]._depthwise_conv.weight, start._blocks[0]._depthwise_conv.weight)
     assert not torch.equal(network._blocks[-1]._project_conv.weight, start._blocks[-1]._project_conv.weight)
     assert not torch.equal(tuned.head[-1].weight, fresh.head[-1].weight)
+
+
+def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
+    from handlers.processing import tokenize
+    from training.text_encoder import load_tokenizer
+
+    result = export(trained["paths"]["text"], trained["data_dir"], tmp_path, int8=True)
+    assert result["max_abs_diff"] <= 1e-4  # the TorchScript equals the quantised eager model
+    assert abs(result["int8_test_accuracy"] - result["fp32_test_accuracy"]) <= 0.15
+    settings = json.loads((tmp_path / "text_int8" / "preprocessing.json").read_text())
+    assert settings["int8_text_encoder"] is True
+    quantised = torch.jit.load(str(tmp_path / "text_int8" / "model.pt"), map_location="cpu")
+    eager, _ = load_checkpoint(trained["paths"]["text"])
+    texts = list(CleanData.load(trained["data_dir"]).samples("text", "test")["text"][:24])
+    ids, mask = tokenize(load_tokenizer("minilm"), texts, 32)
+    with torch.inference_mode():
+        plain, small = torch.softmax(eager(ids, mask), 1), torch.softmax(quantised(ids, mask), 1)
+    assert (plain - small).abs().mean() < 0.05
+    assert (plain.argmax(1) == small.argmax(1)).float().mean() >= 0.75

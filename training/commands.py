@@ -54,7 +54,8 @@ def _export(args: argparse.Namespace) -> None:
     from training.export import export
 
     for model in args.model:
-        result = export(Path(args.checkpoint_dir) / model / "best.pt", args.data_dir, args.artifacts_dir)
+        result = export(Path(args.checkpoint_dir) / model / "best.pt", args.data_dir, args.artifacts_dir,
+                        int8=args.int8)
         print(json.dumps(result))
 
 
@@ -84,4 +85,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             command.add_argument("--device", default="auto")
         else:
             command.add_argument("--artifacts-dir", default="artifacts")
+            command.add_argument("--int8", action="store_true",
+                                 help="also quantise the text encoder to int8 (into <model>_int8/; "
+                                      "reports the test accuracy before and after)")
         command.set_defaults(run=run)

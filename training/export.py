@@ -101,19 +101,52 @@ def check_fresh_process(model_path: Path, batches: list[tuple], expected: list[t
                           f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
 
 
-def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path) -> dict:
-    """Write artifacts/<model>/: model.pt, index_to_name.json, preprocessing.json, tokenizer/."""
+def quantise_text_encoder(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """Dynamic int8 quantisation of the text encoder's linear layers (an opt-in CPU variant)."""
+    text_model = model if kind == "text" else model.text_model
+    text_model.encoder = torch.ao.quantization.quantize_dynamic(
+        text_model.encoder, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+@torch.inference_mode()
+def split_accuracy(model, config: TrainConfig, data: CleanData, tokenizer) -> float:
+    """Accuracy on the test split through the whole model (no cached features)."""
+    samples = data.samples(config.model, "test")
+    correct = 0
+    for start in range(0, len(samples), 32):
+        chosen = samples.iloc[start:start + 32]
+        inputs = []
+        if config.model != "text":
+            inputs.append(torch.stack([load_model_image(data.image_path(i), config.image_size)
+                                       for i in chosen["id"]]))
+        inputs += list(tokenize(tokenizer, list(chosen["text"]), config.max_length))
+        predictions = model(*inputs).argmax(1)
+        correct += int((predictions == torch.tensor(chosen["label"].to_numpy())).sum())
+    return correct / max(len(samples), 1)
+
+
+def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: bool = False) -> dict:
+    """Write artifacts/<model>/ (or <model>_int8/ with the text encoder quantised): model.pt,
+    index_to_name.json, preprocessing.json, tokenizer/."""
     model, checkpoint = load_checkpoint(checkpoint_path)
     config = TrainConfig(**checkpoint["config"])
+    if int8 and config.model == "image":
+        raise ValueError("--int8 quantises the text encoder: use it with the text or combined model")
     data = CleanData.load(Path(data_dir))
     tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
+    result = {"model": config.model}
+    if int8:
+        result["fp32_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
+        model = quantise_text_encoder(model, config.model)
+        result["int8_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
     batches = example_batches(config, data, tokenizer)
     with torch.inference_mode(), warnings.catch_warnings():
         # Shape-derived constants (e.g. 'same' padding for the fixed image size) are intended.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         scripted = torch.jit.trace(model, batches[1], check_trace=False)
     worst = check_parity(model, scripted, batches)
-    out = Path(artifacts_dir) / config.model
+    out = Path(artifacts_dir) / (config.model + ("_int8" if int8 else ""))
     out.mkdir(parents=True, exist_ok=True)
     temporary = out / "model.pt.partial"
     scripted.save(str(temporary))
@@ -124,7 +157,8 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path) -> dict:
     write_index_to_name(checkpoint["index_to_name"], out / "index_to_name.json")
     settings = preprocessing_settings(config, model)
     settings["num_classes"] = len(checkpoint["index_to_name"])
+    settings["int8_text_encoder"] = int8
     (out / "preprocessing.json").write_text(json.dumps(settings, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "tokenizer"))
-    return {"model": config.model, "path": str(out / "model.pt"), "max_abs_diff": worst}
+    return result | {"path": str(out / "model.pt"), "max_abs_diff": worst}
