@@ -83,6 +83,8 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
         raise ServeError(f"torchserve --start failed: {said.strip()[-400:]}")
     key_file = None if disable_token_auth else state_dir / "key_file.json"
     wait_ready(properties, key_file, timeout, state_dir)
+    if key_file is not None:
+        key_file.chmod(0o600)  # the tokens are secrets: readable by this user only
     return {"inference": properties["inference_address"], "management": properties["management_address"],
             "grpc": f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
                     f"{properties.get('grpc_inference_port', '7070')}",

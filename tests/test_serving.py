@@ -192,3 +192,24 @@ def test_client_cli_prints_the_answer_or_one_error_line(server, tmp_path):
                              text=True, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == ["error: HTTP 400: text is empty"]
+
+
+def test_oversized_requests_are_refused_and_the_server_stays_healthy(server):
+    properties = server["properties"]
+    headers = {"Authorization": f"Bearer {server['token']}", "Content-Type": "image/jpeg"}
+    limit = int(properties["max_request_size"])
+    response = requests.post(f"{properties['inference_address']}/predictions/image",
+                             data=b"\xff\xd8\xff" + bytes(limit + 1024), headers=headers, timeout=60)
+    assert response.status_code == 413
+    ping = requests.get(f"{properties['inference_address']}/ping", headers=headers, timeout=10)
+    assert ping.json()["status"] == "Healthy"
+    answer = rest_predict(properties["inference_address"], "image", photo(), {}, 3, server["token"])
+    assert answer["category"]
+
+
+def test_wrong_token_is_refused_and_the_key_file_is_private(server):
+    response = requests.post(f"{server['properties']['inference_address']}/predictions/text",
+                             data=b"kettle", timeout=30,
+                             headers={"Content-Type": "text/plain", "Authorization": "Bearer nope"})
+    assert 400 <= response.status_code < 500 and "Token Authorization failed" in response.text
+    assert (server["state"] / "key_file.json").stat().st_mode & 0o077 == 0
