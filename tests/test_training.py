@@ -145,3 +145,38 @@ def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
         plain, small = torch.softmax(eager(ids, mask), 1), torch.softmax(quantised(ids, mask), 1)
     assert (plain - small).abs().mean() < 0.05
     assert (plain.argmax(1) == small.argmax(1)).float().mean() >= 0.75
+
+
+def test_interrupted_training_leaves_whole_checkpoints_and_resumes_exactly(trained, tmp_path):
+    import signal
+    import time
+
+    config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path / "interrupted"),
+                     runs_dir=str(tmp_path / "runs"), batch_size=4, epochs=100_000, patience=0)
+    last = tmp_path / "interrupted" / "image" / "last.pt"
+    command = [sys.executable, "-m", "training", "train", "--model", "image",
+               "--data-dir", config.data_dir, "--image-backbone", "efficientnet_lite0",
+               "--image-weights", "none", "--image-size", "64", "--epochs", "100000",
+               "--batch-size", "4", "--lr", str(config.lr), "--seed", str(config.seed),
+               "--checkpoint-dir", config.checkpoint_dir, "--runs-dir", config.runs_dir,
+               "--cache-dir", config.cache_dir]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["progress"]["epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "rerun with --resume" in stderr.strip().splitlines()[-1]
+    completed = torch.load(last, weights_only=False)["progress"]["epoch"]
+    load_checkpoint(tmp_path / "interrupted" / "image" / "best.pt")  # whole and loadable
+    load_checkpoint(last)
+
+    total = completed + 2
+    resumed = train(replace(config, epochs=total, resume=True))
+    straight = train(replace(config, epochs=total, checkpoint_dir=str(tmp_path / "straight")))
+    resumed_history = torch.load(resumed, weights_only=False)["history"]
+    assert [row["epoch"] for row in resumed_history] == list(range(1, total + 1))
+    assert resumed_history == torch.load(straight, weights_only=False)["history"]

@@ -84,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from training.commands import Interrupted
+
     try:
         args.run(args)
+    except Interrupted as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 130
     except (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from dataclasses import fields
 from pathlib import Path
 
@@ -36,7 +37,23 @@ def _train(args: argparse.Namespace) -> None:
 
     names = {field.name for field in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    print(f"best checkpoint: {train(config)}")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C
+    try:
+        print(f"best checkpoint: {train(config)}")
+    except KeyboardInterrupt as error:
+        last = Path(config.checkpoint_dir) / config.model / "last.pt"
+        raise Interrupted(f"interrupted; the last complete epoch is in {last}: rerun with --resume") \
+            from error
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C or SIGTERM; checkpoints are whole."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -64,6 +81,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--model", choices=("image", "text", "combined"), required=True)
     train.add_argument("--data-dir", required=True, help="cleaned and split folder")
     train.add_argument("--finetune-encoder", action="store_true", help="train the text encoder too")
+    train.add_argument("--resume", action="store_true",
+                       help="continue after the last complete epoch (checkpoints/<model>/last.pt)")
     defaults = TrainConfig()
     for name, text in TRAIN_OPTIONS.items():
         default = getattr(defaults, name)

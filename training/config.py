@@ -28,6 +28,7 @@ class TrainConfig:
     finetune_encoder: bool = False
     feature_batch_size: int = 32
     num_workers: int = 0
+    resume: bool = False  # continue from checkpoints/<model>/last.pt
     branches: dict = field(default_factory=dict)  # combined: the image and text configs
 
     @property

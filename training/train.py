@@ -156,36 +156,63 @@ def train(config: TrainConfig) -> Path:
 
 
 def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device) -> Path:
-    best_path = Path(config.checkpoint_dir) / config.model / "best.pt"
+    folder = Path(config.checkpoint_dir) / config.model
+    best_path, last_path = folder / "best.pt", folder / "last.pt"
     writer = SummaryWriter(str(Path(config.runs_dir) / config.model))
     generator = torch.Generator().manual_seed(config.seed)
-    history, best_accuracy, best_epoch = [], -1.0, 0
-    epochs = tqdm(range(1, config.epochs + 1), desc=f"training {config.model}", unit="epoch",
-                  disable=None)
+    progress = {"history": [], "best_accuracy": -1.0, "best_epoch": 0, "epoch": 0}
+    if config.resume:
+        progress = _restore(last_path, model, optimizer, generator)
+        tqdm.write(f"resuming {config.model} after epoch {progress['epoch']}")
+    history = progress["history"]
+    epochs = tqdm(range(progress["epoch"] + 1, config.epochs + 1), desc=f"training {config.model}",
+                  unit="epoch", disable=None)
     for epoch in epochs:
-        _train_mode(model, config)
-        train_loss, train_accuracy = run_epoch(task, "train", config.batch_size, optimizer,
-                                               generator, device)
-        model.eval()
-        val_loss, val_accuracy = run_epoch(task, "val", config.batch_size, device=device)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-               "val_loss": val_loss, "val_accuracy": val_accuracy}
+        if config.patience and epoch - 1 - progress["best_epoch"] >= config.patience:
+            break  # a resumed run that had already stopped early
+        row = _one_epoch(model, task, optimizer, generator, config, device, epoch)
         history.append(row)
         for name, value in row.items():
             if name != "epoch":
                 writer.add_scalar(name.replace("_", "/", 1), value, epoch)
-        tqdm.write(f"{config.model} epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.3f}"
-                   f" | val loss {val_loss:.4f} acc {val_accuracy:.3f}")
-        if val_accuracy > best_accuracy:
-            best_accuracy, best_epoch = val_accuracy, epoch
+        if row["val_accuracy"] > progress["best_accuracy"]:
+            progress.update(best_accuracy=row["val_accuracy"], best_epoch=epoch)
             save_checkpoint(best_path, model, config, history=history, best_epoch=epoch,
-                            best_val_accuracy=val_accuracy, index_to_name=data.index_to_name)
-        if config.patience and epoch - best_epoch >= config.patience:
+                            best_val_accuracy=row["val_accuracy"], index_to_name=data.index_to_name)
+        progress["epoch"] = epoch
+        save_checkpoint(last_path, model, config, optimizer=optimizer.state_dict(),
+                        generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                        progress=progress, index_to_name=data.index_to_name)
+        if config.patience and epoch - progress["best_epoch"] >= config.patience:
             tqdm.write(f"early stop: no better validation accuracy for {config.patience} epochs")
             break
     writer.close()
     _store_full_history(best_path, history)
     return best_path
+
+
+def _one_epoch(model, task, optimizer, generator, config: TrainConfig, device, epoch: int) -> dict:
+    _train_mode(model, config)
+    train_loss, train_accuracy = run_epoch(task, "train", config.batch_size, optimizer, generator,
+                                           device)
+    model.eval()
+    val_loss, val_accuracy = run_epoch(task, "val", config.batch_size, device=device)
+    tqdm.write(f"{config.model} epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.3f}"
+               f" | val loss {val_loss:.4f} acc {val_accuracy:.3f}")
+    return {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+            "val_loss": val_loss, "val_accuracy": val_accuracy}
+
+
+def _restore(last_path: Path, model, optimizer, generator) -> dict:
+    """Model, optimiser and random states after the last complete epoch."""
+    if not last_path.exists():
+        raise FileNotFoundError(f"--resume: {last_path} not found (no epoch of this run completed)")
+    state = torch.load(last_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["state_dict"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["progress"]
 
 
 def _store_full_history(path: Path, history: list[dict]) -> None:
