@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,7 +99,9 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
             "--requirements-file", str(extra / "requirements.txt"),
             "--export-path", str(store), "--force",
         ]
-        result = subprocess.run(command, capture_output=True, text=True)
+        # the archiver stages in $TMPDIR/<model name>: a private TMPDIR keeps parallel builds apart
+        result = subprocess.run(command, capture_output=True, text=True,
+                                env=os.environ | {"TMPDIR": temporary})
     if result.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed for {model}: {result.stderr.strip()[-500:]}")
     return store / f"{model}.mar"
