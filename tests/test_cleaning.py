@@ -137,3 +137,32 @@ def test_output_inside_input_is_refused(tmp_path):
     generate(tmp_path / "raw", SampleConfig(products=3, seed=0))
     with pytest.raises(ValueError, match="outside the input"):
         clean(tmp_path / "raw", tmp_path / "raw" / "clean")
+
+
+def test_interrupted_cleaning_resumes_without_redoing_work_or_leaving_bad_images(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    generate(raw, SampleConfig(products=600, seed=9))
+    process = subprocess.Popen([sys.executable, "-m", "training", "clean", "--data-dir", str(raw),
+                                "--out", str(out), "--image-size", "64", "--workers", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "images").exists() and len(list((out / "images").iterdir())) >= 150:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    finished = len(json.loads((out / "images_manifest.json").read_text()))
+    assert finished >= 150
+
+    report = clean(raw, out, size=64, workers=1)
+    assert report.images_reused == finished  # nothing finished was redone
+    assert check_clean_images(out, 64) == []
+    assert not list((out / "images").glob("*.partial"))

@@ -25,6 +25,7 @@ from training.categories import ROOT_CATEGORIES, build_index_to_name, root_categ
 PRODUCT_COLUMNS = ["id", "product_name", "category", "product_description", "price", "location"]
 IMAGE_COLUMNS = ["id", "product_id", "bucket_link", "image_ref", "create_time"]
 MANIFEST = "images_manifest.json"
+MANIFEST_EVERY = 100  # photos between saves of the manifest of finished work
 
 
 @dataclass
@@ -207,39 +208,44 @@ def clean_images(images: pd.DataFrame, products: pd.DataFrame, data_dir: Path, o
         else:
             manifest.pop(image_id, None)
             jobs.append(ImageJob(image_id, str(source), str(target), size))
-    failures = _run_jobs(jobs, workers)
+    failures: dict[str, str] = {}
+
+    def record(job: ImageJob, reason: str | None) -> None:
+        if reason is None:
+            manifest[job.image_id] = _source_stamp(Path(job.source), size)
+        else:
+            failures[job.image_id] = reason
+        if (len(manifest) + len(failures)) % MANIFEST_EVERY == 0:
+            _write_manifest(out / MANIFEST, manifest)
+
+    try:
+        _run_jobs(jobs, workers, record)
+    finally:  # what finished is kept, even when interrupted, so a rerun does not redo it
+        _write_manifest(out / MANIFEST, manifest)
     for job in jobs:
         if job.image_id in failures:
             report.dropped_images.append({"id": job.image_id, "reason": failures[job.image_id]})
-        else:
-            manifest[job.image_id] = _source_stamp(Path(job.source), size)
-    _write_manifest(out / MANIFEST, manifest)
     kept = images[~images["id"].isin(failures)].reset_index(drop=True)
     report.images_out, report.images_reused = len(kept), len(reused)
     return kept
 
 
-def _run_jobs(jobs: list[ImageJob], workers: int) -> dict[str, str]:
-    failures: dict[str, str] = {}
+def _run_jobs(jobs: list[ImageJob], workers: int, record) -> None:
+    """Clean the photos of `jobs`, calling `record(job, reason or None)` as each finishes."""
     if not jobs:
-        return failures
-    progress = tqdm(total=len(jobs), desc="cleaning images", unit="img", disable=None)
-    if workers <= 1:
-        results = map(clean_one_image, jobs)
-        for job, reason in zip(jobs, results, strict=True):
-            _record(failures, job, reason, progress)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for job, reason in zip(jobs, pool.map(clean_one_image, jobs, chunksize=16), strict=True):
-                _record(failures, job, reason, progress)
-    progress.close()
-    return failures
-
-
-def _record(failures: dict, job: ImageJob, reason: str | None, progress: tqdm) -> None:
-    if reason is not None:
-        failures[job.image_id] = reason
-    progress.update()
+        return
+    with tqdm(total=len(jobs), desc="cleaning images", unit="img", disable=None) as progress:
+        if workers <= 1:
+            results = map(clean_one_image, jobs)
+            for job, reason in zip(jobs, results, strict=True):
+                record(job, reason)
+                progress.update()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                results = pool.map(clean_one_image, jobs, chunksize=16)
+                for job, reason in zip(jobs, results, strict=True):
+                    record(job, reason)
+                    progress.update()
 
 
 def _source_stamp(source: Path, size: int) -> list | None:

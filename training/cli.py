@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as error:
         print(f"error: {error}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work is kept, rerun the command to continue",
+              file=sys.stderr)
+        return 130
     except (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
