@@ -62,7 +62,7 @@ def _fields(request: dict, content_type: str) -> dict:
     body = next((request[key] for key in BODY_KEYS if request.get(key) is not None), None)
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise InputError("empty request body")
-    if isinstance(body, (dict, list)):
+    if not isinstance(body, (bytes, bytearray, str)):  # JSON the server already decoded
         return _json_object(body)
     if isinstance(body, str):
         body = body.encode("utf-8")

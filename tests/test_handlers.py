@@ -55,6 +55,8 @@ def test_text_arrives_plain_as_json_or_as_name_and_description():
     ({"body": b"{\"text\": "}, "application/json", {"text"}, "not valid JSON"),
     ({"body": b"[" * 100000}, "application/json", {"text"}, "nested too deeply"),
     ({"body": {"text": 5}}, "application/json", {"text"}, "must be a string"),
+    ({"body": -1}, "application/json", {"image"}, "must be an object"),
+    ({"body": 0.0}, None, {"image"}, "must be an object"),
     ({"body": {"colour": "red"}}, "application/json", {"text"}, "unknown field"),
     ({"body": {"image": "%%%"}}, "application/json", {"image"}, "not valid base64"),
     ({"body": {"text": "a", "top_k": 99}}, "application/json", {"text"}, "from 1 to 13"),

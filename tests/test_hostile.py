@@ -3,6 +3,7 @@ a 4xx and a readable message; no exception escapes."""
 
 import io
 import json
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,7 +40,8 @@ def ends_well(call) -> None:
         assert str(error) and 400 <= error.status < 500
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 300)), deadline=None,
+          derandomize=os.environ.get("FUZZ_EXAMPLES") is None)  # reproducible in CI
 @given(requests, CONTENT_TYPES, st.sampled_from(NEEDS))
 def test_parser_answers_or_names_the_problem(request, content_type, needs):
     ends_well(lambda: parse_request(request, content_type, needs, 13))
@@ -63,7 +65,8 @@ def png_header_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=2000), st.integers(1, 60_000), st.integers(1, 60_000))
 def test_image_handler_never_lets_an_exception_escape(handlers_in_process, noise, width, height):
     handler = handlers_in_process["image"]

@@ -213,3 +213,92 @@ def test_wrong_token_is_refused_and_the_key_file_is_private(server):
                              headers={"Content-Type": "text/plain", "Authorization": "Bearer nope"})
     assert 400 <= response.status_code < 500 and "Token Authorization failed" in response.text
     assert (server["state"] / "key_file.json").stat().st_mode & 0o077 == 0
+
+
+# ---------------------------------------------------------------- faults (these run last: they
+# kill a worker and restart the server)
+def model_workers(server, model: str) -> list[dict]:
+    token = serve.read_key(server["state"] / "key_file.json", "management")
+    url = f"{server['properties']['management_address']}/models/{model}"
+    return requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10).json()[0]["workers"]
+
+
+def test_a_killed_worker_is_restarted_and_no_request_hangs(server):
+    import os
+    import signal
+    import time
+
+    old_pid = model_workers(server, "text")[0]["pid"]
+    url = f"{server['properties']['inference_address']}/predictions/text"
+    headers = {"Authorization": f"Bearer {server['token']}", "Content-Type": "text/plain"}
+    timeout = MODEL_CONFIG["responseTimeout"] + 60
+
+    def send(index: int):
+        time.sleep(index * 0.05)
+        try:
+            return requests.post(url, data=f"kettle {index}".encode(), headers=headers,
+                                 timeout=timeout).status_code
+        except requests.RequestException as error:
+            return type(error).__name__
+
+    with ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(send, i) for i in range(40)]
+        time.sleep(0.3)
+        os.kill(old_pid, signal.SIGKILL)
+        outcomes = [future.result() for future in pending]  # every request ends: none hangs
+    assert all(outcome == 200 or isinstance(outcome, int) and outcome >= 500 for outcome in outcomes)
+    started = time.monotonic()
+    while time.monotonic() - started < 180:
+        workers = model_workers(server, "text")
+        if workers and workers[0]["status"] == "READY" and workers[0]["pid"] != old_pid:
+            break
+        time.sleep(1)
+    assert workers[0]["pid"] != old_pid and workers[0]["status"] == "READY"
+    resumed = requests.post(url, data=b"kettle", headers=headers, timeout=timeout)
+    assert resumed.status_code == 200 and resumed.json()["category"]
+    print(f"killed worker: {outcomes.count(200)}/40 answered, "
+          f"answers resumed {time.monotonic() - started:.1f}s after the batch ended")
+
+
+def test_stop_and_start_under_load_refuses_but_never_answers_wrong(server):
+    import hashlib
+    import threading
+    import time
+
+    store = server["artifacts"].parent / "model_store"
+    files = sorted(store.glob("*.mar")) + [server["state"].parent / "config.properties"]
+    before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+    text = "oak dining table"
+    expected = in_process(server["artifacts"], "text", None, text)
+    url = f"{server['properties']['inference_address']}/predictions/text"
+    outcomes, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set() and len(outcomes) < 2000:
+            try:
+                token = serve.read_key(server["state"] / "key_file.json")
+                response = requests.post(url, data=text.encode(), timeout=30, headers={
+                    "Authorization": f"Bearer {token}", "Content-Type": "text/plain"})
+                outcomes.append(("answer", response.status_code, response.content))
+            except (requests.ConnectionError, serve.ServeError, ValueError, KeyError):
+                outcomes.append(("refused", None, b""))
+                time.sleep(0.1)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(1)
+        serve.stop(server["state"])
+        time.sleep(1)
+        serve.start(server["state"].parent / "config.properties", store, server["state"], timeout=300)
+        server["token"] = serve.read_key(server["state"] / "key_file.json")
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert any(kind == "refused" for kind, _, _ in outcomes)
+    answered = [json.loads(body) for kind, code, body in outcomes if kind == "answer" and code == 200]
+    assert answered
+    for answer in answered:
+        assert (as_vector(answer, server["artifacts"], "text") - expected).abs().max() <= 1e-4
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in files} == before
