@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SAMPLE_PRODUCTS ?= 800
 DEMO_DIR ?= data/demo
 
-.PHONY: install demo test bench lint check-java clean-demo
+.PHONY: install demo test bench soak lint check-java clean-demo
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; Python 3.11 is required" >&2; exit 1; }
@@ -30,6 +30,9 @@ test: install
 
 bench: install
 	$(PY) scripts/bench.py
+
+soak: install
+	$(PY) scripts/soak.py --minutes $(or $(SOAK_MINUTES),10)
 
 lint: install
 	$(VENV)/bin/ruff check .

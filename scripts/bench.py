@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -147,10 +148,10 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
     return timed_rate(one, 1, seconds, 500)
 
 
-def served(models: list[str], artifacts: Path, model_config: dict, requests_per_run: int,
-           concurrencies: tuple[int, ...], max_seconds: float) -> dict:
-    """A real TorchServe from the project's config (free of other servers), driven over REST."""
-    results: dict = {}
+@contextmanager
+def temporary_server(artifacts: Path, models: list[str], model_config: dict):
+    """A TorchServe from the project's config.properties serving fresh archives of `models`;
+    yields (properties, state folder) and stops the server whatever happens."""
     project = artifacts.resolve().parent  # the archive builder keeps to the artifacts' project
     with tempfile.TemporaryDirectory(dir=project) as folder:
         store, state = Path(folder) / "model_store", Path(folder) / "state"
@@ -160,21 +161,28 @@ def served(models: list[str], artifacts: Path, model_config: dict, requests_per_
         lines = [line for line in (ROOT / "config.properties").read_text().splitlines()
                  if not line.startswith("load_models=")]
         config.write_text("\n".join(lines + [f"load_models={','.join(m + '.mar' for m in models)}"]) + "\n")
-        properties = serve.read_properties(config)
         try:
             serve.start(config, store, state, timeout=300)
-            token = serve.read_key(state / "key_file.json")
-            for model in models:
-                rng = random.Random(1)
-                distinct = [make_request(model, rng) for _ in range(16)]
-                url = f"{properties['inference_address']}/predictions/{model}"
-                for concurrency in concurrencies:
-                    payloads = [distinct[i % 16] for i in range(max(requests_per_run, concurrency))]
-                    run_load(url, token, payloads[:concurrency], concurrency, max_seconds)  # warm-up
-                    results.setdefault(model, {})[concurrency] = run_load(
-                        url, token, payloads, concurrency, max_seconds)
+            yield serve.read_properties(config), state
         finally:
             serve.stop(state)
+
+
+def served(models: list[str], artifacts: Path, model_config: dict, requests_per_run: int,
+           concurrencies: tuple[int, ...], max_seconds: float) -> dict:
+    """Served throughput and latency per model and concurrency, over REST."""
+    results: dict = {}
+    with temporary_server(artifacts, models, model_config) as (properties, state):
+        token = serve.read_key(state / "key_file.json")
+        for model in models:
+            rng = random.Random(1)
+            distinct = [make_request(model, rng) for _ in range(16)]
+            url = f"{properties['inference_address']}/predictions/{model}"
+            for concurrency in concurrencies:
+                payloads = [distinct[i % 16] for i in range(max(requests_per_run, concurrency))]
+                run_load(url, token, payloads[:concurrency], concurrency, max_seconds)  # warm-up
+                results.setdefault(model, {})[concurrency] = run_load(
+                    url, token, payloads, concurrency, max_seconds)
     return results
 
 
