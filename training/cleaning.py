@@ -133,8 +133,13 @@ def clean_products(raw: pd.DataFrame, report: CleaningReport) -> pd.DataFrame:
     if missing_description:
         report.notes.append(f"{missing_description} products have no description "
                             "(kept: the name still describes them)")
-    frame["product_name"] = frame["product_name"].map(strip_name_boilerplate)
-    frame["product_description"] = frame["product_description"].map(strip_description_boilerplate)
+    names = frame["product_name"].map(strip_name_boilerplate)
+    descriptions = frame["product_description"].map(strip_description_boilerplate)
+    report.notes.append(
+        f"site boilerplate removed from {int((names != frame['product_name']).sum())} names and "
+        f"{int(frame['product_description'].str.contains('Posted by', case=False).sum())} descriptions "
+        "(it names the category)")
+    frame["product_name"], frame["product_description"] = names, descriptions
     empty = (frame["product_name"] == "") & (frame["product_description"] == "")
     _drop(frame, empty, "no name and no description left", report.dropped_products)
     frame = frame[~empty]
