@@ -55,6 +55,16 @@ def make_request(model: str, rng: random.Random) -> dict:
             "data": {"text": sample_text(rng)}, "headers": {}}
 
 
+def post_payload(url: str, headers: dict, payload: dict) -> bool:
+    """Send one prepared request (see make_request); True when it was answered with 200."""
+    extra = {key: value for key, value in payload.items() if key != "headers"}
+    try:
+        return requests.post(url, headers=headers | payload["headers"], timeout=120,
+                             **extra).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def run_load(url: str, token: str | None, payloads: list[dict], concurrency: int,
              max_seconds: float) -> dict:
     latencies, errors, lock = [], 0, threading.Lock()
@@ -66,12 +76,7 @@ def run_load(url: str, token: str | None, payloads: list[dict], concurrency: int
         if time.monotonic() > deadline:
             return
         started = time.perf_counter()
-        extra = {k: v for k, v in payload.items() if k != "headers"}
-        try:
-            ok = requests.post(url, headers=session_headers | payload["headers"], timeout=120,
-                               **extra).status_code == 200
-        except requests.RequestException:
-            ok = False
+        ok = post_payload(url, session_headers, payload)
         with lock:
             latencies.append(time.perf_counter() - started)
             errors += not ok

@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve  # noqa: E402
 from archive import MODEL_CONFIG  # noqa: E402
 from bench import temporary_server  # noqa: E402
-from load import make_request  # noqa: E402
+from load import make_request, post_payload  # noqa: E402
 
 ROOT = serve.ROOT
 MODELS = ("image", "text", "combined")
 DEFAULT_RATE = 5.0  # requests/s per model when no benchmark report exists
+MAX_IN_FLIGHT = 32  # per model; beyond it a request counts as an error, so the run stays bounded
 
 
 def target_rates(benchmark: Path, share: float) -> dict[str, float]:
@@ -40,7 +41,7 @@ def target_rates(benchmark: Path, share: float) -> dict[str, float]:
 
 class Recorder:
     def __init__(self):
-        self.lock, self.rows = threading.Lock(), []
+        self.lock, self.rows, self.shed = threading.Lock(), [], 0
 
     def add(self, model: str, started: float, latency: float, ok: bool) -> None:
         with self.lock:
@@ -54,20 +55,24 @@ def drive(url: str, token: str, model: str, rate: float, until: float, recorder:
     payloads = [make_request(model, rng) for _ in range(16)]
     headers = {"Authorization": f"Bearer {token}"}
 
+    in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+
     def one(payload: dict) -> None:
         started = time.monotonic()
-        extra = {key: value for key, value in payload.items() if key != "headers"}
         try:
-            ok = requests.post(url, headers=headers | payload["headers"], timeout=120,
-                               **extra).status_code == 200
-        except requests.RequestException:
-            ok = False
+            ok = post_payload(url, headers, payload)
+        finally:
+            in_flight.release()
         recorder.add(model, started, time.monotonic() - started, ok)
 
     next_send, index = time.monotonic(), 0
     while next_send < until:
         time.sleep(max(0.0, next_send - time.monotonic()))
-        pool.submit(one, payloads[index % len(payloads)])
+        if in_flight.acquire(blocking=False):
+            pool.submit(one, payloads[index % len(payloads)])
+        else:  # the server is behind: count the request as failed rather than queue without end
+            recorder.add(model, next_send, 0.0, False)
+            recorder.shed += 1
         index += 1
         next_send += 1 / rate
 
@@ -135,14 +140,15 @@ def soak(artifacts: Path, minutes: float, rates: dict[str, float]) -> dict:
         memory_end = worker_memory(properties, state)
     rows = recorder.rows
     return {"minutes": minutes, "target_rates": rates, "requests": len(rows),
-            "errors": sum(not ok for *_, ok in rows),
+            "errors": sum(not ok for *_, ok in rows), "shed_by_client": recorder.shed,
             "per_minute": per_minute(rows, start, int(minutes + 0.999)),
             "worker_memory_start": memory_start, "worker_memory_end": memory_end,
             "ping_checks": len(pings), "ping_always_healthy": all(pings) and bool(pings)}
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Soak: {report['minutes']} min, {report['requests']} requests, {report['errors']} errors, "
+    lines = [f"Soak: {report['minutes']} min, {report['requests']} requests, {report['errors']} errors "
+             f"({report['shed_by_client']} of them not sent: over {MAX_IN_FLIGHT} in flight), "
              f"/ping healthy in {'all' if report['ping_always_healthy'] else 'not all'} of "
              f"{report['ping_checks']} checks.", "",
              "| model | target req/s | worker RSS start -> end (MB) | requests per minute "
