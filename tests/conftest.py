@@ -87,6 +87,11 @@ class FakeContext:
         self.statuses[idx] = (code, phrase)
 
 
+def handler_dir(handler) -> Path:
+    """The model folder an in-process handler was initialised from."""
+    return Path(handler.model_pt_path).parent
+
+
 @pytest.fixture(scope="session")
 def handlers_in_process(artifacts) -> dict:
     """An initialised handler per model, exactly as a TorchServe worker builds it."""

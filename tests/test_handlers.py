@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from PIL import Image
 
 from handlers.payloads import parse_request
 from handlers.processing import InputError
-from tests.conftest import FakeContext
+from tests.conftest import FakeContext, handler_dir
 
 NAMES = 13
 
@@ -127,7 +126,3 @@ def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifa
     names = json.loads((artifacts / "image" / "index_to_name.json").read_text())
     served = torch.tensor([answer["probabilities"][names[str(i)]] for i in range(13)])
     assert (served - expected).abs().max() <= 1e-4
-
-
-def handler_dir(handler) -> Path:
-    return Path(handler.model_pt_path).parent

@@ -11,7 +11,7 @@ from PIL import Image
 
 from handlers.payloads import parse_request
 from handlers.processing import InputError
-from tests.conftest import FakeContext
+from tests.conftest import FakeContext, handler_dir
 
 NEEDS = [frozenset({"image"}), frozenset({"text"}), frozenset({"image", "text"})]
 CONTENT_TYPES = st.sampled_from([None, "", "application/json", "text/plain", "image/jpeg",
@@ -84,9 +84,3 @@ def test_image_handler_never_lets_an_exception_escape(handlers_in_process, noise
             assert 400 <= code < 500 and answer["error"]
         else:
             assert index not in context.statuses and len(answer["probabilities"]) == 13
-
-
-def handler_dir(handler):
-    from pathlib import Path
-
-    return Path(handler.model_pt_path).parent

@@ -70,11 +70,12 @@ def example_batches(config: TrainConfig, data: CleanData, tokenizer) -> list[tup
     return batches
 
 
-def check_parity(model, scripted, batches: list[tuple]) -> float:
+def check_parity(expected: list[torch.Tensor], scripted, batches: list[tuple]) -> float:
+    """Worst difference between the eager outputs `expected` and the scripted ones."""
     worst = 0.0
     with torch.inference_mode():
-        for inputs in batches:
-            worst = max(worst, (model(*inputs) - scripted(*inputs)).abs().max().item())
+        for inputs, eager in zip(batches, expected, strict=True):
+            worst = max(worst, (eager - scripted(*inputs)).abs().max().item())
     if worst > PARITY_TOLERANCE:
         shapes = [tuple(tensor.shape) for tensor in batches[-1]]
         raise ExportError(f"TorchScript differs from the eager model by {worst:.2e} "
@@ -145,14 +146,14 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         # Shape-derived constants (e.g. 'same' padding for the fixed image size) are intended.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         scripted = torch.jit.trace(model, batches[1], check_trace=False)
-    worst = check_parity(model, scripted, batches)
+    with torch.inference_mode():
+        expected = [model(*inputs) for inputs in batches]
+    worst = check_parity(expected, scripted, batches)
     out = Path(artifacts_dir) / (config.model + ("_int8" if int8 else ""))
     out.mkdir(parents=True, exist_ok=True)
     temporary = out / "model.pt.partial"
     scripted.save(str(temporary))
     os.replace(temporary, out / "model.pt")
-    with torch.inference_mode():
-        expected = [model(*inputs) for inputs in batches]
     check_fresh_process(out / "model.pt", batches, expected)
     write_index_to_name(checkpoint["index_to_name"], out / "index_to_name.json")
     settings = preprocessing_settings(config, model)

@@ -64,11 +64,9 @@ class FrozenTask:
         return t["features"][chosen].to(device), hidden, mask
 
     def logits(self, inputs: tuple) -> torch.Tensor:
-        if self.kind == "image":
-            return self.model.head(*inputs)
-        if self.kind == "text":
-            return self.model.head(*inputs)
-        return self.model.fuse(*inputs)
+        if self.kind == "combined":
+            return self.model.fuse(*inputs)
+        return self.model.head(*inputs)
 
 
 def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
