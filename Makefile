@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLE_PRODUCTS ?= 800
 DEMO_DIR ?= data/demo
+NPROC ?= 2
+MODEL ?= image
 
-.PHONY: install demo test bench soak lint check-java clean-demo
+.PHONY: install demo test bench soak lint check-java clean-demo train-ddp sample-data
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; Python 3.11 is required" >&2; exit 1; }
@@ -27,6 +29,19 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# Data-parallel training with torchrun on this machine's sample data (gloo on CPU, nccl on GPUs).
+# More machines: run the same torchrun on each with --nnodes N --node-rank R --rdzv-endpoint HOST:PORT.
+train-ddp: install sample-data
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m training train --model $(MODEL) \
+		--data-dir $(DEMO_DIR)/clean --image-backbone efficientnet_lite0 --epochs $(or $(EPOCHS),10) \
+		--checkpoint-dir checkpoints/ddp --runs-dir runs/ddp
+
+sample-data: install
+	@[ -f $(DEMO_DIR)/clean/splits.csv ] || { \
+		$(PY) -m training sample --out $(DEMO_DIR)/raw --products $(SAMPLE_PRODUCTS) --overwrite && \
+		$(PY) -m training clean --data-dir $(DEMO_DIR)/raw --out $(DEMO_DIR)/clean && \
+		$(PY) -m training split --data-dir $(DEMO_DIR)/clean --seed 0; }
 
 bench: install
 	$(PY) scripts/bench.py

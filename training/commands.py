@@ -12,7 +12,7 @@ from training.config import TrainConfig
 
 TRAIN_OPTIONS = {
     "epochs": "passes over the training split",
-    "batch_size": "samples per step",
+    "batch_size": "samples per step (under torchrun: the global batch, split over the processes)",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
     "patience": "stop after this many epochs without a better validation accuracy (0: off)",
@@ -33,13 +33,16 @@ TRAIN_OPTIONS = {
 
 
 def _train(args: argparse.Namespace) -> None:
+    from training.distributed import is_main_process
     from training.train import train
 
     names = {field.name for field in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C
     try:
-        print(f"best checkpoint: {train(config)}")
+        best_path = train(config)
+        if is_main_process():
+            print(f"best checkpoint: {best_path}")
     except KeyboardInterrupt as error:
         last = Path(config.checkpoint_dir) / config.model / "last.pt"
         raise Interrupted(f"interrupted; the last complete epoch is in {last}: rerun with --resume") \

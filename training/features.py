@@ -32,10 +32,12 @@ def file_stamps(paths: Sequence[Path]) -> list:
 def cached(cache_dir: Path | None, kind: str, parts: dict, compute) -> dict[str, torch.Tensor]:
     """Load `kind` features for `parts` from the cache, or compute and store them atomically."""
     if cache_dir is None:
+        tqdm.write(f"computing {kind} features (no cache)")
         return compute()
     path = Path(cache_dir) / f"{kind}-{cache_key(parts)}.pt"
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
+    tqdm.write(f"computing {kind} features into {path}")
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".partial")

@@ -32,12 +32,26 @@ class Batch:
     labels: torch.Tensor
 
 
+class TrainablePart(nn.Module):
+    """The part of a frozen-encoder model that trains, as one module (what DDP wraps)."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.kind == "combined":
+            return self.model.fuse(*inputs)
+        return self.model.head(*inputs)
+
+
 class FrozenTask:
-    """Cached features in memory; `logits` runs only the trainable part of the model."""
+    """Cached features in memory; `network` is only the trainable part of the model."""
 
     def __init__(self, model: nn.Module, kind: str, tensors: dict[str, torch.Tensor],
                  labels: torch.Tensor, splits: list[str], device: torch.device):
         self.model, self.kind, self.tensors, self.device = model, kind, tensors, device
+        self.network = TrainablePart(model, kind)
         self.labels = labels
         self.split_index = {name: torch.tensor([i for i, s in enumerate(splits) if s == name])
                             for name in ("train", "val", "test")}
@@ -45,10 +59,12 @@ class FrozenTask:
     def size(self, split: str) -> int:
         return len(self.split_index[split])
 
-    def batches(self, split: str, batch_size: int, generator: torch.Generator | None = None):
+    def batches(self, split: str, batch_size: int, order: list[int] | None = None,
+                train: bool = False):
+        """Batches of `split`, in `order` (positions in the split; default: all, in order)."""
         index = self.split_index[split]
-        if generator is not None:
-            index = index[torch.randperm(len(index), generator=generator)]
+        if order is not None:
+            index = index[torch.tensor(order, dtype=torch.long)]
         for start in range(0, len(index), batch_size):
             chosen = index[start:start + batch_size]
             yield Batch(self._inputs(chosen), self.labels[chosen].to(self.device))
@@ -64,9 +80,7 @@ class FrozenTask:
         return t["features"][chosen].to(device), hidden, mask
 
     def logits(self, inputs: tuple) -> torch.Tensor:
-        if self.kind == "combined":
-            return self.model.fuse(*inputs)
-        return self.model.head(*inputs)
+        return self.network(*inputs)
 
 
 def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
@@ -144,16 +158,17 @@ class RawTask:
     def __init__(self, model: nn.Module, kind: str, data: CleanData, settings: dict,
                  device: torch.device, tokenizer=None):
         self.model, self.kind, self.data, self.device = model, kind, data, device
+        self.network = model
         self.settings, self.tokenizer = settings, tokenizer
 
     def size(self, split: str) -> int:
         return len(self.data.samples(self.kind, split))
 
-    def batches(self, split: str, batch_size: int, generator: torch.Generator | None = None):
-        dataset = RawSamples(self.kind, self.data, split, self.settings["image_size"],
-                             train=generator is not None)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None,
-                            generator=generator, collate_fn=self._collate,
+    def batches(self, split: str, batch_size: int, order: list[int] | None = None,
+                train: bool = False):
+        """Batches of `split`, in `order` (positions in the split); augmented when `train`."""
+        dataset = RawSamples(self.kind, self.data, split, self.settings["image_size"], train)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=self._collate,
                             num_workers=self.settings.get("num_workers", 0))
         yield from loader
 
@@ -169,4 +184,4 @@ class RawTask:
         return Batch(tuple(inputs), labels)
 
     def logits(self, inputs: tuple) -> torch.Tensor:
-        return self.model(*inputs)
+        return self.network(*inputs)

@@ -27,6 +27,7 @@ def load_encoder(name_or_path: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar per process for a sub-second load is only noise
     source = resolve_encoder(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

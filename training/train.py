@@ -16,6 +16,16 @@ from tqdm import tqdm
 from training.backbones import build_backbone
 from training.config import TrainConfig
 from training.data import MODEL_KINDS, CleanData
+from training.distributed import (
+    ALONE,
+    Cluster,
+    eval_order,
+    join,
+    leave,
+    per_process_batch,
+    train_order,
+    wrap,
+)
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier
 from training.tasks import RawTask, frozen_task
 from training.text_encoder import load_encoder
@@ -105,6 +115,9 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
             image.backbone.last_stage().requires_grad_(True)
     if text is not None:
         text.encoder.requires_grad_(config.finetune_encoder)
+    if config.model == "combined":  # the single models' output layers are not on its path
+        image.head.requires_grad_(False)
+        text.head.classifier.requires_grad_(False)
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
@@ -117,100 +130,135 @@ def _train_mode(model: nn.Module, config: TrainConfig) -> None:
             module.eval()
 
 
-def run_epoch(task, split: str, batch_size: int, optimizer=None, generator=None,
-              device: torch.device = CPU) -> tuple[float, float]:
-    """Mean loss and accuracy over one split; updates the model when given an optimiser."""
-    total_loss, correct, seen = 0.0, 0, 0
+def run_epoch(task, split: str, batch_size: int, order: list[int] | None = None, forward=None,
+              optimizer=None, device: torch.device = CPU, cluster: Cluster = ALONE
+              ) -> tuple[float, float]:
+    """Mean loss and accuracy over one split, summed over all processes; updates the model
+    through `forward` (the DDP-wrapped network when distributed) when given an optimiser."""
+    forward = forward or task.network
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
     with torch.set_grad_enabled(optimizer is not None):
-        for batch in task.batches(split, batch_size, generator):
+        for batch in task.batches(split, batch_size, order, train=optimizer is not None):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = task.logits(batch.inputs)
+                logits = forward(*batch.inputs)
             loss = nn.functional.cross_entropy(logits.float(), batch.labels)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            total_loss += loss.item() * len(batch.labels)
-            correct += (logits.argmax(1) == batch.labels).sum().item()
-            seen += len(batch.labels)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+            count = len(batch.labels)
+            totals += torch.tensor([loss.item() * count,
+                                    (logits.argmax(1) == batch.labels).sum().item(), count])
+    loss_sum, correct, seen = cluster.sum(totals, device).tolist()
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
 def train(config: TrainConfig) -> Path:
-    """Train one model; return the path of its best-validation checkpoint."""
+    """Train one model, alone or as one of torchrun's processes; return its best checkpoint."""
     seed_everything(config.seed)
-    device = choose_device(config.device)
-    data = CleanData.load(Path(config.data_dir))
-    if config.model == "combined":
-        model = _combined_branches(config)
-    else:
-        model = build_model(config, data.num_classes)
-    model.to(device)
-    task = make_task(model, config, data, device)
-    for split in ("train", "val"):
-        if task.size(split) == 0:
-            raise ValueError(f"the {split} split has no {config.model} samples")
-    parameters = set_trainable(model, config)
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    return _fit(model, task, optimizer, config, data, device)
+    cluster, device = join(choose_device(config.device))
+    try:
+        per_process_batch(config.batch_size, cluster)
+        data = CleanData.load(Path(config.data_dir))
+        with cluster.main_first():  # rank 0 fills the feature cache, the others read it
+            model = _combined_branches(config) if config.model == "combined" else \
+                build_model(config, data.num_classes)
+            model.to(device)
+            task = make_task(model, config, data, device)
+        for split in ("train", "val"):
+            if task.size(split) == 0:
+                raise ValueError(f"the {split} split has no {config.model} samples")
+        parameters = set_trainable(model, config)
+        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        best_path = _fit(model, task, optimizer, config, data, device, cluster)
+        cluster.barrier()  # nobody returns while rank 0 is still writing checkpoints
+        return best_path
+    finally:
+        leave(cluster)
 
 
-def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device) -> Path:
+def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device,
+         cluster: Cluster) -> Path:
     folder = Path(config.checkpoint_dir) / config.model
     best_path, last_path = folder / "best.pt", folder / "last.pt"
-    writer = SummaryWriter(str(Path(config.runs_dir) / config.model))
-    generator = torch.Generator().manual_seed(config.seed)
+    writer = SummaryWriter(str(Path(config.runs_dir) / config.model)) if cluster.is_main else None
+    forward = wrap(task.network, cluster, device, sync_buffers=not config.frozen)
     progress = {"history": [], "best_accuracy": -1.0, "best_epoch": 0, "epoch": 0}
     if config.resume:
-        progress = _restore(last_path, model, optimizer, generator)
-        tqdm.write(f"resuming {config.model} after epoch {progress['epoch']}")
+        progress = _restore(last_path, model, optimizer)
+        _say(cluster, f"resuming {config.model} after epoch {progress['epoch']}")
     history = progress["history"]
     epochs = tqdm(range(progress["epoch"] + 1, config.epochs + 1), desc=f"training {config.model}",
-                  unit="epoch", disable=None)
+                  unit="epoch", disable=None if cluster.is_main else True)
     for epoch in epochs:
         if config.patience and epoch - 1 - progress["best_epoch"] >= config.patience:
             break  # a resumed run that had already stopped early
-        row = _one_epoch(model, task, optimizer, generator, config, device, epoch)
+        row, shards = _one_epoch(model, task, forward, optimizer, config, device, cluster, epoch)
         history.append(row)
-        for name, value in row.items():
-            if name != "epoch":
-                writer.add_scalar(name.replace("_", "/", 1), value, epoch)
+        progress["epoch"] = epoch
         if row["val_accuracy"] > progress["best_accuracy"]:
             progress.update(best_accuracy=row["val_accuracy"], best_epoch=epoch)
-            save_checkpoint(best_path, model, config, history=history, best_epoch=epoch,
-                            best_val_accuracy=row["val_accuracy"], index_to_name=data.index_to_name)
-        progress["epoch"] = epoch
-        save_checkpoint(last_path, model, config, optimizer=optimizer.state_dict(),
-                        generator=generator.get_state(), torch_rng=torch.get_rng_state(),
-                        progress=progress, index_to_name=data.index_to_name)
+        if cluster.is_main:
+            _record_epoch(writer, model, optimizer, config, data, row, progress, shards, cluster,
+                          best_path if progress["best_epoch"] == epoch else None, last_path)
         if config.patience and epoch - progress["best_epoch"] >= config.patience:
-            tqdm.write(f"early stop: no better validation accuracy for {config.patience} epochs")
+            _say(cluster, f"early stop: no better validation accuracy for {config.patience} epochs")
             break
-    writer.close()
-    _store_full_history(best_path, history)
+    if cluster.is_main:
+        writer.close()
+        _store_full_history(best_path, history)
     return best_path
 
 
-def _one_epoch(model, task, optimizer, generator, config: TrainConfig, device, epoch: int) -> dict:
+def _one_epoch(model, task, forward, optimizer, config: TrainConfig, device, cluster: Cluster,
+               epoch: int) -> tuple[dict, list[dict]]:
+    """One pass over this process's shard of train, then validation over all processes."""
     _train_mode(model, config)
-    train_loss, train_accuracy = run_epoch(task, "train", config.batch_size, optimizer, generator,
-                                           device)
+    order = train_order(task.size("train"), config.seed, epoch, cluster)
+    batch_size = per_process_batch(config.batch_size, cluster)
+    train_loss, train_accuracy = run_epoch(task, "train", batch_size, order, forward, optimizer,
+                                           device, cluster)
     model.eval()
-    val_loss, val_accuracy = run_epoch(task, "val", config.batch_size, device=device)
-    tqdm.write(f"{config.model} epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.3f}"
-               f" | val loss {val_loss:.4f} acc {val_accuracy:.3f}")
+    val_loss, val_accuracy = run_epoch(task, "val", batch_size, eval_order(task.size("val"), cluster),
+                                       device=device, cluster=cluster)
+    shards = cluster.gather({"rank": cluster.rank, "train_positions": order})
+    _say(cluster, f"{config.model} epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.3f}"
+                  f" | val loss {val_loss:.4f} acc {val_accuracy:.3f}")
     return {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-            "val_loss": val_loss, "val_accuracy": val_accuracy}
+            "val_loss": val_loss, "val_accuracy": val_accuracy}, shards
 
 
-def _restore(last_path: Path, model, optimizer, generator) -> dict:
-    """Model, optimiser and random states after the last complete epoch."""
+def _record_epoch(writer, model, optimizer, config: TrainConfig, data: CleanData, row: dict,
+                  progress: dict, shards: list[dict], cluster: Cluster, best_path: Path | None,
+                  last_path: Path) -> None:
+    """Rank 0 only: TensorBoard scalars, the best checkpoint when it improved, and last.pt."""
+    for name, value in row.items():
+        if name != "epoch":
+            writer.add_scalar(name.replace("_", "/", 1), value, row["epoch"])
+    processes = {"world_size": cluster.world_size, "backend": cluster.backend,
+                 "batch_size_per_process": config.batch_size // cluster.world_size,
+                 "last_epoch_shards": shards}
+    if best_path is not None:
+        save_checkpoint(best_path, model, config, history=progress["history"],
+                        best_epoch=row["epoch"], best_val_accuracy=row["val_accuracy"],
+                        index_to_name=data.index_to_name, processes=processes)
+    save_checkpoint(last_path, model, config, optimizer=optimizer.state_dict(),
+                    torch_rng=torch.get_rng_state(), progress=progress,
+                    index_to_name=data.index_to_name, processes=processes)
+
+
+def _say(cluster: Cluster, line: str) -> None:
+    if cluster.is_main:
+        tqdm.write(line)
+
+
+def _restore(last_path: Path, model, optimizer) -> dict:
+    """Model, optimiser and random state after the last complete epoch."""
     if not last_path.exists():
         raise FileNotFoundError(f"--resume: {last_path} not found (no epoch of this run completed)")
     state = torch.load(last_path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return state["progress"]
 
