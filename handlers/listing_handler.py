@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.payloads import Listing, parse_request
+from handlers.payloads import Listing
 from handlers.processing import (
     DEFAULT_MAX_PIXELS,
     InputError,
@@ -18,6 +18,7 @@ from handlers.processing import (
     model_image_from_bytes,
     tokenize,
 )
+from handlers.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +67,21 @@ class ListingHandler(BaseHandler):
     # ------------------------------------------------------------ hooks
     def handle(self, data: list, context) -> list:
         self.context = context
-        items = [self.parse(index, request) for index, request in enumerate(data)]
-        valid = [index for index, item in enumerate(items) if not isinstance(item, Exception)]
-        probabilities = self.inference([items[i] for i in valid]) if valid else None
-        logger.info("batch_size=%d valid=%d", len(data), len(valid))
-        return self.postprocess_batch(items, valid, probabilities)
+        requests = [self.parse(index, request) for index, request in enumerate(data)]
+        valid = [request for request in requests if isinstance(request, Envelope)]
+        items = [item for request in valid for item in request.items]
+        probabilities = self.inference(items) if items else None
+        logger.info("batch_size=%d valid=%d listings=%d", len(data), len(valid), len(items))
+        return self.respond(requests, probabilities)
 
     def parse(self, index: int, request: dict):
-        """One request -> {'listing', 'image' tensor?, 'text'?}, or the exception explaining why not."""
+        """One request -> an Envelope whose `items` are prepared listings, or the exception
+        explaining why not."""
         try:
             content_type = self.context.get_request_header(index, "Content-Type")
-            listing = parse_request(request, content_type, self.needs, len(self.index_to_name))
-            return self.prepare(listing)
+            envelope = read_request(request, content_type, self.needs, len(self.index_to_name))
+            envelope.items = [self.prepare(listing) for listing in envelope.listings]
+            return envelope
         except InputError as error:
             return error
         except Exception as error:  # one broken request must not fail the batch
@@ -108,16 +112,32 @@ class ListingHandler(BaseHandler):
             logits = self.model(*inputs)
         return torch.softmax(logits.float(), dim=1).cpu()
 
-    def postprocess_batch(self, items: list, valid: list[int], probabilities) -> list[dict]:
-        responses = []
-        row_of = {index: row for row, index in enumerate(valid)}
-        for index, item in enumerate(items):
-            if isinstance(item, Exception):
-                code = item.status if isinstance(item, InputError) else 500
-                message = str(item) if code == 400 else f"internal error: {type(item).__name__}"
-                self.context.set_response_status(code, message, index)
-                responses.append({"error": message})
-            else:
-                responses.append(describe_probabilities(probabilities[row_of[index]].tolist(),
-                                                        self.index_to_name, item["listing"].top_k))
+    def respond(self, requests: list, probabilities) -> list[dict]:
+        """One response per request, in its own protocol; errors get their status and a body."""
+        responses, start = [], 0
+        for index, request in enumerate(requests):
+            if isinstance(request, Exception):
+                responses.append(self.error_response(index, request))
+                continue
+            rows = probabilities[start:start + len(request.items)]
+            start += len(request.items)
+            results = [describe_probabilities(row.tolist(), self.index_to_name, item["listing"].top_k)
+                       for row, item in zip(rows, request.items, strict=True)]
+            responses.append(self.format_response(request, results))
         return responses
+
+    def format_response(self, envelope: Envelope, results: list[dict]):
+        if envelope.protocol == V1:
+            return v1_response(results)
+        if envelope.protocol == V2:
+            model = self.context.manifest.get("model", {})
+            names = [self.index_to_name[str(i)] for i in range(len(self.index_to_name))]
+            return v2_response(results, names, model.get("modelName", ""),
+                               model.get("modelVersion"), envelope.request_id)
+        return results[0]
+
+    def error_response(self, index: int, error: Exception) -> dict:
+        code = error.status if isinstance(error, InputError) else 500
+        message = str(error) if 400 <= code < 500 else f"internal error: {type(error).__name__}"
+        self.context.set_response_status(code, message, index)
+        return {"error": message}

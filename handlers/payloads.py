@@ -29,7 +29,14 @@ class Listing:
 def parse_request(request: dict, content_type: str | None, needs: frozenset[str],
                   num_classes: int) -> Listing:
     """Turn one request into a Listing, or raise InputError saying what is wrong with it."""
-    fields = _fields(request, content_type or "")
+    return parse_fields(read_fields(request, content_type), needs, num_classes)
+
+
+def parse_fields(fields: dict, needs: frozenset[str], num_classes: int) -> Listing:
+    """The named fields of one listing (photo, text, top_k) -> a Listing, or InputError."""
+    if not isinstance(fields, dict):
+        raise InputError(f"a listing must be an object with some of {list(FIELDS)}, "
+                         f"not {type(fields).__name__}")
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise InputError(f"unknown field(s) {unknown}; expected some of {list(FIELDS)}")
@@ -52,9 +59,12 @@ def _check_content_type(content_type: str) -> None:
             "text/plain, application/json or multipart/form-data")
 
 
-def _fields(request: dict, content_type: str) -> dict:
+def read_fields(request: dict, content_type: str | None) -> dict:
+    """One TorchServe request -> its fields: multipart parts, gRPC inputs, a JSON object, or
+    {'image': bytes} / {'text': bytes} for a raw body."""
     if not isinstance(request, dict):
         raise InputError("malformed request")
+    content_type = content_type or ""
     _check_content_type(content_type)
     parts = {key: value for key, value in request.items() if key not in BODY_KEYS}
     if parts:  # multipart form parts, or a gRPC input map

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-HANDLER_FILES = ("__init__.py", "processing.py", "payloads.py", "listing_handler.py")
+HANDLER_FILES = ("__init__.py", "processing.py", "payloads.py", "protocols.py", "listing_handler.py")
 MODELS = ("image", "text", "combined")
 # Chosen by measurement in `make bench`; see config.properties for the reasoning.
 MODEL_CONFIG = {
@@ -27,8 +27,8 @@ MODEL_CONFIG = {
 }
 # Handler options that measured better for one model only (see handlers/listing_handler.py).
 MODEL_HANDLER_OPTIONS = {"image": {"optimize_for_inference": True}}
-REQUIREMENTS = ("torch==2.14.1", "transformers==5.24.0", "tokenizers==0.23.3", "pillow==13.0.0",
-                "numpy==2.4.6")
+# What the handlers need in the serving image; the KServe runtime image installs the same file.
+REQUIREMENTS_FILE = ROOT / "handlers" / "requirements.txt"
 
 
 class ArchiveError(RuntimeError):
@@ -63,7 +63,7 @@ def stage(model: str, artifacts: Path, folder: Path, model_config: dict) -> None
         else:
             shutil.copy2(source, folder / source.name)
     (folder / "model-config.yaml").write_text(yaml.safe_dump(model_config, sort_keys=False))
-    (folder / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
+    shutil.copy2(REQUIREMENTS_FILE, folder / "requirements.txt")
 
 
 def model_kind(model: str) -> str:

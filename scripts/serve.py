@@ -36,8 +36,15 @@ def read_properties(path: Path) -> dict[str, str]:
 
 
 def model_names(properties: dict) -> list[str]:
+    """The models a config loads: its model_snapshot's, else those named in load_models."""
+    if properties.get("model_snapshot"):
+        return list(json.loads(properties["model_snapshot"])["models"])
     return [name.strip().removesuffix(".mar") for name in properties.get("load_models", "").split(",")
             if name.strip() and name.strip() not in ("all", "ALL")]
+
+
+def tokens_disabled(properties: dict) -> bool:
+    return properties.get("disable_token_authorization", "false").strip().lower() == "true"
 
 
 def read_key(key_file: Path, kind: str = "inference") -> str:
@@ -81,7 +88,7 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
     said = output.read_text(errors="replace")
     if result.returncode != 0 or "already running" in said:
         raise ServeError(f"torchserve --start failed: {said.strip()[-400:]}")
-    key_file = None if disable_token_auth else state_dir / "key_file.json"
+    key_file = None if disable_token_auth or tokens_disabled(properties) else state_dir / "key_file.json"
     wait_ready(properties, key_file, timeout, state_dir)
     if key_file is not None:
         key_file.chmod(0o600)  # the tokens are secrets: readable by this user only

@@ -1,0 +1,157 @@
+"""KServe's inference protocols, understood by the handler itself so batching keeps working.
+
+TorchServe's own KServe envelopes read only the first request of a batch, so archives are
+served without them: a request body with `instances` is KServe v1, one with `inputs` is
+KServe v2 / Open Inference Protocol, anything else is this project's plain format. One
+request may carry several listings; the handler runs every listing of the batch together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from handlers.payloads import Listing, parse_fields, read_fields
+from handlers.processing import InputError
+
+PLAIN, V1, V2 = "plain", "v1", "v2"
+MAX_LISTINGS = 64  # per request; a bigger request would hold up everyone else's batch
+V2_INPUTS = ("image", "text", "product_name", "product_description")
+
+
+@dataclass
+class Envelope:
+    """The listings of one request and how to answer it."""
+
+    protocol: str
+    listings: list[Listing] = field(default_factory=list)
+    request_id: str | None = None
+    items: list[dict] = field(default_factory=list)  # the listings prepared for the model
+
+
+def read_request(request: dict, content_type: str | None, needs: frozenset[str],
+                 num_classes: int) -> Envelope:
+    """One request of a batch, in any of the three formats, or InputError saying what is wrong."""
+    body = read_fields(request, content_type)
+    if "instances" in body:
+        rows, protocol, request_id = _v1_rows(body), V1, None
+    elif "inputs" in body:
+        (rows, request_id), protocol = _v2_rows(body), V2
+    else:
+        return Envelope(PLAIN, [parse_fields(body, needs, num_classes)])
+    return Envelope(protocol, [_listing(position, row, needs, num_classes)
+                               for position, row in enumerate(rows)], request_id)
+
+
+def _listing(position: int, row: dict, needs: frozenset[str], num_classes: int) -> Listing:
+    try:
+        return parse_fields(row, needs, num_classes)
+    except InputError as error:
+        raise type(error)(f"instance {position}: {error}") from error
+
+
+def _count(rows: Sequence, what: str) -> None:
+    if not 1 <= len(rows) <= MAX_LISTINGS:
+        raise InputError(f"{what} must hold 1 to {MAX_LISTINGS} listings, not {len(rows)}")
+
+
+# ---------------------------------------------------------------- KServe v1
+def _v1_rows(body: dict) -> list[dict]:
+    """{"instances": [{"image": {"b64": ...} | base64, "text" | "product_name"..., "top_k"}]}"""
+    extra = sorted(set(body) - {"instances"})
+    if extra:
+        raise InputError(f"a KServe v1 request holds only 'instances', not {extra}")
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise InputError("'instances' must be a list of listings")
+    _count(instances, "'instances'")
+    return [_unwrap_b64(instance) for instance in instances]
+
+
+def _unwrap_b64(instance):
+    """KServe v1 marks binary values as {"b64": "..."}."""
+    if isinstance(instance, dict) and isinstance(instance.get("image"), dict):
+        image = instance["image"]
+        if set(image) != {"b64"}:
+            raise InputError("'image' must be base64 text or {\"b64\": base64 text}")
+        return instance | {"image": image["b64"]}
+    return instance
+
+
+def v1_response(results: list[dict]) -> dict:
+    return {"predictions": results}
+
+
+# ---------------------------------------------------------------- KServe v2 / Open Inference Protocol
+def _v2_rows(body: dict) -> tuple[list[dict], str | None]:
+    """BYTES inputs named image (base64), text, product_name, product_description, each of
+    shape [N] (or [N, 1]); `parameters.top_k` applies to every listing."""
+    inputs, request_id = body["inputs"], body.get("id")
+    if not isinstance(inputs, list) or not inputs:
+        raise InputError("'inputs' must be a non-empty list of tensors")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InputError("'id' must be a string")
+    columns = dict(_v2_column(tensor) for tensor in inputs)
+    if len(columns) != len(inputs):
+        raise InputError("each input name may appear once")
+    sizes = {len(values) for values in columns.values()}
+    if len(sizes) != 1:
+        raise InputError(f"all inputs must have the same first dimension, got {sorted(sizes)}")
+    rows = [{name: values[row] for name, values in columns.items()} for row in range(sizes.pop())]
+    _count(rows, "the inputs")
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict) or set(parameters) - {"top_k"}:
+        raise InputError("'parameters' may only hold 'top_k'")
+    if "top_k" in parameters:
+        rows = [row | {"top_k": parameters["top_k"]} for row in rows]
+    return rows, request_id
+
+
+def _v2_column(tensor) -> tuple[str, list]:
+    if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= set(tensor):
+        raise InputError("each input needs 'name', 'shape', 'datatype' and 'data'")
+    name, shape, data = tensor["name"], tensor["shape"], tensor["data"]
+    if name not in V2_INPUTS:
+        raise InputError(f"unknown input {name!r}; expected some of {list(V2_INPUTS)}")
+    if tensor["datatype"] != "BYTES":
+        raise InputError(f"input {name!r} must have datatype BYTES, not {tensor['datatype']!r}")
+    if not (isinstance(shape, list) and shape and all(isinstance(n, int) and n >= 0 for n in shape)
+            and all(n == 1 for n in shape[1:])):
+        raise InputError(f"input {name!r} must have shape [N] or [N, 1], not {shape}")
+    values = _flatten(data)
+    if len(values) != shape[0]:
+        raise InputError(f"input {name!r} has shape {shape} but {len(values)} values")
+    return name, values
+
+
+def _flatten(data) -> list:
+    if not isinstance(data, list):
+        raise InputError("'data' must be a list")
+    return [value for item in data for value in (_flatten(item) if isinstance(item, list) else [item])]
+
+
+def v2_response(results: list[dict], class_names: list[str], model_name: str,
+                model_version: str | None, request_id: str | None) -> dict:
+    """Category, its probability, the top k and every class probability, one row per listing."""
+    count, k = len(results), len(results[0]["top_k"])
+    outputs = [
+        _tensor("category", "BYTES", [count], [r["category"] for r in results]),
+        _tensor("probability", "FP32", [count], [r["probability"] for r in results]),
+        _tensor("top_categories", "BYTES", [count, k],
+                [t["category"] for r in results for t in r["top_k"]]),
+        _tensor("top_probabilities", "FP32", [count, k],
+                [t["probability"] for r in results for t in r["top_k"]]),
+        _tensor("probabilities", "FP32", [count, len(class_names)],
+                [r["probabilities"][name] for r in results for name in class_names])
+        | {"parameters": {"classes": class_names}},
+    ]
+    response = {"model_name": model_name, "outputs": outputs}
+    if model_version:
+        response["model_version"] = model_version
+    if request_id:
+        response["id"] = request_id
+    return response
+
+
+def _tensor(name: str, datatype: str, shape: list[int], data: list) -> dict:
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}

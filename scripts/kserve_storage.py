@@ -1,0 +1,116 @@
+"""Lay out the storage folder KServe's TorchServe runtime mounts at /mnt/models.
+
+    <out>/config/config.properties   TorchServe settings for the pod (written here)
+    <out>/model-store/<model>.mar    the archives, copied from model_store/
+
+Usage: python scripts/kserve_storage.py [--model-store model_store] [--out kserve-storage]
+       [--model image text combined] [--batch-size 4] [--max-batch-delay 10] [--workers 1]
+Then upload <out> to what the InferenceService's storageUri names (a PVC, S3 or GCS folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from archive import MODEL_CONFIG, MODELS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storageUri's contents
+SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+
+POD_SETTINGS = """\
+# TorchServe inside a KServe pod, written by scripts/kserve_storage.py. KServe's model server
+# (the runtime image's wrapper) takes requests on :8080 and forwards them to TorchServe here.
+inference_address=http://{bind}:8085
+management_address=http://{bind}:8085
+metrics_address=http://{bind}:8082
+grpc_inference_address={bind}
+grpc_management_address={bind}
+grpc_inference_port=7070
+grpc_management_port=7071
+# The wrapper calls TorchServe without a token (its readiness poll and its predict calls), so
+# token authorization must be off inside the pod; KServe's ingress is where to authenticate.
+disable_token_authorization=true
+enable_model_api=false
+allowed_urls=^$
+# The handlers read KServe v1 and v2 bodies themselves, batch by batch. TorchServe's own
+# envelopes read only the first request of a batch, so the TS_SERVICE_ENVELOPE variable that
+# KServe's runtime sets must not take effect: environment overrides stay off.
+enable_envvars_config=false
+install_py_dep_per_model=false
+metrics_mode=prometheus
+enable_metrics_api=true
+number_of_netty_threads=4
+job_queue_size=100
+# A 10 MB photo, base64-encoded in JSON, stays under the limit.
+max_request_size=20971520
+max_response_size=6553500
+load_models=all
+model_store={mount}/model-store
+"""
+
+
+class StorageError(RuntimeError):
+    """The storage folder cannot be laid out from what was given."""
+
+
+def model_snapshot(models: list[str], model_config: dict) -> dict:
+    """The models TorchServe loads at start, with their batching (the archive defaults)."""
+    entry = {key: model_config[key] for key in SNAPSHOT_KEYS}
+    return {"name": "startup.cfg", "modelCount": len(models),
+            "models": {model: {"1.0": {"defaultVersion": True, "marName": f"{model}.mar", **entry}}
+                       for model in models}}
+
+
+def pod_config(models: list[str], model_config: dict = MODEL_CONFIG, bind: str = "0.0.0.0",
+               mount: str = MOUNT) -> str:
+    snapshot = json.dumps(model_snapshot(models, model_config), separators=(",", ":"))
+    return POD_SETTINGS.format(bind=bind, mount=mount) + f"model_snapshot={snapshot}\n"
+
+
+def lay_out(model_store: Path, out: Path, models: list[str], model_config: dict = MODEL_CONFIG,
+            bind: str = "0.0.0.0", mount: str = MOUNT) -> Path:
+    """Copy the archives and write the pod's config.properties; return the config's path."""
+    archives = [Path(model_store) / f"{model}.mar" for model in models]
+    missing = [str(path) for path in archives if not path.is_file()]
+    if missing:
+        raise StorageError(f"missing archive(s) {', '.join(missing)}: run `python scripts/archive.py` first")
+    (out / "config").mkdir(parents=True, exist_ok=True)
+    (out / "model-store").mkdir(parents=True, exist_ok=True)
+    for archive in archives:
+        shutil.copy2(archive, out / "model-store" / archive.name)
+    config = out / "config" / "config.properties"
+    config.write_text(pod_config(models, model_config, bind, mount))
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--out", type=Path, default=ROOT / "kserve-storage")
+    parser.add_argument("--model", nargs="+", default=list(MODELS),
+                        help="archives to serve (default: image text combined)")
+    parser.add_argument("--batch-size", type=int, default=MODEL_CONFIG["batchSize"])
+    parser.add_argument("--max-batch-delay", type=int, default=MODEL_CONFIG["maxBatchDelay"],
+                        help="milliseconds a batch waits to fill")
+    parser.add_argument("--workers", type=int, default=MODEL_CONFIG["minWorkers"],
+                        help="workers per model (per GPU on GPU pods)")
+    args = parser.parse_args(argv)
+    config = MODEL_CONFIG | {"batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay,
+                             "minWorkers": args.workers, "maxWorkers": args.workers}
+    try:
+        path = lay_out(args.model_store, args.out, args.model, config)
+    except StorageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} and {len(args.model)} archive(s) under {args.out / 'model-store'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
