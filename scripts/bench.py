@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,6 +105,33 @@ def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds:
     return rates
 
 
+def other_worker_count(workers: int) -> int:
+    """The alternative split of the cores that the benchmark measures against the configured one."""
+    return 1 if workers > 1 else max(2, os.cpu_count() or 1)
+
+
+def layout_trials(model: str, folder: Path, inputs: Inputs, threads: int, seconds: float,
+                  batch: int) -> dict:
+    """In-process items/s at the configured batch: the plain TorchScript, frozen +
+    optimize_for_inference, and (image branch) channels-last inputs and weights on top."""
+    torch.set_num_threads(threads)
+    batches = [inputs.batch([(start + i) % len(inputs.requests) for i in range(batch)])
+               for start in range(0, 4 * batch, batch)]
+    plain = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    variants = {"plain": (plain, batches),
+                "optimize_for_inference": (optimise_for_device(plain, torch.device("cpu"), True), batches)}
+    if model != "text":
+        last = [(b[0].contiguous(memory_format=torch.channels_last), *b[1:]) for b in batches]
+        weights = torch.jit.load(str(folder / "model.pt"), map_location="cpu").to(
+            memory_format=torch.channels_last)
+        variants["channels_last"] = (weights, last)
+        variants["optimize_for_inference+channels_last"] = (
+            optimise_for_device(weights, torch.device("cpu"), True), last)
+    with torch.inference_mode():
+        return {name: timed_rate(_cycling(module, prepared), batch, seconds, 200)
+                for name, (module, prepared) in variants.items()}
+
+
 def _cycling(function, argument_tuples: list[tuple]):
     """A step that calls `function` on each argument tuple in turn."""
     position = iter(range(10**9))
@@ -188,10 +216,12 @@ def served(models: list[str], artifacts: Path, model_config: dict, requests_per_
 
 def markdown(report: dict) -> str:
     batch = report["configured_batch_size"]
-    lines = [f"Benchmark of {report['date']} on {report['machine']} "
-             f"({report['threads_per_worker']} threads per worker; items/s unless stated).", "",
-             "| model | model limit b=1 / 4 / 8 / 16 | served c=1 / 4 / 16 | served c=16 / limit "
-             f"b={batch} | batching off c=16 | on/off | p50 / p95 / p99 ms (c=16) | naive | served / naive |",
+    workers = report["workers"]
+    lines = [f"Benchmark of {report['date']} on {report['machine']} ({workers} worker(s) per model, "
+             f"{report['threads_per_worker']} thread(s) each; items/s unless stated).", "",
+             "| model | model limit b=1 / 4 / 8 / 16 | served c=1 / 4 / 16 | served c=16 / "
+             f"({workers} x limit b={batch}) | batching off c=16 | on/off | p50 / p95 / p99 ms (c=16) "
+             "| naive | served / naive |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, row in report["models"].items():
         limit = row["model_limit"]
@@ -201,7 +231,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {model} | {' / '.join(f'{limit[b]:.1f}' for b in BATCH_SIZES)} | "
             f"{served_rates} | "
-            f"{c16['throughput'] / limit[batch]:.2f} | {off['throughput']:.1f} | "
+            f"{c16['throughput'] / (workers * limit[batch]):.2f} | {off['throughput']:.1f} | "
             f"{c16['throughput'] / off['throughput']:.2f} (p99 {c16['p99_ms']:.0f} vs {off['p99_ms']:.0f}) | "
             f"{c16['p50_ms']:.0f} / {c16['p95_ms']:.0f} / {c16['p99_ms']:.0f} | {row['naive']:.1f} | "
             f"{c16['throughput'] / row['naive']:.2f} |")
@@ -211,10 +241,47 @@ def markdown(report: dict) -> str:
                       f"with draft decoding ({share['decode_resize_full_size_ms']:.1f} ms at full size), "
                       f"{100 * share['share_of_handler_time']:.0f}% of the per-item handler time "
                       f"({share['model_ms_per_item']:.1f} ms model time per item at batch {batch})."]
+    lines += ["", *optimisation_lines(report)]
     errors = sum(run["errors"] for row in report["models"].values()
-                 for run in [*row["served"].values(), row["batching_off"]])
+                 for run in [*row["served"].values(), row["batching_off"], row["other_workers"]])
     lines += ["", f"Errors over all served runs: {errors}."]
     return "\n".join(lines) + "\n"
+
+
+def optimisation_lines(report: dict) -> list[str]:
+    """Each optimisation tried, measured in this run: without -> with, items/s."""
+    batch = report["configured_batch_size"]
+    cores = report["workers"] * report["threads_per_worker"]
+    split_name = (f"{report['workers']} worker(s) x {report['threads_per_worker']} thread(s) "
+                  f"(vs {report['other_workers']} x {max(1, cores // report['other_workers'])})")
+    lines = ["| optimisation | model | measured as | without | with | with / without |",
+             "|---|---|---|---|---|---|"]
+
+    def row(name: str, model: str, where: str, without: float, with_: float) -> None:
+        lines.append(f"| {name} | {model} | {where} | {without:.1f} | {with_:.1f} | {with_ / without:.2f} |")
+
+    for model, data in report["models"].items():
+        layouts, where = data["layouts"], f"in process, b={batch}"
+        row("freeze + optimize_for_inference", model, where, layouts["plain"],
+            layouts["optimize_for_inference"])
+        if "channels_last" in layouts:
+            row("channels-last", model, where, layouts["plain"], layouts["channels_last"])
+            row("channels-last on top of optimize_for_inference", model, where,
+                layouts["optimize_for_inference"], layouts["optimize_for_inference+channels_last"])
+        row(split_name, model, "served, c=16", data["other_workers"]["throughput"],
+            data["served"][16]["throughput"])
+        row("batching (4, 10 ms) vs off", model, "served, c=16", data["batching_off"]["throughput"],
+            data["served"][16]["throughput"])
+    for variant, pair in report.get("int8_served", {}).items():
+        row("int8 text encoder", variant.removesuffix("_int8"), "served, c=16",
+            pair["fp32"]["throughput"], pair["int8"]["throughput"])
+    share = report.get("image_preprocessing")
+    if share:
+        lines.append(f"| JPEG draft decoding | image | decode + resize, photos/s | "
+                     f"{1000 / share['decode_resize_full_size_ms']:.1f} | "
+                     f"{1000 / share['decode_resize_ms']:.1f} | "
+                     f"{share['decode_resize_full_size_ms'] / share['decode_resize_ms']:.2f} |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -257,22 +324,37 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
     requests_per_run = max(8, int(96 * scale))
     report = {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
               "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU used",
+              "workers": workers, "other_workers": other_worker_count(workers),
               "threads_per_worker": threads, "configured_batch_size": batch,
               "max_batch_delay_ms": MODEL_CONFIG["maxBatchDelay"], "models": {}}
     for model in models:
         inputs = Inputs(model, artifacts / model, 16)
         limit = model_limit(model, artifacts / model, inputs, threads, seconds)
-        report["models"][model] = {"model_limit": limit,
-                                   "naive": naive_baseline(model, checkpoints / model / "best.pt", inputs,
-                                                           threads, seconds)}
+        # the naive service was one process using every core
+        naive = naive_baseline(model, checkpoints / model / "best.pt", inputs, os.cpu_count() or 1, seconds)
+        report["models"][model] = {"model_limit": limit, "naive": naive}
+        report["models"][model]["layouts"] = layout_trials(model, artifacts / model, inputs, threads,
+                                                           seconds, batch)
         if model == "image":
             report["image_preprocessing"] = preprocessing_share(inputs, limit[batch], seconds)
     on = served(list(models), artifacts, MODEL_CONFIG, requests_per_run, CONCURRENCY, 60 * scale)
     off = served(list(models), artifacts, MODEL_CONFIG | {"batchSize": 1, "maxBatchDelay": 0},
                  requests_per_run, (16,), 60 * scale)
+    # the other way of sharing the cores: one worker with all of them, or one per core
+    other = other_worker_count(workers)
+    split = served(list(models), artifacts, MODEL_CONFIG | {"minWorkers": other, "maxWorkers": other},
+                   requests_per_run, (16,), 60 * scale)
     for model in models:
         report["models"][model]["served"] = on[model]
         report["models"][model]["batching_off"] = off[model][16]
+        report["models"][model]["other_workers"] = split[model][16]
+    variants = [v for v in ("text_int8", "combined_int8") if (artifacts / v / "model.pt").exists()
+                and v.removesuffix("_int8") in models]
+    if variants:  # opt-in exports (`python -m training export --int8`), served beside the fp32 ones
+        pairs = served([*variants, *(v.removesuffix("_int8") for v in variants)], artifacts, MODEL_CONFIG,
+                       requests_per_run, (16,), 60 * scale)
+        report["int8_served"] = {v: {"int8": pairs[v][16], "fp32": pairs[v.removesuffix("_int8")][16]}
+                                 for v in variants}
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "benchmark.md").write_text(markdown(report))
@@ -281,6 +363,8 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TorchScript is what TorchServe loads; torch 2.14's deprecation notes are only noise here
+    warnings.filterwarnings("ignore", message="`torch.jit", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--checkpoint-dir", type=Path, default=ROOT / "checkpoints")

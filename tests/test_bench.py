@@ -1,4 +1,5 @@
 import json
+import re
 
 from scripts import bench
 
@@ -14,7 +15,14 @@ def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, t
         assert set(row["served"]) == set(bench.CONCURRENCY)
         assert all(run["errors"] == 0 and run["requests"] > 0 for run in row["served"].values())
         assert row["batching_off"]["errors"] == 0 and row["naive"] > 0
+        assert row["other_workers"]["errors"] == 0 and row["other_workers"]["requests"] > 0
+        assert {"plain", "optimize_for_inference"} <= set(row["layouts"])
+    assert "channels_last" in report["models"]["image"]["layouts"]
     assert 0 < report["image_preprocessing"]["share_of_handler_time"] < 1
     table = (out / "benchmark.md").read_text()
-    assert table.count("\n| ") == 4 and "batching off" in table
+    assert "batching off" in table and "| optimisation |" in table
+    for model in ("image", "text", "combined"):
+        assert any(line.startswith(f"| {model} | ") for line in table.splitlines())
+        assert re.search(rf"\| \d+ worker\(s\) x \d+ thread\(s\) \(vs \d+ x \d+\) \| {model} \|", table)
+    assert "| channels-last | image |" in table
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"

@@ -228,7 +228,8 @@ def test_a_killed_worker_is_restarted_and_no_request_hangs(server):
     import signal
     import time
 
-    old_pid = model_workers(server, "text")[0]["pid"]
+    before = model_workers(server, "text")
+    old_pid = before[0]["pid"]
     url = f"{server['properties']['inference_address']}/predictions/text"
     headers = {"Authorization": f"Bearer {server['token']}", "Content-Type": "text/plain"}
     timeout = MODEL_CONFIG["responseTimeout"] + 60
@@ -247,13 +248,14 @@ def test_a_killed_worker_is_restarted_and_no_request_hangs(server):
         os.kill(old_pid, signal.SIGKILL)
         outcomes = [future.result() for future in pending]  # every request ends: none hangs
     assert all(outcome == 200 or isinstance(outcome, int) and outcome >= 500 for outcome in outcomes)
+    def restarted(workers: list[dict]) -> bool:
+        return len(workers) == len(before) and old_pid not in [worker["pid"] for worker in workers] \
+            and all(worker["status"] == "READY" for worker in workers)
+
     started = time.monotonic()
-    while time.monotonic() - started < 180:
-        workers = model_workers(server, "text")
-        if workers and workers[0]["status"] == "READY" and workers[0]["pid"] != old_pid:
-            break
+    while time.monotonic() - started < 180 and not restarted(workers := model_workers(server, "text")):
         time.sleep(1)
-    assert workers[0]["pid"] != old_pid and workers[0]["status"] == "READY"
+    assert restarted(workers), workers
     resumed = requests.post(url, data=b"kettle", headers=headers, timeout=timeout)
     assert resumed.status_code == 200 and resumed.json()["category"]
     print(f"killed worker: {outcomes.count(200)}/40 answered, "
