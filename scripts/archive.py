@@ -108,18 +108,30 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
     return store / f"{model}.mar"
 
 
+def add_batching_options(parser: argparse.ArgumentParser) -> None:
+    """--batch-size, --max-batch-delay and --workers, defaulting to MODEL_CONFIG."""
+    parser.add_argument("--batch-size", type=int, default=MODEL_CONFIG["batchSize"])
+    parser.add_argument("--max-batch-delay", type=int, default=MODEL_CONFIG["maxBatchDelay"],
+                        help="milliseconds a batch waits to fill")
+    parser.add_argument("--workers", type=int, default=MODEL_CONFIG["minWorkers"],
+                        help="workers per model (per GPU on GPU machines)")
+
+
+def batching_config(args: argparse.Namespace) -> dict:
+    """MODEL_CONFIG with the batching options given on the command line."""
+    return MODEL_CONFIG | {"batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay,
+                           "minWorkers": args.workers, "maxWorkers": args.workers}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--model", nargs="+", default=list(MODELS),
                         help="image, text, combined (default: all three), text_int8, combined_int8")
-    parser.add_argument("--batch-size", type=int, default=MODEL_CONFIG["batchSize"])
-    parser.add_argument("--max-batch-delay", type=int, default=MODEL_CONFIG["maxBatchDelay"])
-    parser.add_argument("--workers", type=int, default=MODEL_CONFIG["minWorkers"])
+    add_batching_options(parser)
     args = parser.parse_args(argv)
-    config = MODEL_CONFIG | {"batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay,
-                             "minWorkers": args.workers, "maxWorkers": args.workers}
+    config = batching_config(args)
     try:
         for model in args.model:
             path = build_archive(model, args.artifacts_dir, args.model_store, model_config=config)

@@ -78,6 +78,11 @@ class Inputs:
         request = self.requests[index]
         return request["data"]["text"] if self.model == "combined" else request["data"].decode()
 
+    def batches(self, size: int, count: int = 4) -> list[tuple[torch.Tensor, ...]]:
+        """`count` consecutive batches of `size` requests, wrapping around the requests."""
+        return [self.batch([(start + i) % len(self.requests) for i in range(size)])
+                for start in range(0, count * size, size)]
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         inputs: list[torch.Tensor] = []
         if self.model != "text":
@@ -99,8 +104,7 @@ def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds:
     rates = {}
     with torch.inference_mode():
         for size in BATCH_SIZES:
-            batches = [inputs.batch([(start + i) % len(inputs.requests) for i in range(size)])
-                       for start in range(0, 4 * size, size)]
+            batches = inputs.batches(size)
             rates[size] = timed_rate(_cycling(scripted, batches), size, seconds, 200)
     return rates
 
@@ -115,8 +119,7 @@ def layout_trials(model: str, folder: Path, inputs: Inputs, threads: int, second
     """In-process items/s at the configured batch: the plain TorchScript, frozen +
     optimize_for_inference, and (image branch) channels-last inputs and weights on top."""
     torch.set_num_threads(threads)
-    batches = [inputs.batch([(start + i) % len(inputs.requests) for i in range(batch)])
-               for start in range(0, 4 * batch, batch)]
+    batches = inputs.batches(batch)
     plain = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
     variants = {"plain": (plain, batches),
                 "optimize_for_inference": (optimise_for_device(plain, torch.device("cpu"), True), batches)}

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from archive import MODEL_CONFIG, MODELS  # noqa: E402
+from archive import MODEL_CONFIG, MODELS, add_batching_options, batching_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storageUri's contents
@@ -95,16 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "kserve-storage")
     parser.add_argument("--model", nargs="+", default=list(MODELS),
                         help="archives to serve (default: image text combined)")
-    parser.add_argument("--batch-size", type=int, default=MODEL_CONFIG["batchSize"])
-    parser.add_argument("--max-batch-delay", type=int, default=MODEL_CONFIG["maxBatchDelay"],
-                        help="milliseconds a batch waits to fill")
-    parser.add_argument("--workers", type=int, default=MODEL_CONFIG["minWorkers"],
-                        help="workers per model (per GPU on GPU pods)")
+    add_batching_options(parser)
     args = parser.parse_args(argv)
-    config = MODEL_CONFIG | {"batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay,
-                             "minWorkers": args.workers, "maxWorkers": args.workers}
     try:
-        path = lay_out(args.model_store, args.out, args.model, config)
+        path = lay_out(args.model_store, args.out, args.model, batching_config(args))
     except StorageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

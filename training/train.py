@@ -236,7 +236,7 @@ def _record_epoch(writer, model, optimizer, config: TrainConfig, data: CleanData
         if name != "epoch":
             writer.add_scalar(name.replace("_", "/", 1), value, row["epoch"])
     processes = {"world_size": cluster.world_size, "backend": cluster.backend,
-                 "batch_size_per_process": config.batch_size // cluster.world_size,
+                 "batch_size_per_process": per_process_batch(config.batch_size, cluster),
                  "last_epoch_shards": shards}
     if best_path is not None:
         save_checkpoint(best_path, model, config, history=progress["history"],
