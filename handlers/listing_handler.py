@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from http import HTTPStatus
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from handlers.payloads import Listing
 from handlers.processing import (
     DEFAULT_MAX_PIXELS,
     InputError,
+    ascii_message,
     describe_probabilities,
     model_image_from_bytes,
     tokenize,
@@ -21,6 +23,14 @@ from handlers.processing import (
 from handlers.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
 
 logger = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 1000
+# gRPC status names for the HTTP codes a handler answers with, for clients of the gRPC API
+# (TorchServe 0.12 sends every per-request answer with gRPC status OK: see SECURITY.md).
+GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
+              415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+# HTTP/1.1 requests always carry these after TorchServe's aggregator; gRPC requests carry none.
+HTTP_ONLY_HEADERS = ("host", "content-length", "transfer-encoding")
 
 
 def optimise_for_device(model, device: torch.device, enabled: bool):
@@ -78,14 +88,15 @@ class ListingHandler(BaseHandler):
         """One request -> an Envelope whose `items` are prepared listings, or the exception
         explaining why not."""
         try:
-            content_type = self.context.get_request_header(index, "Content-Type")
+            content_type = self.request_headers(index).get("content-type")
             envelope = read_request(request, content_type, self.needs, len(self.index_to_name))
             envelope.items = [self.prepare(listing) for listing in envelope.listings]
             return envelope
         except InputError as error:
             return error
         except Exception as error:  # one broken request must not fail the batch
-            logger.exception("request %d of the batch failed in preprocessing", index)
+            logger.error("request %d of the batch failed in preprocessing: %s", index,
+                         type(error).__name__)
             return error
 
     def prepare(self, listing: Listing) -> dict:
@@ -112,10 +123,24 @@ class ListingHandler(BaseHandler):
             logits = self.model(*inputs)
         return torch.softmax(logits.float(), dim=1).cpu()
 
+    def request_headers(self, index: int) -> dict[str, str]:
+        """The HTTP headers of request `index`, names in lower case (none for gRPC)."""
+        processors = getattr(self.context, "request_processor", None) or []
+        properties = processors[index].get_request_properties() if index < len(processors) else {}
+        return {str(name).lower(): value for name, value in properties.items()
+                if isinstance(value, str)}  # per-part properties are dicts
+
+    def is_grpc(self, index: int) -> bool:
+        return not any(name in self.request_headers(index) for name in HTTP_ONLY_HEADERS)
+
     def respond(self, requests: list, probabilities) -> list[dict]:
         """One response per request, in its own protocol; errors get their status and a body."""
         responses, start = [], 0
         for index, request in enumerate(requests):
+            if self.is_grpc(index):
+                # The last (only) answer of a gRPC stream: without it StreamPredictions kills
+                # the worker (TorchServe 0.12 reads this header unchecked).
+                self.context.set_response_header(index, "ts_stream_next", "false")
             if isinstance(request, Exception):
                 responses.append(self.error_response(index, request))
                 continue
@@ -137,7 +162,10 @@ class ListingHandler(BaseHandler):
         return results[0]
 
     def error_response(self, index: int, error: Exception) -> dict:
+        """The status line carries only the standard reason phrase (ASCII, short: TorchServe
+        frames it by characters but sends bytes); the JSON body says what was wrong."""
         code = error.status if isinstance(error, InputError) else 500
         message = str(error) if 400 <= code < 500 else f"internal error: {type(error).__name__}"
-        self.context.set_response_status(code, message, index)
-        return {"error": message}
+        message = ascii_message(message, MAX_ERROR_CHARS)
+        self.context.set_response_status(code, HTTPStatus(code).phrase, index)
+        return {"error": message, "status": code, "grpc_code": GRPC_CODES.get(code, "UNKNOWN")}

@@ -7,7 +7,14 @@ import binascii
 import json
 from dataclasses import dataclass
 
-from handlers.processing import InputError, UnsupportedMediaType, free_text, listing_text
+from handlers.processing import (
+    InputError,
+    UnsupportedMediaType,
+    free_text,
+    listing_text,
+    quote,
+    quote_all,
+)
 
 BODY_KEYS = ("data", "body")
 FIELDS = ("image", "text", "product_name", "product_description", "top_k")
@@ -15,6 +22,7 @@ IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\
 DEFAULT_TOP_K = 3
 # An empty type is what gRPC requests carry.
 ACCEPTED_TYPES = ("application/json", "application/octet-stream", "multipart/form-data")
+MAX_FIELDS = 32  # more parts than this in one request is not a listing
 
 
 @dataclass
@@ -29,7 +37,7 @@ class Listing:
 def parse_request(request: dict, content_type: str | None, needs: frozenset[str],
                   num_classes: int) -> Listing:
     """Turn one request into a Listing, or raise InputError saying what is wrong with it."""
-    return parse_fields(read_fields(request, content_type), needs, num_classes)
+    return parse_fields(read_fields(request, content_type, needs), needs, num_classes)
 
 
 def parse_fields(fields: dict, needs: frozenset[str], num_classes: int) -> Listing:
@@ -37,9 +45,11 @@ def parse_fields(fields: dict, needs: frozenset[str], num_classes: int) -> Listi
     if not isinstance(fields, dict):
         raise InputError(f"a listing must be an object with some of {list(FIELDS)}, "
                          f"not {type(fields).__name__}")
-    unknown = sorted(set(fields) - set(FIELDS))
+    if len(fields) > MAX_FIELDS:
+        raise InputError(f"too many fields ({len(fields)}); a listing has some of {list(FIELDS)}")
+    unknown = [name for name in fields if name not in FIELDS]
     if unknown:
-        raise InputError(f"unknown field(s) {unknown}; expected some of {list(FIELDS)}")
+        raise InputError(f"unknown field(s) {quote_all(unknown)}; expected some of {list(FIELDS)}")
     listing = Listing(image=_image(fields.get("image")), text=_text(fields),
                       top_k=_top_k(fields.get("top_k"), num_classes))
     if "image" in needs and listing.image is None:
@@ -55,13 +65,14 @@ def _check_content_type(content_type: str) -> None:
     media = content_type.split(";")[0].strip().lower()
     if media and media not in ACCEPTED_TYPES and not media.startswith(("image/", "text/")):
         raise UnsupportedMediaType(
-            f"unsupported content type {media!r}; send image/*, application/octet-stream, "
+            f"unsupported content type {quote(media)}; send image/*, application/octet-stream, "
             "text/plain, application/json or multipart/form-data")
 
 
-def read_fields(request: dict, content_type: str | None) -> dict:
+def read_fields(request: dict, content_type: str | None,
+                needs: frozenset[str] = frozenset({"image", "text"})) -> dict:
     """One TorchServe request -> its fields: multipart parts, gRPC inputs, a JSON object, or
-    {'image': bytes} / {'text': bytes} for a raw body."""
+    {'image': bytes} / {'text': bytes} for a raw body (always the photo for a photo-only model)."""
     if not isinstance(request, dict):
         raise InputError("malformed request")
     content_type = content_type or ""
@@ -79,7 +90,7 @@ def read_fields(request: dict, content_type: str | None) -> dict:
     body = bytes(body)
     if "json" in content_type or body.lstrip()[:1] in (b"{", b"["):
         return _json_object(_load_json(body))
-    if body.startswith(IMAGE_SIGNATURES) or content_type.startswith("image/"):
+    if body.startswith(IMAGE_SIGNATURES) or content_type.startswith("image/") or needs == {"image"}:
         return {"image": body}
     return {"text": body}
 
@@ -134,7 +145,7 @@ def _as_str(name: str, value) -> str | None:
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as error:
-            raise InputError(f"{name} is not valid UTF-8 text") from error
+            raise InputError(f"'{name}' is not valid UTF-8 text") from error
     if not isinstance(value, str):
         raise InputError(f"field '{name}' must be a string, not {type(value).__name__}")
     return value

@@ -19,6 +19,11 @@ from PIL import Image, ImageOps
 # Photos beyond this many pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 50_000_000
 PAD_COLOUR = (0, 0, 0)
+# Each text field is cut to this many characters before any cleaning or tokenizing: the model
+# reads at most a few hundred tokens, so a megabyte of text must cost no more than this.
+MAX_FIELD_CHARS = 10_000
+# How much of a request's own content an error message may quote.
+QUOTE_CHARS = 40
 
 _NAME_SUFFIX = re.compile(r"\s*\|\s*in\s+[^|]*\|\s*Gumtree\s*$", re.IGNORECASE)
 _POSTED_BY = re.compile(r"Posted by\b[^.]*\.?", re.IGNORECASE)
@@ -33,6 +38,28 @@ class InputError(ValueError):
 
 class UnsupportedMediaType(InputError):
     status = 415
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """Request content fit for an error message: ASCII-escaped, at most `limit` characters
+    quoted, with the full length said when cut."""
+    text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    shown = ascii(text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+
+
+def ascii_message(text: str, limit: int) -> str:
+    """A message safe for any status line or log: ASCII only, at most about `limit` characters."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    escaped = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in escaped[:limit])
+    return escaped if len(text) <= limit else f"{escaped}... (cut)"
+
+
+def quote_all(values, count: int = 5) -> str:
+    """A few quoted values and how many there were."""
+    values = list(values)
+    shown = ", ".join(quote(value) for value in values[:count])
+    return f"[{shown}]" if len(values) <= count else f"[{shown}, ... {len(values)} in all]"
 
 
 # ---------------------------------------------------------------- images
@@ -61,10 +88,27 @@ def decode_image(data: bytes, draft_size: int | None = None,
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InputError(f"image too large: {error}") from error
+        raise InputError("image too large: over the decompression-bomb limit") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"not a readable image: {error}") from error
+        raise InputError(f"not a readable image: {_unreadable_reason(data, error)}") from error
     return to_rgb(image)
+
+
+_DOCUMENT_SIGNATURES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a ZIP archive",
+                        b"<svg": "an SVG drawing", b"<?xml": "an XML document"}
+_PIL_DETAIL = re.compile(r"<[^>]*\bat 0x[0-9a-fA-F]+>|'[^']*'")
+
+
+def _unreadable_reason(data: bytes, error: Exception) -> str:
+    """Why decoding failed, in words that quote neither the request nor PIL's internals."""
+    start = data[:256].lstrip().lower()
+    for signature, what in _DOCUMENT_SIGNATURES.items():
+        if start.startswith(signature.lower()):
+            return f"{what}, not a photo; send JPEG, PNG, GIF, BMP, TIFF or WebP"
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "unrecognised image format; send JPEG, PNG, GIF, BMP, TIFF or WebP"
+    detail = _PIL_DETAIL.sub("", str(error)).strip(" :")
+    return quote(detail or type(error).__name__, 80).strip("'")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -125,16 +169,17 @@ def normalise_whitespace(text: str) -> str:
 
 
 def listing_text(name: str | None, description: str | None) -> str:
-    """Name first, so truncation keeps it; boilerplate and control characters removed."""
-    name = strip_name_boilerplate(normalise_whitespace(name or ""))
-    description = strip_description_boilerplate(description or "")
+    """Name first, so truncation keeps it; boilerplate and control characters removed.
+    Each field is cut to MAX_FIELD_CHARS first, in training and serving alike."""
+    name = strip_name_boilerplate(normalise_whitespace((name or "")[:MAX_FIELD_CHARS]))
+    description = strip_description_boilerplate((description or "")[:MAX_FIELD_CHARS])
     text = " ".join(part for part in (name, description) if part)
     return "".join(character for character in text if character.isprintable())
 
 
 def free_text(text: str) -> str:
     """A listing sent as one text: the same cleaning as name + description."""
-    return listing_text(None, strip_name_boilerplate(normalise_whitespace(text)))
+    return listing_text(None, strip_name_boilerplate(normalise_whitespace(text[:MAX_FIELD_CHARS])))
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from handlers.payloads import Listing, parse_fields, read_fields
-from handlers.processing import InputError
+from handlers.processing import InputError, quote, quote_all
 
 PLAIN, V1, V2 = "plain", "v1", "v2"
 MAX_LISTINGS = 64  # per request; a bigger request would hold up everyone else's batch
@@ -32,7 +32,7 @@ class Envelope:
 def read_request(request: dict, content_type: str | None, needs: frozenset[str],
                  num_classes: int) -> Envelope:
     """One request of a batch, in any of the three formats, or InputError saying what is wrong."""
-    body = read_fields(request, content_type)
+    body = read_fields(request, content_type, needs)
     if "instances" in body:
         rows, protocol, request_id = _v1_rows(body), V1, None
     elif "inputs" in body:
@@ -58,9 +58,9 @@ def _count(rows: Sequence, what: str) -> None:
 # ---------------------------------------------------------------- KServe v1
 def _v1_rows(body: dict) -> list[dict]:
     """{"instances": [{"image": {"b64": ...} | base64, "text" | "product_name"..., "top_k"}]}"""
-    extra = sorted(set(body) - {"instances"})
+    extra = [key for key in body if key != "instances"]
     if extra:
-        raise InputError(f"a KServe v1 request holds only 'instances', not {extra}")
+        raise InputError(f"a KServe v1 request holds only 'instances', not {quote_all(extra)}")
     instances = body["instances"]
     if not isinstance(instances, list):
         raise InputError("'instances' must be a list of listings")
@@ -87,10 +87,10 @@ def _v2_rows(body: dict) -> tuple[list[dict], str | None]:
     """BYTES inputs named image (base64), text, product_name, product_description, each of
     shape [N] (or [N, 1]); `parameters.top_k` applies to every listing."""
     inputs, request_id = body["inputs"], body.get("id")
-    if not isinstance(inputs, list) or not inputs:
-        raise InputError("'inputs' must be a non-empty list of tensors")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InputError("'id' must be a string")
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= len(V2_INPUTS):
+        raise InputError(f"'inputs' must be a list of 1 to {len(V2_INPUTS)} tensors")
+    if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= 256):
+        raise InputError("'id' must be a string of at most 256 characters")
     columns = dict(_v2_column(tensor) for tensor in inputs)
     if len(columns) != len(inputs):
         raise InputError("each input name may appear once")
@@ -112,22 +112,35 @@ def _v2_column(tensor) -> tuple[str, list]:
         raise InputError("each input needs 'name', 'shape', 'datatype' and 'data'")
     name, shape, data = tensor["name"], tensor["shape"], tensor["data"]
     if name not in V2_INPUTS:
-        raise InputError(f"unknown input {name!r}; expected some of {list(V2_INPUTS)}")
+        raise InputError(f"unknown input {quote(name)}; expected some of {list(V2_INPUTS)}")
     if tensor["datatype"] != "BYTES":
-        raise InputError(f"input {name!r} must have datatype BYTES, not {tensor['datatype']!r}")
-    if not (isinstance(shape, list) and shape and all(isinstance(n, int) and n >= 0 for n in shape)
+        raise InputError(f"input {name!r} must have datatype BYTES, not {quote(tensor['datatype'])}")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
             and all(n == 1 for n in shape[1:])):
-        raise InputError(f"input {name!r} must have shape [N] or [N, 1], not {shape}")
-    values = _flatten(data)
+        raise InputError(f"input {name!r} must have shape [N] or [N, 1], not {quote(shape)}")
+    if not 1 <= shape[0] <= MAX_LISTINGS:  # before a single row is built
+        raise InputError(f"the inputs must hold 1 to {MAX_LISTINGS} listings, not {shape[0]}")
+    values = _column_values(name, data)
     if len(values) != shape[0]:
         raise InputError(f"input {name!r} has shape {shape} but {len(values)} values")
     return name, values
 
 
-def _flatten(data) -> list:
+def _column_values(name: str, data) -> list:
+    """[v, ...] or [[v], ...] -> [v, ...]; refuses anything deeper and anything over the cap."""
     if not isinstance(data, list):
-        raise InputError("'data' must be a list")
-    return [value for item in data for value in (_flatten(item) if isinstance(item, list) else [item])]
+        raise InputError(f"input {name!r}: 'data' must be a list")
+    if len(data) > MAX_LISTINGS:
+        raise InputError(f"input {name!r} holds {len(data)} values; at most {MAX_LISTINGS} listings")
+    values = []
+    for item in data:
+        if isinstance(item, list):
+            if len(item) != 1 or isinstance(item[0], (list, dict)):
+                raise InputError(f"input {name!r}: 'data' is nested deeper than shape [N, 1]")
+            item = item[0]
+        values.append(item)
+    return values
 
 
 def v2_response(results: list[dict], class_names: list[str], model_name: str,

@@ -82,8 +82,8 @@ def grpc_predict(target: str, model: str, image: bytes | None, fields: dict, top
         except grpc.RpcError as error:
             raise ClientError(f"gRPC {error.code().name}: {error.details()}") from error
     body = _json(reply.prediction)
-    if "error" in body:
-        raise ClientError(f"refused: {body['error']}")
+    if "error" in body:  # TorchServe 0.12 sends a handler's refusal with gRPC status OK
+        raise ClientError(f"gRPC {body.get('grpc_code', 'UNKNOWN')}: {body['error']}")
     return body
 
 

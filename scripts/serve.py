@@ -66,6 +66,17 @@ def torchserve_binary() -> str:
     return found
 
 
+def raise_open_file_limit() -> None:
+    """Let the server hold as many connections as the system allows: TorchServe 0.12 never
+    times out an idle HTTP connection, so each one holds a file descriptor (see SECURITY.md)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                    else max(soft, 1_048_576), hard))
+
+
 def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180,
           disable_token_auth: bool = False) -> dict:
     """Start TorchServe and wait until every model in load_models has a ready worker."""
@@ -84,7 +95,8 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
         command.append("--disable-token-auth")
     output = state_dir / "torchserve.out"
     with output.open("w") as sink:  # not a pipe: the server keeps it open for its whole life
-        result = subprocess.run(command, cwd=state_dir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, cwd=state_dir, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=raise_open_file_limit)
     said = output.read_text(errors="replace")
     if result.returncode != 0 or "already running" in said:
         raise ServeError(f"torchserve --start failed: {said.strip()[-400:]}")

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
+from scripts import serve
+from scripts.archive import MODEL_CONFIG, build_archive
+from tests.helpers import SERVER_BATCH_SIZE, FakeContext, write_test_config
 from training.cleaning import clean
 from training.sample import SampleConfig, generate
 from training.splits import write_splits
 
 SAMPLE_PRODUCTS = 200
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "marketplace"
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file below `folder`."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(scope="session")
@@ -67,31 +62,6 @@ def artifacts(trained, tmp_path_factory) -> Path:
     return root / "artifacts"
 
 
-class FakeContext:
-    """The parts of TorchServe's Context a handler uses, for in-process handler tests."""
-
-    def __init__(self, model_dir: Path, content_types: list[str | None] | None = None,
-                 model_yaml_config: dict | None = None):
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.manifest = {"model": {"serializedFile": "model.pt", "modelName": model_dir.name}}
-        self.model_yaml_config = model_yaml_config or {"minWorkers": 1, "handler": {}}
-        self.content_types = content_types or []
-        self.statuses: dict[int, tuple[int, str]] = {}
-
-    def get_request_header(self, index: int, key: str):
-        if key.lower() == "content-type" and index < len(self.content_types):
-            return self.content_types[index]
-        return None
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-
-def handler_dir(handler) -> Path:
-    """The model folder an in-process handler was initialised from."""
-    return Path(handler.model_pt_path).parent
-
-
 @pytest.fixture(scope="session")
 def handlers_in_process(artifacts) -> dict:
     """An initialised handler per model, exactly as a TorchServe worker builds it."""
@@ -105,3 +75,21 @@ def handlers_in_process(artifacts) -> dict:
         handler.initialize(FakeContext(artifacts / kind))
         built[kind] = handler
     return built
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serving")
+    store = artifacts.parent / "model_store"  # the archive builder keeps to the project folder
+    # a long batch delay so that concurrent test requests share a batch
+    config = MODEL_CONFIG | {"maxBatchDelay": 300, "batchSize": SERVER_BATCH_SIZE}
+    for model in ("image", "text", "combined"):
+        build_archive(model, artifacts, store, root=artifacts.parent, model_config=config)
+    properties = write_test_config(work / "config.properties", store)
+    state = work / "state"
+    try:
+        info = serve.start(work / "config.properties", store, state, timeout=300)
+        yield {"properties": properties, "info": info, "state": state,
+               "token": serve.read_key(state / "key_file.json"), "artifacts": artifacts}
+    finally:
+        serve.stop(state)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import REAL_DATA, tree_digest
+from tests.helpers import REAL_DATA, tree_digest
 from training.categories import read_index_to_name
 from training.cleaning import (
     CleaningReport,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from handlers.payloads import parse_request
 from handlers.processing import InputError
-from tests.conftest import FakeContext, handler_dir
+from tests.helpers import FakeContext, handler_dir
 
 NAMES = 13
 

@@ -15,7 +15,7 @@ import yaml
 from scripts import serve
 from scripts.archive import MODEL_CONFIG, MODELS, build_archive
 from scripts.kserve_storage import StorageError, lay_out, main
-from tests.test_serving import free_port, photo
+from tests.helpers import free_port, photo
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kserve"

@@ -8,7 +8,7 @@ from PIL import Image
 
 from handlers.processing import InputError
 from handlers.protocols import MAX_LISTINGS, V1, V2, read_request
-from tests.conftest import FakeContext, handler_dir
+from tests.helpers import FakeContext, handler_dir
 
 BOTH = frozenset({"image", "text"})
 
@@ -52,7 +52,7 @@ def test_v2_columns_become_rows():
     ({"instances": [{"text": "a"}], "extra": 1}, "only 'instances'"),
     ({"instances": [{"text": "a"}, {"colour": "red"}]}, "instance 1: unknown field"),
     ({"instances": [{"text": "a"}, "sofa"]}, "instance 1: a listing must be an object"),
-    ({"inputs": []}, "non-empty list"),
+    ({"inputs": []}, "list of 1 to"),
     ({"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, "BYTES"),
     ({"inputs": [{"name": "price", "shape": [1], "datatype": "BYTES", "data": ["1"]}]}, "unknown input"),
     ({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}, "1 values"),

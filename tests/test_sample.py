@@ -3,7 +3,7 @@ import io
 import pandas as pd
 from PIL import Image
 
-from tests.conftest import tree_digest
+from tests.helpers import tree_digest
 from training.categories import ROOT_CATEGORIES, root_category
 from training.sample import SampleConfig, generate
 

@@ -3,97 +3,18 @@ the tiny trained models, called over REST and gRPC. The server is stopped whatev
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import socket
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
-import torch
-from PIL import Image
 
-from handlers.processing import free_text, model_image_from_bytes, tokenize
 from scripts import serve
-from scripts.archive import MODEL_CONFIG, build_archive
 from scripts.predict import ClientError, grpc_predict, rest_predict
+from tests.helpers import ROOT, SERVER_BATCH_SIZE, TEXTS, as_vector, in_process, photo
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVER_BATCH_SIZE = 8
-TEXTS = ["ps5 console with two controllers and fifa", "oak dining table", "kettle"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def photo(colour=(30, 140, 60), size=(640, 480)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def write_test_config(path: Path, store: Path) -> dict:
-    """config.properties with free ports and the test's model store; everything else as shipped."""
-    ports = {"inference_address": free_port(), "management_address": free_port(),
-             "metrics_address": free_port(), "grpc_inference_port": free_port(),
-             "grpc_management_port": free_port()}
-    lines = []
-    for line in (ROOT / "config.properties").read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key in ports:
-            value = ports[key] if key.startswith("grpc") else f"http://127.0.0.1:{ports[key]}"
-            line = f"{key}={value}"
-        elif key == "model_store":
-            line = f"model_store={store}"
-        lines.append(line)
-    path.write_text("\n".join(lines) + "\n")
-    return serve.read_properties(path)
-
-
-@pytest.fixture(scope="module")
-def server(artifacts, tmp_path_factory):
-    work = tmp_path_factory.mktemp("serving")
-    store = artifacts.parent / "model_store"  # the archive builder keeps to the project folder
-    # a long batch delay so that concurrent test requests share a batch
-    config = MODEL_CONFIG | {"maxBatchDelay": 300, "batchSize": SERVER_BATCH_SIZE}
-    for model in ("image", "text", "combined"):
-        build_archive(model, artifacts, store, root=artifacts.parent, model_config=config)
-    properties = write_test_config(work / "config.properties", store)
-    state = work / "state"
-    try:
-        info = serve.start(work / "config.properties", store, state, timeout=300)
-        yield {"properties": properties, "info": info, "state": state,
-               "token": serve.read_key(state / "key_file.json"), "artifacts": artifacts}
-    finally:
-        serve.stop(state)
-
-
-def in_process(artifacts: Path, model: str, image: bytes | None, text: str | None) -> torch.Tensor:
-    """The exported TorchScript's probabilities for the same input, without the server."""
-    folder = artifacts / model
-    settings = json.loads((folder / "preprocessing.json").read_text())
-    inputs = []
-    if image is not None:
-        inputs.append(model_image_from_bytes(image, settings["image"]["size"])[None])
-    if text is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-        inputs += tokenize(tokenizer, [free_text(text)], settings["text"]["max_length"])
-    scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
-    with torch.inference_mode():
-        return torch.softmax(scripted(*inputs), 1)[0]
-
-
-def as_vector(answer: dict, artifacts: Path, model: str) -> torch.Tensor:
-    names = json.loads((artifacts / model / "index_to_name.json").read_text())
-    return torch.tensor([answer["probabilities"][names[str(i)]] for i in range(len(names))])
-
+pytestmark = pytest.mark.serving
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
 @pytest.mark.parametrize("model", ["image", "text", "combined"])

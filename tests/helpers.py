@@ -1,0 +1,117 @@
+"""Helpers of the end-to-end tests: free ports, photos, a test copy of config.properties and
+the in-process TorchScript answer that a served answer must equal."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from handlers.processing import free_text, model_image_from_bytes, tokenize
+from scripts import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = ROOT.parent / "shared" / "data" / "marketplace"
+SERVER_BATCH_SIZE = 8
+TEXTS = ["ps5 console with two controllers and fifa", "oak dining table", "kettle"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def photo(colour=(30, 140, 60), size=(640, 480)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_test_config(path: Path, store: Path) -> dict:
+    """config.properties with free ports and the test's model store; everything else as shipped."""
+    ports = {"inference_address": free_port(), "management_address": free_port(),
+             "metrics_address": free_port(), "grpc_inference_port": free_port(),
+             "grpc_management_port": free_port()}
+    lines = []
+    for line in (ROOT / "config.properties").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ports:
+            value = ports[key] if key.startswith("grpc") else f"http://127.0.0.1:{ports[key]}"
+            line = f"{key}={value}"
+        elif key == "model_store":
+            line = f"model_store={store}"
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+    return serve.read_properties(path)
+
+
+def in_process(artifacts: Path, model: str, image: bytes | None, text: str | None) -> torch.Tensor:
+    """The exported TorchScript's probabilities for the same input, without the server."""
+    folder = artifacts / model
+    settings = json.loads((folder / "preprocessing.json").read_text())
+    inputs = []
+    if image is not None:
+        inputs.append(model_image_from_bytes(image, settings["image"]["size"])[None])
+    if text is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        inputs += tokenize(tokenizer, [free_text(text)], settings["text"]["max_length"])
+    scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    with torch.inference_mode():
+        return torch.softmax(scripted(*inputs), 1)[0]
+
+
+def as_vector(answer: dict, artifacts: Path, model: str) -> torch.Tensor:
+    names = json.loads((artifacts / model / "index_to_name.json").read_text())
+    return torch.tensor([answer["probabilities"][names[str(i)]] for i in range(len(names))])
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below `folder`."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+class FakeRequest:
+    """TorchServe's RequestProcessor: the headers of one request."""
+
+    def __init__(self, headers: dict):
+        self.headers = headers
+
+    def get_request_properties(self) -> dict:
+        return self.headers
+
+
+class FakeContext:
+    """The parts of TorchServe's Context a handler uses, for in-process handler tests.
+    Requests arrive over HTTP with the given content types, or over gRPC (no headers)."""
+
+    def __init__(self, model_dir: Path, content_types: list[str | None] | None = None,
+                 model_yaml_config: dict | None = None, grpc: bool = False):
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.manifest = {"model": {"serializedFile": "model.pt", "modelName": model_dir.name}}
+        self.model_yaml_config = model_yaml_config or {"minWorkers": 1, "handler": {}}
+        self.content_types = content_types or []
+        http = [{"Host": "127.0.0.1", "content-length": "1"} | ({"Content-Type": kind} if kind else {})
+                for kind in self.content_types]
+        self.request_processor = [FakeRequest({} if grpc else headers) for headers in http]
+        self.statuses: dict[int, tuple[int, str]] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[key] = value
+
+
+def handler_dir(handler) -> Path:
+    """The model folder an in-process handler was initialised from."""
+    return Path(handler.model_pt_path).parent

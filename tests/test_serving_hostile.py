@@ -1,0 +1,129 @@
+"""The outside test's findings against a real TorchServe: every trigger sent inside batches of
+good requests; the good ones must get their right answers and no worker may die."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import requests
+
+from scripts import serve
+from scripts.predict import ClientError, grpc_predict, grpc_stubs
+from tests.helpers import TEXTS, as_vector, in_process, photo
+
+pytestmark = pytest.mark.serving
+
+STANDARD_PHRASES = {"Bad Request", "Unsupported Media Type", "Request Entity Too Large",
+                    "Payload Too Large"}
+
+
+def v2_text(shape: str, data: str) -> bytes:
+    head = '{"inputs": [{"name": "text", "shape": ' + shape + ', "datatype": "BYTES", "data": '
+    return (head + data + "}]}").encode()
+
+
+def deep_v2(depth: int) -> bytes:
+    return v2_text("[1]", "[" * depth + '"sofa"' + "]" * depth)
+
+
+def v2_many_empty(count: int) -> bytes:
+    return v2_text(f"[{count}]", "[" + ",".join(['""'] * count) + "]")
+
+
+# (model, body, content type) of each trigger the outside test found
+TRIGGERS = {
+    "non-ASCII JSON key": ("text", '{"é": 1}'.encode(), "application/json"),
+    "100 KB key": ("text", json.dumps({"k" * 100_000: 1}).encode(), "application/json"),
+    "7 MB key": ("text", json.dumps({"k" * 7_000_000: 1}).encode(), "application/json"),
+    "v1 non-ASCII key": ("text", '{"instances": [{"tëxt": "a"}]}'.encode(), "application/json"),
+    "v2 non-ASCII name": ("text", '{"inputs": [{"name": "tëxt", "shape": [1], "datatype": "BYTES",'
+                                  ' "data": ["a"]}]}'.encode(), "application/json"),
+    "v2 non-ASCII datatype": ("text", '{"inputs": [{"name": "text", "shape": [1], "datatype": '
+                                      '"BŸTES", "data": ["a"]}]}'.encode(), "application/json"),
+    "v2 5 M rows": ("text", v2_many_empty(5_000_000), "application/json"),
+    "v2 nested 900 deep": ("text", deep_v2(900), "application/json"),
+    "non-ASCII content type": ("text", b"sofa", "applic\xe4tion/x; charset=\xe9"),
+    "PDF to the image model": ("image", b"%PDF-1.7\n" + bytes(2000), "application/octet-stream"),
+    "SVG to the image model": ("image", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml"),
+}
+
+
+def workers(server) -> dict[str, list[int]]:
+    token = serve.read_key(server["state"] / "key_file.json", "management")
+    base = server["properties"]["management_address"]
+    return {model: sorted(w["pid"] for w in requests.get(
+        f"{base}/models/{model}", headers={"Authorization": f"Bearer {token}"},
+        timeout=10).json()[0]["workers"]) for model in ("image", "text")}
+
+
+def post(server, model: str, body: bytes, content_type: str | bytes) -> requests.Response:
+    url = f"{server['properties']['inference_address']}/predictions/{model}"
+    headers = {"Authorization": f"Bearer {server['token']}", "Content-Type": content_type}
+    return requests.post(url, data=body, headers=headers, timeout=120)
+
+
+def test_every_trigger_is_refused_inside_a_batch_whose_good_requests_succeed(server):
+    before = workers(server)
+    good = [("text", text.encode(), "text/plain") for text in TEXTS * 3] + \
+        [("image", photo(), "image/jpeg")] * 3 + [("text", b"kettle " * 2_200_000, "text/plain")]
+    jobs = list(TRIGGERS.values()) + good
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda job: post(server, *job), jobs))
+    for name, response in zip(TRIGGERS, responses, strict=False):
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:200])
+        assert response.reason in STANDARD_PHRASES, (name, response.reason[:100])
+        assert response.json()["error"].isascii() and len(response.text) < 2000, name
+    for (model, body, _), response in zip(good, responses[len(TRIGGERS):], strict=True):
+        assert response.status_code == 200, response.text[:300]
+        expected = in_process(server["artifacts"], model, body if model == "image" else None,
+                              body.decode() if model == "text" else None)
+        assert (as_vector(response.json(), server["artifacts"], model) - expected).abs().max() <= 1e-4
+    assert workers(server) == before  # no worker died
+
+
+def test_the_messages_say_what_was_wrong(server):
+    assert "PDF document" in post(server, *TRIGGERS["PDF to the image model"]).json()["error"]
+    assert "SVG" in post(server, *TRIGGERS["SVG to the image model"]).json()["error"]
+    assert "nested deeper" in post(server, *TRIGGERS["v2 nested 900 deep"]).json()["error"]
+    assert "1 to 64 listings" in post(server, *TRIGGERS["v2 5 M rows"]).json()["error"]
+    long_key = post(server, *TRIGGERS["100 KB key"]).json()["error"]
+    assert "100000 characters" in long_key and len(long_key) < 400
+
+
+def test_a_long_text_answers_as_its_cut_does(server):
+    text = "kettle " * 2_200_000
+    cut = post(server, "text", text[:10_000].encode(), "text/plain")
+    whole = post(server, "text", text.encode(), "text/plain")
+    assert whole.status_code == cut.status_code == 200
+    assert whole.json()["probabilities"] == cut.json()["probabilities"]
+
+
+def test_grpc_stream_predictions_answers_and_keeps_the_worker(server):
+    before = workers(server)
+    messages, services = grpc_stubs()
+    target = f"127.0.0.1:{server['properties']['grpc_inference_port']}"
+    metadata = [("authorization", f"Bearer {server['token']}")]
+    with grpc.insecure_channel(target) as channel:
+        stub = services.InferenceAPIsServiceStub(channel)
+        for _ in range(3):
+            request = messages.PredictionsRequest(model_name="text", input={"text": b"oak table"})
+            replies = list(stub.StreamPredictions(request, metadata=metadata, timeout=60))
+            assert len(replies) == 1 and json.loads(replies[0].prediction)["category"]
+        refused = messages.PredictionsRequest(model_name="text", input={"tëxt": b"oak"})
+        body = json.loads(list(stub.StreamPredictions(refused, metadata=metadata, timeout=60))[0]
+                          .prediction)
+        assert body["status"] == 400 and body["grpc_code"] == "INVALID_ARGUMENT"
+    time.sleep(1)
+    assert workers(server) == before
+
+
+def test_grpc_client_raises_the_refusal_code(server):
+    target = f"127.0.0.1:{server['properties']['grpc_inference_port']}"
+    with pytest.raises(ClientError, match="INVALID_ARGUMENT: text is empty"):
+        grpc_predict(target, "text", None, {"text": "   "}, 3, server["token"])
+    with pytest.raises(ClientError, match="gRPC"):
+        grpc_predict(target, "no-such-model", None, {"text": "a"}, 3, server["token"])
