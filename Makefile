@@ -8,7 +8,7 @@ DEMO_DIR ?= data/demo
 NPROC ?= 2
 MODEL ?= image
 
-.PHONY: install demo test bench soak lint check-java clean-demo train-ddp sample-data
+.PHONY: install demo test bench soak lint check-java clean-demo train-ddp sample-data train-real
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; Python 3.11 is required" >&2; exit 1; }
@@ -42,6 +42,10 @@ sample-data: install
 		$(PY) -m training sample --out $(DEMO_DIR)/raw --products $(SAMPLE_PRODUCTS) --overwrite && \
 		$(PY) -m training clean --data-dir $(DEMO_DIR)/raw --out $(DEMO_DIR)/clean && \
 		$(PY) -m training split --data-dir $(DEMO_DIR)/clean --seed 0; }
+
+# The real run on a raw marketplace export (default ../shared/data/marketplace), outputs under */real/.
+train-real: install
+	PY=$(PY) bash scripts/train_real $(RAW_DIR)
 
 bench: install
 	$(PY) scripts/bench.py

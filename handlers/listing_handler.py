@@ -18,7 +18,7 @@ from handlers.processing import (
     ascii_message,
     describe_probabilities,
     model_image_from_bytes,
-    tokenize,
+    model_inputs,
 )
 from handlers.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
 
@@ -109,12 +109,10 @@ class ListingHandler(BaseHandler):
         return item
 
     def collate(self, items: list[dict]) -> tuple[torch.Tensor, ...]:
-        inputs: list[torch.Tensor] = []
-        if "image" in self.needs:
-            inputs.append(torch.stack([item["image"] for item in items]))
-        if "text" in self.needs:
-            inputs += tokenize(self.tokenizer, [item["text"] for item in items],
-                               self.settings["text"]["max_length"])
+        images = [item["image"] for item in items] if "image" in self.needs else None
+        texts = [item["text"] for item in items] if "text" in self.needs else None
+        inputs = model_inputs(self.settings["model"], images, texts, self.tokenizer,
+                              self.settings.get("text"))
         return tuple(tensor.to(self.device) for tensor in inputs)
 
     def inference(self, items: list[dict]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -204,3 +205,73 @@ def describe_probabilities(probabilities: Iterable[float], index_to_name: dict[s
                   for i in order[:top_k]],
         "probabilities": {index_to_name[str(i)]: values[i] for i in range(len(values))},
     }
+
+
+# ---------------------------------------------------------------- lexical features
+_WORDS = re.compile(r"\w+")
+LEXICAL_MAX_CHARS = 5_000
+CHAR_NGRAMS = (2, 5)
+
+
+def lexical_terms(text: str, max_chars: int = LEXICAL_MAX_CHARS) -> list[str]:
+    """Word 1-2-grams and character 2-5-grams of each word (with its boundaries), lower case:
+    what carries brand and model names ("ps4", "kallax") that a sentence encoder blurs."""
+    words = _WORDS.findall(text[:max_chars].lower())
+    terms = ["w " + word for word in words]
+    terms += ["b " + first + " " + second for first, second in zip(words, words[1:], strict=False)]
+    low, high = CHAR_NGRAMS
+    for word in words:
+        padded = f" {word} "
+        terms += ["c " + padded[start:start + size] for size in range(low, high + 1)
+                  for start in range(len(padded) - size + 1)]
+    return terms
+
+
+def lexical_ids(text: str, buckets: int, max_chars: int = LEXICAL_MAX_CHARS) -> tuple[list[int], list[float]]:
+    """Hashed term ids (1..buckets-1; 0 pads) and how often each occurs in the text."""
+    counts: dict[int, int] = {}
+    for term in lexical_terms(text, max_chars):
+        bucket = zlib.crc32(term.encode("utf-8")) % (buckets - 1) + 1
+        counts[bucket] = counts.get(bucket, 0) + 1
+    ids = sorted(counts)
+    return ids, [float(counts[i]) for i in ids]
+
+
+def lexical_batch(texts: Sequence[str], buckets: int,
+                  max_chars: int = LEXICAL_MAX_CHARS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Term ids [B, L] and counts [B, L] of a batch, padded with id 0 to its longest text."""
+    pairs = [lexical_ids(text, buckets, max_chars) for text in texts]
+    width = max(1, max(len(ids) for ids, _ in pairs))
+    ids = torch.zeros(len(pairs), width, dtype=torch.long)
+    counts = torch.zeros(len(pairs), width)
+    for row, (row_ids, row_counts) in enumerate(pairs):
+        ids[row, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+        counts[row, :len(row_counts)] = torch.tensor(row_counts)
+    return ids, counts
+
+
+# ---------------------------------------------------------------- the model-input contract
+MODEL_NEEDS = {"image": frozenset({"image"}), "text": frozenset({"text"}),
+               "combined": frozenset({"image", "text"})}
+
+
+def text_inputs(tokenizer, texts: Sequence[str], text_settings: dict) -> list[torch.Tensor]:
+    """Token ids and mask, then (when the model has a lexical branch) term ids and counts."""
+    inputs = list(tokenize(tokenizer, texts, text_settings["max_length"]))
+    lexical = text_settings.get("lexical")
+    if lexical:
+        inputs += lexical_batch(texts, lexical["buckets"], lexical["max_chars"])
+    return inputs
+
+
+def model_inputs(kind: str, images: Sequence[torch.Tensor] | None, texts: Sequence[str] | None,
+                 tokenizer=None, text_settings: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """What every model of `kind` is called with, in order: uint8 images [B,3,H,W], then the
+    text inputs. Training, export, the handlers, the benchmark and the tests all use this."""
+    needs = MODEL_NEEDS[kind]
+    inputs: list[torch.Tensor] = []
+    if "image" in needs:
+        inputs.append(torch.stack(list(images)))
+    if "text" in needs:
+        inputs += text_inputs(tokenizer, list(texts), text_settings)
+    return tuple(inputs)

@@ -37,8 +37,9 @@ from handlers.processing import (  # noqa: E402
     fit_to_square,
     free_text,
     image_to_tensor,
+    lexical_batch,
     model_image_from_bytes,
-    tokenize,
+    model_inputs,
 )
 
 MODELS = ("image", "text", "combined")
@@ -84,14 +85,10 @@ class Inputs:
                 for start in range(0, count * size, size)]
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        inputs: list[torch.Tensor] = []
-        if self.model != "text":
-            size = self.settings["image"]["size"]
-            inputs.append(torch.stack([model_image_from_bytes(self.photo(i), size) for i in indices]))
-        if self.model != "image":
-            inputs += tokenize(self.tokenizer, [free_text(self.text(i)) for i in indices],
-                               self.settings["text"]["max_length"])
-        return tuple(inputs)
+        images = [model_image_from_bytes(self.photo(i), self.settings["image"]["size"])
+                  for i in indices] if self.model != "text" else None
+        texts = [free_text(self.text(i)) for i in indices] if self.model != "image" else None
+        return model_inputs(self.model, images, texts, self.tokenizer, self.settings.get("text"))
 
 
 def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds: float) -> dict:
@@ -173,6 +170,10 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
             encoded = inputs.tokenizer([free_text(inputs.text(index))], padding="max_length",
                                        truncation=True, max_length=NAIVE_TEXT_TOKENS, return_tensors="pt")
             tensors += [encoded["input_ids"], encoded["attention_mask"]]
+            lexical = inputs.settings["text"].get("lexical")
+            if lexical:
+                tensors += lexical_batch([free_text(inputs.text(index))], lexical["buckets"],
+                                         lexical["max_chars"])
         with torch.inference_mode():
             eager(*tensors)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from handlers.processing import free_text, model_image_from_bytes, tokenize
+from handlers.processing import free_text, model_image_from_bytes, model_inputs
 from scripts import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +55,14 @@ def in_process(artifacts: Path, model: str, image: bytes | None, text: str | Non
     """The exported TorchScript's probabilities for the same input, without the server."""
     folder = artifacts / model
     settings = json.loads((folder / "preprocessing.json").read_text())
-    inputs = []
-    if image is not None:
-        inputs.append(model_image_from_bytes(image, settings["image"]["size"])[None])
+    images = [model_image_from_bytes(image, settings["image"]["size"])] if image is not None else None
+    tokenizer = None
     if text is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-        inputs += tokenize(tokenizer, [free_text(text)], settings["text"]["max_length"])
+    inputs = model_inputs(model, images, [free_text(text)] if text is not None else None, tokenizer,
+                          settings.get("text"))
     scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
     with torch.inference_mode():
         return torch.softmax(scripted(*inputs), 1)[0]

@@ -93,6 +93,46 @@ def test_imagenet_resnet_weights_come_from_the_torch_cache(tmp_path, monkeypatch
     assert torch.equal(loaded.network.conv1.weight, state["conv1.weight"])
 
 
-def test_shipped_efficientnet_weights_load():
-    backbone = build_backbone("efficientnet_lite0", "imagenet")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_shipped_efficientnet_weights_load_strictly(name):
+    from training.backbones import _efficientnet_lite_imagenet_state
+    from training.efficientnet_lite import VARIANTS, EfficientNetLite
+
+    backbone = build_backbone(name, "imagenet")  # strict: every key of the package's file
     assert backbone.network._conv_stem.weight.abs().sum() > 0
+    network = EfficientNetLite(VARIANTS[name][0]).eval()
+    network.load_state_dict(_efficientnet_lite_imagenet_state(name), strict=True)
+    with torch.inference_mode():  # the ImageNet head still works: a plausible distribution
+        probabilities = torch.softmax(network(torch.zeros(1, 3, 64, 64)), 1)
+    assert probabilities.shape == (1, 1000) and probabilities.max() < 0.99
+
+
+def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
+    from handlers.processing import lexical_batch, lexical_ids
+    from training.models import LexicalClassifier
+
+    torch.manual_seed(0)
+    lexical = LexicalClassifier(1024, 13)
+    torch.nn.init.normal_(lexical.bag.weight)
+    texts = ["ps4 pro with two pads", "ikea kallax shelf unit, white"]
+    lexical.fit_idf([lexical_ids(text, 1024)[0] for text in texts + ["ps4 games"]])
+    ids, counts = lexical_batch(texts, 1024)
+    alone = lexical(*lexical_batch(texts[:1], 1024))
+    assert torch.allclose(lexical(ids, counts)[:1], alone, atol=1e-6)  # padded in a longer batch
+    shared, own = lexical_ids("ps4", 1024)[0][0], lexical_ids("kallax", 1024)[0][0]
+    assert lexical.idf[own] > lexical.idf[shared]
+
+
+def test_text_model_answers_a_mix_of_its_branches(minilm):
+    from handlers.processing import model_inputs
+
+    encoder, tokenizer = minilm
+    text = TextClassifier(encoder, 13, lexical_buckets=512).eval()
+    torch.nn.init.normal_(text.lexical.bag.weight)
+    text.mix.copy_(torch.tensor([0.3, 0.7]))
+    inputs = model_inputs("text", None, ["oak table", "xbox one s"], tokenizer,
+                          {"max_length": 16, "lexical": {"buckets": 512, "max_chars": 100}})
+    with torch.inference_mode():
+        encoder_logits, lexical_logits = text.branches(*inputs)
+        expected = 0.3 * torch.log_softmax(encoder_logits, 1) + 0.7 * torch.log_softmax(lexical_logits, 1)
+        assert torch.allclose(text(*inputs), expected, atol=1e-6)

@@ -72,3 +72,31 @@ def test_describe_probabilities_orders_and_maps_names():
     assert answer["category"] == "b" and answer["probability"] == 0.5
     assert [item["category"] for item in answer["top_k"]] == ["b", "c"]
     assert answer["probabilities"] == {"a": 0.2, "b": 0.5, "c": 0.3}
+
+
+def test_lexical_ids_are_stable_hashed_n_grams():
+    from handlers.processing import lexical_batch, lexical_ids, lexical_terms
+
+    terms = lexical_terms("PS4 Pro")
+    assert {"w ps4", "w pro", "b ps4 pro", "c  p", "c ps4 "} <= set(terms)
+    ids, counts = lexical_ids("kettle kettle toaster", 1000)
+    assert ids == sorted(set(ids)) and all(1 <= i < 1000 for i in ids)
+    assert lexical_ids("kettle kettle toaster", 1000) == (ids, counts)  # no per-process hash seed
+    assert max(counts) == 2 and len(counts) == len(ids)
+    assert lexical_ids("a" * 10 + " tail", 1000, max_chars=5) == lexical_ids("aaaaa", 1000)
+    batch_ids, batch_counts = lexical_batch(["kettle", "kettle kettle toaster"], 1000)
+    assert batch_ids.shape == batch_counts.shape and (batch_ids[0] == 0).sum() > 0
+
+
+@pytest.mark.parametrize(("kind", "count"), [("image", 1), ("text", 4), ("combined", 5)])
+def test_model_inputs_follow_one_contract(kind, count):
+    from handlers.processing import model_inputs
+    from training.text_encoder import load_tokenizer
+
+    images = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2
+    texts = ["oak table", "a kettle that boils"]
+    settings = {"max_length": 8, "lexical": {"buckets": 64, "max_chars": 100}}
+    inputs = model_inputs(kind, images, texts, load_tokenizer("minilm"), settings)
+    assert len(inputs) == count and all(tensor.shape[0] == 2 for tensor in inputs)
+    assert len(model_inputs("text", None, texts, load_tokenizer("minilm"),
+                            settings | {"lexical": None})) == 2

@@ -63,6 +63,27 @@ def test_feature_cache_is_reused_and_invalidated(trained, tmp_path, monkeypatch)
     second = frozen_task(model, "image", data, settings, device, tmp_path)
     assert len(calls) == 3  # a photo changed
     assert torch.allclose(first.tensors["features"], second.tensors["features"])
+    with torch.no_grad():  # e.g. a fine-tuned branch under a combined model: same names, new weights
+        model.backbone.network._conv_head.weight.mul_(1.5)
+    third = frozen_task(model, "image", data, settings, device, tmp_path)
+    assert len(calls) == 4 and not torch.allclose(first.tensors["features"], third.tensors["features"])
+
+
+def test_text_model_mixes_its_lexical_branch_with_a_weight_chosen_on_validation(trained):
+    checkpoint = torch.load(trained["paths"]["text"], weights_only=False)
+    mix = checkpoint["mix"]
+    assert set(mix["val_accuracy_by_weight"]) == {step / 20 for step in range(21)}
+    assert mix["val_accuracy"] == max(mix["val_accuracy_by_weight"].values())
+    assert mix["val_accuracy"] == mix["val_accuracy_by_weight"][mix["lexical_weight"]]
+    weights = checkpoint["state_dict"]["mix"]
+    assert torch.allclose(weights, torch.tensor([1 - mix["lexical_weight"], mix["lexical_weight"]]))
+    lexical = checkpoint["state_dict"]["lexical.bag.weight"]
+    assert lexical.abs().sum() > 0  # the lexical branch learned
+    idf = checkpoint["state_dict"]["lexical.idf"]
+    assert idf.min() >= 1 and idf.max() > idf.min()  # fitted on the training split
+    combined = torch.load(trained["paths"]["combined"], weights_only=False)
+    assert "mix" in combined and torch.equal(  # carried into the combined model, not retrained
+        combined["state_dict"]["text_model.lexical.bag.weight"], lexical)
 
 
 def test_evaluation_writes_its_reports(trained, tmp_path):
@@ -74,6 +95,13 @@ def test_evaluation_writes_its_reports(trained, tmp_path):
     for name in ("confusion_matrix.png", "curves.png"):
         assert (tmp_path / "combined" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| combined |" in (tmp_path / "summary.md").read_text()
+    listing = saved["listing"]  # photos of a listing averaged
+    assert listing["samples"] == CleanData.load(trained["data_dir"]).samples("combined", "test")[
+        "product_id"].nunique()
+    low, high = listing["accuracy_95ci"]
+    assert low <= listing["accuracy"] <= high and saved["accuracy_95ci"][0] <= saved["accuracy"]
+    for pair in listing["most_confused"]:
+        assert pair["true"] != pair["predicted"] and pair["count"] >= 1 and pair["example"]
 
 
 def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tmp_path):
@@ -91,14 +119,17 @@ def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tm
             assert settings["image"]["size"] == 64
     scripted = torch.jit.load(str(tmp_path / "text" / "model.pt"), map_location="cpu")
     eager, _ = load_checkpoint(trained["paths"]["text"])
-    from handlers.processing import tokenize
+    from handlers.processing import model_inputs
     from training.text_encoder import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
+    text_settings = json.loads((tmp_path / "text" / "preprocessing.json").read_text())["text"]
+    assert text_settings["lexical"]["buckets"] == trained["configs"]["text"].lexical_buckets
     for texts in (["kettle"], ["a much longer description of a mountain bike with gears", "tv"]):
-        ids, mask = tokenize(tokenizer, texts, 32)
+        inputs = model_inputs("text", None, texts, tokenizer, text_settings)
+        assert len(inputs) == 4  # token ids, mask, lexical term ids, counts
         with torch.inference_mode():
-            assert (scripted(ids, mask) - eager(ids, mask)).abs().max() <= 1e-4
+            assert (scripted(*inputs) - eager(*inputs)).abs().max() <= 1e-4
 
 
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, clean_sample):
@@ -129,7 +160,7 @@ def test_finetuning_the_last_stage_trains_only_it(trained, tmp_path):
 
 
 def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
-    from handlers.processing import tokenize
+    from handlers.processing import model_inputs
     from training.text_encoder import load_tokenizer
 
     result = export(trained["paths"]["text"], trained["data_dir"], tmp_path, int8=True)
@@ -140,9 +171,9 @@ def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
     quantised = torch.jit.load(str(tmp_path / "text_int8" / "model.pt"), map_location="cpu")
     eager, _ = load_checkpoint(trained["paths"]["text"])
     texts = list(CleanData.load(trained["data_dir"]).samples("text", "test")["text"][:24])
-    ids, mask = tokenize(load_tokenizer("minilm"), texts, 32)
+    inputs = model_inputs("text", None, texts, load_tokenizer("minilm"), settings["text"])
     with torch.inference_mode():
-        plain, small = torch.softmax(eager(ids, mask), 1), torch.softmax(quantised(ids, mask), 1)
+        plain, small = torch.softmax(eager(*inputs), 1), torch.softmax(quantised(*inputs), 1)
     assert (plain - small).abs().mean() < 0.05
     assert (plain.argmax(1) == small.argmax(1)).float().mean() >= 0.75
 

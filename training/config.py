@@ -25,6 +25,9 @@ class TrainConfig:
     finetune: str = "none"  # image backbone: none (frozen, cached features) | last | all
     text_encoder: str = "minilm"
     max_length: int = 128
+    lexical_buckets: int = 262_144  # hashed word/character n-gram branch of the text model (0: off)
+    lexical_max_chars: int = 5_000
+    lexical_lr: float = 2e-2  # the lexical branch starts at zero and its inputs are L2-normalised
     finetune_encoder: bool = False
     feature_batch_size: int = 32
     num_workers: int = 0

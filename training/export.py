@@ -8,16 +8,18 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from handlers.processing import tokenize
+from handlers.processing import model_inputs
 from training.categories import write_index_to_name
 from training.data import CleanData
 from training.features import load_model_image
+from training.tasks import text_settings
 from training.text_encoder import load_tokenizer
-from training.train import TrainConfig, load_checkpoint
+from training.train import TrainConfig, config_from, load_checkpoint
 
 PARITY_TOLERANCE = 1e-4
 BATCH_SIZES = (1, 3, 8)
@@ -40,11 +42,13 @@ def preprocessing_settings(config: TrainConfig, model) -> dict:
             "normalisation": "inside the model"}
         settings["inputs"].append("images")
     if config.model in ("text", "combined"):
-        settings["text"] = {"max_length": config.max_length, "padding": "longest in batch",
+        settings["text"] = text_settings(asdict(config)) | {"padding": "longest in batch",
                             "fields": ["product_name", "product_description"], "joiner": " ",
                             "strip_boilerplate": True, "tokenizer": "tokenizer",
                             "encoder": config.text_encoder}
         settings["inputs"] += ["input_ids", "attention_mask"]
+        if settings["text"]["lexical"]:
+            settings["inputs"] += ["lexical_ids", "lexical_counts"]
     return settings
 
 
@@ -60,14 +64,16 @@ def example_batches(config: TrainConfig, data: CleanData, tokenizer) -> list[tup
     for size in BATCH_SIZES:
         # short texts first, the longest last: each batch pads to a different length
         chosen = samples.iloc[list(range(size - 1)) + [len(samples) - 1 - size]]
-        inputs = []
-        if config.model in ("image", "combined"):
-            inputs.append(torch.stack([load_model_image(data.image_path(i), config.image_size)
-                                       for i in chosen["id"]]))
-        if config.model in ("text", "combined"):
-            inputs += list(tokenize(tokenizer, list(chosen["text"]), config.max_length))
-        batches.append(tuple(inputs))
+        batches.append(sample_inputs(config, data, chosen, tokenizer))
     return batches
+
+
+def sample_inputs(config: TrainConfig, data: CleanData, chosen, tokenizer) -> tuple:
+    """The model inputs of some rows of `data.samples(config.model)`."""
+    images = [load_model_image(data.image_path(i), config.image_size) for i in chosen["id"]] \
+        if config.model != "text" else None
+    return model_inputs(config.model, images, list(chosen["text"]), tokenizer,
+                        text_settings(asdict(config)))
 
 
 def check_parity(expected: list[torch.Tensor], scripted, batches: list[tuple]) -> float:
@@ -117,12 +123,7 @@ def split_accuracy(model, config: TrainConfig, data: CleanData, tokenizer) -> fl
     correct = 0
     for start in range(0, len(samples), 32):
         chosen = samples.iloc[start:start + 32]
-        inputs = []
-        if config.model != "text":
-            inputs.append(torch.stack([load_model_image(data.image_path(i), config.image_size)
-                                       for i in chosen["id"]]))
-        inputs += list(tokenize(tokenizer, list(chosen["text"]), config.max_length))
-        predictions = model(*inputs).argmax(1)
+        predictions = model(*sample_inputs(config, data, chosen, tokenizer)).argmax(1)
         correct += int((predictions == torch.tensor(chosen["label"].to_numpy())).sum())
     return correct / max(len(samples), 1)
 
@@ -131,7 +132,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     """Write artifacts/<model>/ (or <model>_int8/ with the text encoder quantised): model.pt,
     index_to_name.json, preprocessing.json, tokenizer/."""
     model, checkpoint = load_checkpoint(checkpoint_path)
-    config = TrainConfig(**checkpoint["config"])
+    config = config_from(checkpoint["config"])
     if int8 and config.model == "image":
         raise ValueError("--int8 quantises the text encoder: use it with the text or combined model")
     data = CleanData.load(Path(data_dir))

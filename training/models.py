@@ -25,6 +25,12 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
+    def branches(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self(images)]
+
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        return logits[0]
+
 
 class TextCNNHead(nn.Module):
     """Hidden states [B,T,H] + mask [B,T] -> pooled features -> logits.
@@ -61,24 +67,84 @@ class TextCNNHead(nn.Module):
         return self.classifier(self.dropout(self.pooled(hidden, mask)))
 
 
-class TextClassifier(nn.Module):
-    """token ids [B,T] + attention mask [B,T] -> logits, through a BERT-family encoder."""
+class LexicalClassifier(nn.Module):
+    """Hashed term ids + counts [B,L] -> logits: a linear model over TF-IDF-like weights.
 
-    def __init__(self, encoder: nn.Module, num_classes: int, **head_options):
+    Each term weighs (1 + log count) * idf, the weights of a text are L2-normalised, and an
+    EmbeddingBag sums the terms' class weights (fastText-style, so TorchScript runs it and the
+    handler only hashes terms). The idf comes from the training split's products.
+    """
+
+    def __init__(self, buckets: int, num_classes: int):
+        super().__init__()
+        self.buckets = buckets
+        self.bag = nn.EmbeddingBag(buckets, num_classes, mode="sum", padding_idx=0)
+        nn.init.zeros_(self.bag.weight)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.register_buffer("idf", torch.ones(buckets))
+
+    @torch.no_grad()
+    def fit_idf(self, term_ids: list[list[int]]) -> None:
+        """Smoothed inverse document frequency of every bucket over these documents."""
+        frequency = torch.zeros(self.buckets)
+        for ids in term_ids:
+            frequency[torch.tensor(ids, dtype=torch.long)] += 1
+        self.idf.copy_(torch.log((1 + len(term_ids)) / (1 + frequency)) + 1)
+
+    def forward(self, term_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        present = (term_ids > 0).to(counts.dtype)
+        weights = (1 + torch.log(counts.clamp(min=1))) * self.idf[term_ids] * present
+        weights = weights / weights.norm(dim=1, keepdim=True).clamp(min=1e-6)
+        return self.bag(term_ids, per_sample_weights=weights) + self.bias
+
+
+def mix_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the branches' log-probabilities: a late fusion whose weights are chosen
+    on the validation split (each branch trains on its own loss, so none hides another)."""
+    mixed = weights[0] * torch.log_softmax(logits[0].float(), dim=1)
+    for index in range(1, len(logits)):
+        mixed = mixed + weights[index] * torch.log_softmax(logits[index].float(), dim=1)
+    return mixed
+
+
+class TextClassifier(nn.Module):
+    """token ids [B,T] + attention mask [B,T] (+ lexical term ids and counts) -> logits,
+    through a BERT-family encoder and, with `lexical_buckets`, a lexical branch beside it."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, lexical_buckets: int = 0, **head_options):
         super().__init__()
         self.encoder = encoder
         self.head = TextCNNHead(encoder.config.hidden_size, num_classes, **head_options)
         self.feature_dim = self.head.feature_dim
+        self.lexical = LexicalClassifier(lexical_buckets, num_classes) if lexical_buckets else None
+        self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # encoder, lexical
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.hidden_states(input_ids, attention_mask), attention_mask)
+    def branch_logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                      *lexical_inputs: torch.Tensor) -> list[torch.Tensor]:
+        logits = [self.head(hidden, attention_mask)]
+        if self.lexical is not None:
+            logits.append(self.lexical(*lexical_inputs))
+        return logits
+
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix)
+
+    def branches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 *lexical_inputs: torch.Tensor) -> list[torch.Tensor]:
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.branch_logits(hidden, attention_mask, *lexical_inputs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *lexical_inputs: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.branches(input_ids, attention_mask, *lexical_inputs))
 
 
 class CombinedClassifier(nn.Module):
-    """Photo + text -> logits: penultimate features of both branches fused by one linear layer."""
+    """Photo + text -> logits: penultimate features of both branches fused by one linear layer,
+    mixed (when the text model has one) with the text model's lexical branch."""
 
     def __init__(self, image_model: ImageClassifier, text_model: TextClassifier, num_classes: int,
                  dropout: float = 0.2):
@@ -87,6 +153,7 @@ class CombinedClassifier(nn.Module):
         self.text_model = text_model
         self.dropout = nn.Dropout(dropout)
         self.fusion = nn.Linear(image_model.feature_dim + text_model.feature_dim, num_classes)
+        self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # fusion, lexical
 
     @torch.no_grad()
     def init_fusion_from_heads(self) -> None:
@@ -100,7 +167,22 @@ class CombinedClassifier(nn.Module):
         text_features = self.text_model.head.pooled(hidden, attention_mask)
         return self.fusion(self.dropout(torch.cat([image_features, text_features], dim=1)))
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
+    def fused_branches(self, image_features: torch.Tensor, hidden: torch.Tensor,
+                       attention_mask: torch.Tensor, *lexical_inputs: torch.Tensor) -> list[torch.Tensor]:
+        logits = [self.fuse(image_features, hidden, attention_mask)]
+        if self.text_model.lexical is not None:
+            logits.append(self.text_model.lexical(*lexical_inputs))
+        return logits
+
+    def branches(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 *lexical_inputs: torch.Tensor) -> list[torch.Tensor]:
         hidden = self.text_model.hidden_states(input_ids, attention_mask)
-        return self.fuse(self.image_model.features(images), hidden, attention_mask)
+        return self.fused_branches(self.image_model.features(images), hidden, attention_mask,
+                                   *lexical_inputs)
+
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *lexical_inputs: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.branches(images, input_ids, attention_mask, *lexical_inputs))

@@ -6,6 +6,7 @@ seconds); fine-tuning feeds decoded photos and token ids through the whole model
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from handlers.processing import tokenize
+from handlers.processing import lexical_ids, model_inputs
 from training.data import CleanData
 from training.features import (
     cached,
@@ -39,10 +40,24 @@ class TrainablePart(nn.Module):
         super().__init__()
         self.model, self.kind = model, kind
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Each branch's logits (each trains on its own loss)."""
         if self.kind == "combined":
-            return self.model.fuse(*inputs)
-        return self.model.head(*inputs)
+            return self.model.fused_branches(*inputs)
+        if self.kind == "text":
+            return self.model.branch_logits(*inputs)
+        return [self.model.head(*inputs)]
+
+
+class WholeModel(nn.Module):
+    """The whole model, answering with each branch's logits (fine-tuning)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.branches(*inputs)
 
 
 class FrozenTask:
@@ -75,12 +90,22 @@ class FrozenTask:
             return (t["features"][chosen].to(device),)
         rows = chosen if self.kind == "text" else t["product_row"][chosen]
         hidden, mask = t["hidden"][rows].to(device).float(), t["mask"][rows].to(device)
-        if self.kind == "text":
-            return hidden, mask
-        return t["features"][chosen].to(device), hidden, mask
+        text = (hidden, mask, *self._lexical(rows))
+        return text if self.kind == "text" else (t["features"][chosen].to(device), *text)
+
+    def _lexical(self, rows: torch.Tensor) -> tuple:
+        if "lexical" not in self.tensors:
+            return ()
+        pairs = [self.tensors["lexical"][row] for row in rows.tolist()]
+        width = max(1, max(len(ids) for ids, _ in pairs))
+        ids, counts = torch.zeros(len(pairs), width, dtype=torch.long), torch.zeros(len(pairs), width)
+        for position, (row_ids, row_counts) in enumerate(pairs):
+            ids[position, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+            counts[position, :len(row_counts)] = torch.tensor(row_counts)
+        return ids.to(self.device), counts.to(self.device)
 
     def logits(self, inputs: tuple) -> torch.Tensor:
-        return self.network(*inputs)
+        return self.model.combine(self.network(*inputs))
 
 
 def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
@@ -94,6 +119,9 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
         text_model = model if kind == "text" else model.text_model
         products = data.products
         tensors.update(_hidden_states(text_model, products, settings, device, cache_dir))
+        if text_model.lexical is not None:
+            tensors["lexical"] = [lexical_ids(text, text_model.lexical.buckets, settings["lexical_max_chars"])
+                                  for text in products["text"]]
         if kind == "combined":
             row_of = {product_id: row for row, product_id in enumerate(products["id"])}
             tensors["product_row"] = torch.tensor([row_of[p] for p in samples["product_id"]])
@@ -104,10 +132,21 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
 def _image_features(image_model, data: CleanData, samples, settings: dict, device, cache_dir):
     paths = [data.image_path(image_id) for image_id in samples["id"]]
     parts = {"backbone": settings["image_backbone"], "weights": _weights_identity(settings),
+             "state": state_digest(image_model.backbone),
              "image_size": settings["image_size"], "files": file_stamps(paths),
              "normalisation": [image_model.mean.flatten().tolist(), image_model.std.flatten().tolist()]}
     return cached(cache_dir, "image", parts, lambda: compute_image_features(
         image_model, paths, settings["image_size"], device, settings["feature_batch_size"]))
+
+
+def state_digest(module: nn.Module) -> str:
+    """A digest of a module's weights: cached features follow the weights themselves (a
+    combined model over a fine-tuned branch must not reuse the frozen branch's features)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 def _weights_identity(settings: dict):
@@ -121,7 +160,7 @@ def _hidden_states(text_model, products, settings: dict, device, cache_dir):
     from training.text_encoder import load_tokenizer
 
     texts = list(products["text"])
-    parts = {"encoder": encoder_identity(settings["text_encoder"]),
+    parts = {"encoder": encoder_identity(settings["text_encoder"]), "state": state_digest(text_model.encoder),
              "max_length": settings["max_length"], "texts": texts}
     tokenizer = load_tokenizer(settings["text_encoder"])
     return cached(cache_dir, "text", parts, lambda: compute_hidden_states(
@@ -158,7 +197,7 @@ class RawTask:
     def __init__(self, model: nn.Module, kind: str, data: CleanData, settings: dict,
                  device: torch.device, tokenizer=None):
         self.model, self.kind, self.data, self.device = model, kind, data, device
-        self.network = model
+        self.network = WholeModel(model)
         self.settings, self.tokenizer = settings, tokenizer
 
     def size(self, split: str) -> int:
@@ -173,15 +212,18 @@ class RawTask:
         yield from loader
 
     def _collate(self, items: list[dict]) -> Batch:
-        inputs = []
-        if self.kind in ("image", "combined"):
-            inputs.append(torch.stack([item["image"] for item in items]).to(self.device))
-        if self.kind in ("text", "combined"):
-            ids, mask = tokenize(self.tokenizer, [item["text"] for item in items],
-                                 self.settings["max_length"])
-            inputs += [ids.to(self.device), mask.to(self.device)]
+        images = [item["image"] for item in items] if "image" in items[0] else None
+        texts = [item["text"] for item in items] if "text" in items[0] else None
+        inputs = model_inputs(self.kind, images, texts, self.tokenizer, text_settings(self.settings))
         labels = torch.tensor([item["label"] for item in items], device=self.device)
-        return Batch(tuple(inputs), labels)
+        return Batch(tuple(tensor.to(self.device) for tensor in inputs), labels)
 
     def logits(self, inputs: tuple) -> torch.Tensor:
-        return self.network(*inputs)
+        return self.model.combine(self.network(*inputs))
+
+
+def text_settings(settings: dict) -> dict:
+    """The text part of preprocessing.json, from a training configuration."""
+    lexical = settings.get("lexical_buckets") or 0
+    return {"max_length": settings["max_length"],
+            "lexical": {"buckets": lexical, "max_chars": settings["lexical_max_chars"]} if lexical else None}

@@ -53,20 +53,30 @@ def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) 
         weights = config.image_weights if pretrained else "none"
         return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
     if config.model == "text":
-        return TextClassifier(load_encoder(config.text_encoder)[0], num_classes)
+        return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets)
     if config.model == "combined":
-        image = build_model(TrainConfig(**config.branches["image"]), num_classes, pretrained)
-        text = build_model(TrainConfig(**config.branches["text"]), num_classes, pretrained)
+        image = build_model(config_from(config.branches["image"]), num_classes, pretrained)
+        text = build_model(config_from(config.branches["text"]), num_classes, pretrained)
         return CombinedClassifier(image, text, num_classes)
     raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODEL_KINDS)}")
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
-    """Write to a temporary file and rename, so a crash never leaves half a checkpoint."""
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".partial")
-    torch.save({"config": asdict(config), "state_dict": model.state_dict(), **extra}, temporary)
+    temporary = path.with_suffix(path.suffix + ".partial")
+    torch.save(obj, temporary)
     os.replace(temporary, path)
+
+
+def config_from(saved: dict) -> TrainConfig:
+    """The configuration a checkpoint was trained with (older ones had no lexical branch)."""
+    return TrainConfig(**({"lexical_buckets": 0} | saved))
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
+    atomic_save({"config": asdict(config), "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
@@ -75,7 +85,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found: train that model first")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    config = TrainConfig(**checkpoint["config"])
+    config = config_from(checkpoint["config"])
     model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.eval(), checkpoint
@@ -88,8 +98,8 @@ def _combined_branches(config: TrainConfig) -> nn.Module:
     config.branches = {"image": image_checkpoint["config"], "text": text_checkpoint["config"]}
     for name in ("image_backbone", "image_weights", "image_size"):
         setattr(config, name, config.branches["image"][name])
-    for name in ("text_encoder", "max_length"):
-        setattr(config, name, config.branches["text"][name])
+    for name in ("text_encoder", "max_length", "lexical_buckets", "lexical_max_chars"):
+        setattr(config, name, config.branches["text"].get(name, 0))
     model = CombinedClassifier(image, text, len(image_checkpoint["index_to_name"]))
     model.init_fusion_from_heads()
     return model
@@ -118,7 +128,20 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     if config.model == "combined":  # the single models' output layers are not on its path
         image.head.requires_grad_(False)
         text.head.classifier.requires_grad_(False)
+        if text.lexical is not None:  # trained with the text model; mixed in, not retrained
+            text.lexical.requires_grad_(False)
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """What the optimiser updates, the lexical branch at its own learning rate."""
+    trainable = set_trainable(model, config)
+    lexical = getattr(getattr(model, "text_model", model), "lexical", None)
+    lexical_ids = {id(p) for p in lexical.parameters()} if lexical is not None else set()
+    groups = [{"params": [p for p in trainable if id(p) not in lexical_ids]},
+              {"params": [p for p in trainable if id(p) in lexical_ids], "lr": config.lexical_lr,
+               "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def _train_mode(model: nn.Module, config: TrainConfig) -> None:
@@ -140,8 +163,10 @@ def run_epoch(task, split: str, batch_size: int, order: list[int] | None = None,
     with torch.set_grad_enabled(optimizer is not None):
         for batch in task.batches(split, batch_size, order, train=optimizer is not None):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = forward(*batch.inputs)
-            loss = nn.functional.cross_entropy(logits.float(), batch.labels)
+                branches = forward(*batch.inputs)
+            # every branch learns from its own loss; the answer mixes them (weights chosen on val)
+            loss = sum(nn.functional.cross_entropy(logits.float(), batch.labels) for logits in branches)
+            logits = task.model.combine(branches)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -163,14 +188,17 @@ def train(config: TrainConfig) -> Path:
         with cluster.main_first():  # rank 0 fills the feature cache, the others read it
             model = _combined_branches(config) if config.model == "combined" else \
                 build_model(config, data.num_classes)
+            fit_lexical_idf(model, config, data)
             model.to(device)
             task = make_task(model, config, data, device)
         for split in ("train", "val"):
             if task.size(split) == 0:
                 raise ValueError(f"the {split} split has no {config.model} samples")
-        parameters = set_trainable(model, config)
-        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr,
+                                      weight_decay=config.weight_decay)
         best_path = _fit(model, task, optimizer, config, data, device, cluster)
+        if cluster.is_main and has_lexical(model):
+            choose_mix(best_path, task, config)
         cluster.barrier()  # nobody returns while rank 0 is still writing checkpoints
         return best_path
     finally:
@@ -208,6 +236,50 @@ def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device,
         writer.close()
         _store_full_history(best_path, history)
     return best_path
+
+
+def has_lexical(model: nn.Module) -> bool:
+    text = getattr(model, "text_model", model)
+    return getattr(text, "lexical", None) is not None
+
+
+def fit_lexical_idf(model: nn.Module, config: TrainConfig, data: CleanData) -> None:
+    """The lexical branch's idf, from the training split's products."""
+    if config.model != "text" or model.lexical is None:
+        return
+    from handlers.processing import lexical_ids
+
+    train_texts = data.samples("text", "train")["text"]
+    model.lexical.fit_idf([lexical_ids(text, config.lexical_buckets, config.lexical_max_chars)[0]
+                           for text in train_texts])
+
+
+MIX_GRID = [step / 20 for step in range(21)]
+
+
+@torch.no_grad()
+def choose_mix(best_path: Path, task, config: TrainConfig) -> float:
+    """Weight of the lexical branch against the other, chosen on the validation split and
+    stored in the best checkpoint."""
+    checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
+    task.model.load_state_dict(checkpoint["state_dict"], strict=True)
+    task.model.eval()
+    outputs, labels = [], []
+    for batch in task.batches("val", config.batch_size):
+        outputs.append([torch.log_softmax(o.float(), 1).cpu() for o in task.network(*batch.inputs)])
+        labels.append(batch.labels.cpu())
+    first, second = (torch.cat([o[i] for o in outputs]) for i in (0, 1))
+    labels = torch.cat(labels)
+    scores = [((1 - w) * first + w * second).argmax(1).eq(labels).float().mean().item() for w in MIX_GRID]
+    best = MIX_GRID[max(range(len(MIX_GRID)), key=lambda i: (scores[i], -abs(MIX_GRID[i] - 0.5)))]
+    task.model.mix.copy_(torch.tensor([1 - best, best]))
+    checkpoint["state_dict"] = task.model.state_dict()
+    checkpoint["mix"] = {"lexical_weight": best, "val_accuracy": max(scores),
+                         "val_accuracy_by_weight": dict(zip(MIX_GRID, scores, strict=True))}
+    atomic_save(checkpoint, best_path)
+    tqdm.write(f"{config.model}: lexical weight {best:.2f} (val accuracy {max(scores):.3f}; "
+               f"without it {scores[0]:.3f}, lexical alone {scores[-1]:.3f})")
+    return best
 
 
 def _one_epoch(model, task, forward, optimizer, config: TrainConfig, device, cluster: Cluster,
@@ -267,6 +339,4 @@ def _store_full_history(path: Path, history: list[dict]) -> None:
     """The best checkpoint keeps the curves of the whole run, for the report."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint["history"] = history
-    temporary = path.with_suffix(".partial")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    atomic_save(checkpoint, path)
