@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from http import HTTPStatus
 from pathlib import Path
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.payloads import Listing
@@ -76,13 +78,25 @@ class ListingHandler(BaseHandler):
 
     # ------------------------------------------------------------ hooks
     def handle(self, data: list, context) -> list:
+        started = time.perf_counter()
         self.context = context
         requests = [self.parse(index, request) for index, request in enumerate(data)]
         valid = [request for request in requests if isinstance(request, Envelope)]
         items = [item for request in valid for item in request.items]
         probabilities = self.inference(items) if items else None
         logger.info("batch_size=%d valid=%d listings=%d", len(data), len(valid), len(items))
-        return self.respond(requests, probabilities)
+        responses = self.respond(requests, probabilities)
+        self.record_metrics(started, len(data), len(items))
+        return responses
+
+    def record_metrics(self, started: float, requests: int, listings: int) -> None:
+        """TorchServe's HandlerTime, as BaseHandler.handle emits it, and the batch's size."""
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None:
+            return
+        metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        for name, value in (("RequestsPerBatch", requests), ("ListingsPerBatch", listings)):
+            metrics.add_metric(name, value, unit="count", metric_type=MetricTypes.GAUGE)
 
     def parse(self, index: int, request: dict):
         """One request -> an Envelope whose `items` are prepared listings, or the exception

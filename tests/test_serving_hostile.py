@@ -127,3 +127,13 @@ def test_grpc_client_raises_the_refusal_code(server):
         grpc_predict(target, "text", None, {"text": "   "}, 3, server["token"])
     with pytest.raises(ClientError, match="gRPC"):
         grpc_predict(target, "no-such-model", None, {"text": "a"}, 3, server["token"])
+
+
+def test_handler_metrics_reach_the_metrics_endpoint(server):
+    for text in TEXTS:
+        assert post(server, "text", text.encode(), "text/plain").status_code == 200
+    metrics = requests.get(f"{server['properties']['metrics_address']}/metrics", timeout=10).text
+    for name in ("HandlerTime", "PredictionTime", "RequestsPerBatch", "ListingsPerBatch"):
+        lines = [line for line in metrics.splitlines() if line.startswith(name) and 'ModelName="text"' in line]
+        assert lines, name
+        assert float(lines[0].rsplit(" ", 1)[1]) > 0, lines[0]
