@@ -134,6 +134,7 @@ def test_handler_metrics_reach_the_metrics_endpoint(server):
         assert post(server, "text", text.encode(), "text/plain").status_code == 200
     metrics = requests.get(f"{server['properties']['metrics_address']}/metrics", timeout=10).text
     for name in ("HandlerTime", "PredictionTime", "RequestsPerBatch", "ListingsPerBatch"):
-        lines = [line for line in metrics.splitlines() if line.startswith(name) and 'ModelName="text"' in line]
+        lines = [line for line in metrics.splitlines()
+                 if line.startswith(name) and 'ModelName="text"' in line]
         assert lines, name
         assert float(lines[0].rsplit(" ", 1)[1]) > 0, lines[0]
