@@ -3,6 +3,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
 from training.data import CleanData
@@ -211,3 +212,19 @@ def test_interrupted_training_leaves_whole_checkpoints_and_resumes_exactly(train
     resumed_history = torch.load(resumed, weights_only=False)["history"]
     assert [row["epoch"] for row in resumed_history] == list(range(1, total + 1))
     assert resumed_history == torch.load(straight, weights_only=False)["history"]
+
+
+def test_fine_tuning_starts_from_a_trained_run_and_combined_takes_branches_from_anywhere(trained,
+                                                                                        tmp_path):
+    frozen, _ = load_checkpoint(trained["paths"]["image"])
+    config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path / "tuned"), epochs=1,
+                     finetune="last", cache_dir=None, lr=0.0, init_from=str(trained["paths"]["image"]))
+    tuned, _ = load_checkpoint(train(config))
+    assert torch.equal(tuned.head[-1].weight, frozen.head[-1].weight)  # lr 0: still the frozen run's
+    with pytest.raises(ValueError, match="holds a text model"):
+        train(replace(config, init_from=str(trained["paths"]["text"])))
+    combined = replace(trained["configs"]["combined"], checkpoint_dir=str(tmp_path / "elsewhere"),
+                       epochs=1, image_checkpoint=str(tmp_path / "tuned" / "image" / "best.pt"),
+                       text_checkpoint=str(trained["paths"]["text"]))
+    _, checkpoint = load_checkpoint(train(combined))
+    assert checkpoint["config"]["branches"]["image"]["finetune"] == "last"

@@ -29,6 +29,9 @@ TRAIN_OPTIONS = {
     "feature_batch_size": "batch size when computing frozen features",
     "num_workers": "data loader processes when fine-tuning",
     "cache_dir": "where frozen features are cached",
+    "init_from": "start from this checkpoint's weights (same model), e.g. fine-tune from a frozen run",
+    "image_checkpoint": "combined: the image branch's checkpoint (default: <checkpoint-dir>/image/best.pt)",
+    "text_checkpoint": "combined: the text branch's checkpoint (default: <checkpoint-dir>/text/best.pt)",
     "checkpoint_dir": "where checkpoints/<model>/best.pt goes",
     "runs_dir": "TensorBoard logs",
 }

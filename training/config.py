@@ -32,6 +32,9 @@ class TrainConfig:
     feature_batch_size: int = 32
     num_workers: int = 0
     resume: bool = False  # continue from checkpoints/<model>/last.pt
+    init_from: str | None = None  # start from this checkpoint's weights (e.g. the frozen run's head)
+    image_checkpoint: str | None = None  # combined: the image branch (default <checkpoint_dir>/image)
+    text_checkpoint: str | None = None  # combined: the text branch (default <checkpoint_dir>/text)
     branches: dict = field(default_factory=dict)  # combined: the image and text configs
 
     @property

@@ -93,8 +93,9 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
 
 def _combined_branches(config: TrainConfig) -> nn.Module:
     """Combined model initialised from the trained image and text checkpoints."""
-    image, image_checkpoint = load_checkpoint(Path(config.checkpoint_dir) / "image" / "best.pt")
-    text, text_checkpoint = load_checkpoint(Path(config.checkpoint_dir) / "text" / "best.pt")
+    folder = Path(config.checkpoint_dir)
+    image, image_checkpoint = load_checkpoint(config.image_checkpoint or folder / "image" / "best.pt")
+    text, text_checkpoint = load_checkpoint(config.text_checkpoint or folder / "text" / "best.pt")
     config.branches = {"image": image_checkpoint["config"], "text": text_checkpoint["config"]}
     for name in ("image_backbone", "image_weights", "image_size"):
         setattr(config, name, config.branches["image"][name])
@@ -189,6 +190,8 @@ def train(config: TrainConfig) -> Path:
             model = _combined_branches(config) if config.model == "combined" else \
                 build_model(config, data.num_classes)
             fit_lexical_idf(model, config, data)
+            if config.init_from:
+                start_from(model, Path(config.init_from), config)
             model.to(device)
             task = make_task(model, config, data, device)
         for split in ("train", "val"):
@@ -236,6 +239,22 @@ def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device,
         writer.close()
         _store_full_history(best_path, history)
     return best_path
+
+
+def start_from(model: nn.Module, path: Path, config: TrainConfig) -> None:
+    """Load another run's weights strictly (same architecture), e.g. fine-tuning from the
+    frozen run's trained head instead of a random one."""
+    if not path.exists():
+        raise FileNotFoundError(f"--init-from: checkpoint {path} not found")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint["config"]["model"] != config.model:
+        raise ValueError(f"--init-from: {path} holds a {checkpoint['config']['model']} model, "
+                         f"not {config.model}")
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"--init-from: {path} does not fit this model ({str(error).splitlines()[0]})"
+                         ) from error
 
 
 def has_lexical(model: nn.Module) -> bool:
