@@ -38,8 +38,8 @@ HTTP_ONLY_HEADERS = ("host", "content-length", "transfer-encoding")
 def optimise_for_device(model, device: torch.device, enabled: bool):
     """Freeze and apply optimize_for_inference (conv-BN folding, oneDNN kernels) on CPU.
 
-    Only on CPU: the oneDNN layout it chooses does not run on CUDA. Measured per model in
-    `make bench`: the image model gained 43% in items/s, the text model lost 7%.
+    Only on CPU: the oneDNN layout it chooses does not run on CUDA. Whether it pays is measured
+    per model by `make bench` (docs/benchmark.md); the archives turn it on where it did.
     """
     if not enabled or device.type != "cpu":
         return model

@@ -154,7 +154,7 @@ def preprocessing_share(inputs: Inputs, model_rate_per_item: float, seconds: flo
 def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, seconds: float) -> float:
     """The original study's service: eager model, one request at a time, full-size decoding,
     text padded to 200 tokens."""
-    from training.train import load_checkpoint
+    from training.checkpoints import load_checkpoint
 
     torch.set_num_threads(threads)
     eager, _ = load_checkpoint(checkpoint)

@@ -228,3 +228,10 @@ def test_fine_tuning_starts_from_a_trained_run_and_combined_takes_branches_from_
                        text_checkpoint=str(trained["paths"]["text"]))
     _, checkpoint = load_checkpoint(train(combined))
     assert checkpoint["config"]["branches"]["image"]["finetune"] == "last"
+
+
+def test_evaluation_and_export_load_checkpoints_without_the_training_loop():
+    probe = ("import sys, training.evaluate, training.export; "
+             "print(sorted(m for m in sys.modules if 'tensorboard' in m or m == 'training.train'))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -13,7 +13,7 @@ from training.efficientnet_lite import VARIANTS, EfficientNetLite
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The EfficientNet-Lite weights were converted from TensorFlow, trained on inputs in [-1, 1]:
-# a linear probe on real listings measured 44.0% with this and 39.2% with ImageNet's mean/std.
+# a linear probe on real listings scored clearly better with this than with ImageNet's mean/std.
 HALF = (0.5, 0.5, 0.5)
 BACKBONES = ("resnet50", *VARIANTS)
 

@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from training.checkpoints import choose_device, load_checkpoint
+from training.config import TrainConfig
 from training.data import CleanData
-from training.train import TrainConfig, choose_device, load_checkpoint, make_task
+from training.tasks import make_task
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)

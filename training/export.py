@@ -15,11 +15,12 @@ import torch
 
 from handlers.processing import model_inputs
 from training.categories import write_index_to_name
+from training.checkpoints import config_from, load_checkpoint
+from training.config import TrainConfig
 from training.data import CleanData
 from training.features import load_model_image
 from training.tasks import text_settings
 from training.text_encoder import load_tokenizer
-from training.train import TrainConfig, config_from, load_checkpoint
 
 PARITY_TOLERANCE = 1e-4
 BATCH_SIZES = (1, 3, 8)

@@ -7,7 +7,7 @@ seconds); fine-tuning feeds decoded photos and token ids through the whole model
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from training.features import (
     file_stamps,
     load_model_image,
 )
-from training.text_encoder import encoder_identity
+from training.text_encoder import encoder_identity, load_tokenizer
 
 
 @dataclass
@@ -227,3 +227,13 @@ def text_settings(settings: dict) -> dict:
     lexical = settings.get("lexical_buckets") or 0
     return {"max_length": settings["max_length"],
             "lexical": {"buckets": lexical, "max_chars": settings["lexical_max_chars"]} if lexical else None}
+
+
+def make_task(model: nn.Module, config, data: CleanData, device: torch.device):
+    """The frozen (cached features) or whole-model task a training configuration asks for."""
+    settings = asdict(config)
+    if config.frozen:
+        cache = Path(config.cache_dir) if config.cache_dir else None
+        return frozen_task(model, config.model, data, settings, device, cache)
+    tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
+    return RawTask(model, config.model, data, settings, device, tokenizer)

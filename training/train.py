@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +11,16 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from training.backbones import build_backbone
+from training.checkpoints import (
+    atomic_save,
+    build_model,
+    choose_device,
+    config_from,
+    load_checkpoint,
+    save_checkpoint,
+)
 from training.config import TrainConfig
-from training.data import MODEL_KINDS, CleanData
+from training.data import CleanData
 from training.distributed import (
     ALONE,
     Cluster,
@@ -26,69 +31,16 @@ from training.distributed import (
     train_order,
     wrap,
 )
-from training.models import CombinedClassifier, ImageClassifier, TextClassifier
-from training.tasks import RawTask, frozen_task
-from training.text_encoder import load_encoder
+from training.models import CombinedClassifier
+from training.tasks import make_task
 
 CPU = torch.device("cpu")
-
-
-def choose_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------- models and checkpoints
-def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    if config.model == "image":
-        weights = config.image_weights if pretrained else "none"
-        return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
-    if config.model == "text":
-        return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets)
-    if config.model == "combined":
-        image = build_model(config_from(config.branches["image"]), num_classes, pretrained)
-        text = build_model(config_from(config.branches["text"]), num_classes, pretrained)
-        return CombinedClassifier(image, text, num_classes)
-    raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODEL_KINDS)}")
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".partial")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def config_from(saved: dict) -> TrainConfig:
-    """The configuration a checkpoint was trained with (older ones had no lexical branch)."""
-    return TrainConfig(**({"lexical_buckets": 0} | saved))
-
-
-def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
-    atomic_save({"config": asdict(config), "state_dict": model.state_dict(), **extra}, path)
-
-
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint was trained as and load its weights strictly."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found: train that model first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    config = config_from(checkpoint["config"])
-    model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False)
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
-    return model.eval(), checkpoint
 
 
 def _combined_branches(config: TrainConfig) -> nn.Module:
@@ -107,15 +59,6 @@ def _combined_branches(config: TrainConfig) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the loop
-def make_task(model: nn.Module, config: TrainConfig, data: CleanData, device: torch.device):
-    settings = asdict(config)
-    if config.frozen:
-        cache = Path(config.cache_dir) if config.cache_dir else None
-        return frozen_task(model, config.model, data, settings, device, cache)
-    tokenizer = load_encoder(config.text_encoder)[1] if config.model != "image" else None
-    return RawTask(model, config.model, data, settings, device, tokenizer)
-
-
 def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     """Freeze what the training mode keeps fixed; return what the optimiser updates."""
     image = model if config.model == "image" else getattr(model, "image_model", None)
@@ -359,3 +302,6 @@ def _store_full_history(path: Path, history: list[dict]) -> None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint["history"] = history
     atomic_save(checkpoint, path)
+
+
+__all__ = ["TrainConfig", "build_model", "choose_device", "config_from", "load_checkpoint", "train"]

@@ -1,0 +1,68 @@
+"""Checkpoints: building the model a configuration describes, and saving and loading its
+weights atomically and strictly. Evaluation, export and the benchmark need only this module."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.backbones import build_backbone
+from training.config import TrainConfig
+from training.data import MODEL_KINDS
+from training.models import CombinedClassifier, ImageClassifier, TextClassifier
+from training.text_encoder import load_encoder
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    if config.model == "image":
+        weights = config.image_weights if pretrained else "none"
+        return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
+    if config.model == "text":
+        return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets)
+    if config.model == "combined":
+        image = build_model(config_from(config.branches["image"]), num_classes, pretrained)
+        text = build_model(config_from(config.branches["text"]), num_classes, pretrained)
+        return CombinedClassifier(image, text, num_classes)
+    raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".partial")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def config_from(saved: dict) -> TrainConfig:
+    """The configuration a checkpoint was trained with (older ones had no lexical branch)."""
+    return TrainConfig(**({"lexical_buckets": 0} | saved))
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
+    atomic_save({"config": asdict(config), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was trained as and load its weights strictly."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found: train that model first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = config_from(checkpoint["config"])
+    model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.eval(), checkpoint
