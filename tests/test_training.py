@@ -103,6 +103,10 @@ def test_evaluation_writes_its_reports(trained, tmp_path):
     assert low <= listing["accuracy"] <= high and saved["accuracy_95ci"][0] <= saved["accuracy"]
     for pair in listing["most_confused"]:
         assert pair["true"] != pair["predicted"] and pair["count"] >= 1 and pair["example"]
+    branches = saved["branches"]  # the ablation inside the model: each branch alone and the mix
+    assert len(branches) == 3 and all(0 <= value <= 1 for value in branches.values())
+    assert [v for k, v in branches.items() if k.startswith("mixed")] == [listing["accuracy"]]
+    assert "lexical branch alone" in (tmp_path / "summary.md").read_text()
 
 
 def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.checkpoints import choose_device, load_checkpoint
+from training.checkpoints import choose_device, config_from, load_checkpoint
 from training.config import TrainConfig
 from training.data import CleanData
 from training.tasks import make_task
@@ -44,15 +44,35 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
 @torch.inference_mode()
 def predict_split(model, config: TrainConfig, data: CleanData, split: str,
                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and class probabilities of every sample of a split, in the split's order."""
+    """Labels, class probabilities and each branch's log-probabilities of every sample of a
+    split, in the split's order."""
     task = make_task(model.to(device).eval(), config, data, device)
-    labels, probabilities = [], []
+    labels, probabilities, branches = [], [], []
     for batch in task.batches(split, config.batch_size):
+        outputs = task.network(*batch.inputs)
         labels.append(batch.labels.cpu())
-        probabilities.append(torch.softmax(task.logits(batch.inputs).float(), 1).cpu())
+        probabilities.append(torch.softmax(model.combine(outputs).float(), 1).cpu())
+        branches.append([torch.log_softmax(output.float(), 1).cpu() for output in outputs])
     if not labels:
         raise ValueError(f"the {split} split has no {config.model} samples")
-    return torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
+    per_branch = [torch.cat([batch[i] for batch in branches]).numpy() for i in range(len(branches[0]))]
+    return torch.cat(labels).numpy(), torch.cat(probabilities).numpy(), per_branch
+
+
+def branch_ablation(samples, labels: np.ndarray, branches: list[np.ndarray], mix: list[float],
+                    names: list[str], texts: dict) -> dict:
+    """Per-listing accuracy of each branch alone and of their mix (the weight chosen on val)."""
+    if len(branches) < 2:
+        return {}
+    first, lexical = branches
+    rows = {"encoder/fusion branch alone": first, "lexical branch alone": lexical,
+            f"mixed ({mix[0]:.2f} / {mix[1]:.2f}, chosen on val)": mix[0] * first + mix[1] * lexical}
+    return {name: listing_metrics(samples, labels, softmax(values), names, texts)["accuracy"]
+            for name, values in rows.items()}
+
+
+def softmax(values: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(values), dim=1).numpy()
 
 
 def per_listing(samples, labels: np.ndarray, probabilities: np.ndarray
@@ -110,16 +130,18 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
              device: str = "auto") -> dict:
     """Write reports/<model>/ (metrics.json, confusion_matrix.png, curves.png) and return the metrics."""
     model, checkpoint = load_checkpoint(checkpoint_path)
-    config = replace(TrainConfig(**checkpoint["config"]), data_dir=str(data_dir))
+    config = replace(config_from(checkpoint["config"]), data_dir=str(data_dir))
     data = CleanData.load(Path(data_dir))
     names = [checkpoint["index_to_name"][str(i)] for i in range(len(checkpoint["index_to_name"]))]
-    labels, probabilities = predict_split(model, config, data, split, choose_device(device))
+    labels, probabilities, branches = predict_split(model, config, data, split, choose_device(device))
     metrics = classification_metrics(labels, probabilities.argmax(1), names)
     metrics["accuracy_95ci"] = bootstrap_interval(probabilities.argmax(1) == labels)
     samples = data.samples(config.model, split)
     texts = dict(zip(data.products["id"], data.products["text"], strict=True))
     metrics["listing"] = listing_metrics(samples, labels, probabilities, names, texts)
     metrics["product_accuracy"] = metrics["listing"]["accuracy"]
+    metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
+                                          if hasattr(model, "mix") else [1.0, 0.0], names, texts)
     metrics.update(model=config.model, split=split, unit="product" if config.model == "text" else "photo",
                    training=describe_training(config), best_epoch=checkpoint["best_epoch"],
                    best_val_accuracy=checkpoint["best_val_accuracy"])
@@ -135,13 +157,15 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
 
 def describe_training(config: TrainConfig) -> str:
     if config.model == "combined":
-        image, text = TrainConfig(**config.branches["image"]), TrainConfig(**config.branches["text"])
+        image, text = config_from(config.branches["image"]), config_from(config.branches["text"])
         return f"fusion of [{describe_training(image)}] and [{describe_training(text)}]"
     if config.model == "image":
         mode = "frozen backbone" if config.finetune == "none" else f"fine-tuned ({config.finetune})"
         return f"{config.image_backbone} ({config.image_weights} weights), {mode}, {config.image_size}px"
     mode = "fine-tuned encoder" if config.finetune_encoder else "frozen encoder"
-    return f"{config.text_encoder} encoder, {mode}, 1-D CNN head, max {config.max_length} tokens"
+    lexical = f" + hashed n-gram lexical branch ({config.lexical_buckets} buckets)" \
+        if config.lexical_buckets else ""
+    return f"{config.text_encoder} encoder, {mode}, 1-D CNN head, max {config.max_length} tokens{lexical}"
 
 
 def plot_confusion(confusion: np.ndarray, names: list[str], path: Path, title: str) -> None:
@@ -199,6 +223,13 @@ def write_summary(reports_dir: Path) -> str:
         confused += [f"| {model} | {pair['true']} | {pair['predicted']} | {pair['count']} | "
                      f"{pair['example'].replace('|', '/')} |" for pair in listing.get("most_confused", [])]
     table = "\n".join(lines) + "\n"
+    ablation = [f"| {model} | {name} | {accuracy:.3f} |" for model in ("text", "combined")
+                if (reports_dir / model / "metrics.json").exists()
+                for name, accuracy in json.loads((reports_dir / model / "metrics.json").read_text())
+                .get("branches", {}).items()]
+    if ablation:
+        table += ("\nBranches of the same model, per listing:\n\n| model | answer from | accuracy |\n"
+                  "|---|---|---|\n" + "\n".join(ablation) + "\n")
     if confused:
         table += ("\nMost confused pairs per listing (true -> predicted), with one listing each:\n\n"
                   "| model | true | predicted | listings | example |\n|---|---|---|---|---|\n"
