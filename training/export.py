@@ -147,6 +147,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     with torch.inference_mode(), warnings.catch_warnings():
         # Shape-derived constants (e.g. 'same' padding for the fixed image size) are intended.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is what TorchServe 0.12 loads
         scripted = torch.jit.trace(model, batches[1], check_trace=False)
     with torch.inference_mode():
         expected = [model(*inputs) for inputs in batches]

@@ -117,7 +117,8 @@ class TextClassifier(nn.Module):
         self.head = TextCNNHead(encoder.config.hidden_size, num_classes, **head_options)
         self.feature_dim = self.head.feature_dim
         self.lexical = LexicalClassifier(lexical_buckets, num_classes) if lexical_buckets else None
-        self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # encoder, lexical
+        if self.lexical is not None:
+            self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # encoder, lexical
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -153,7 +154,8 @@ class CombinedClassifier(nn.Module):
         self.text_model = text_model
         self.dropout = nn.Dropout(dropout)
         self.fusion = nn.Linear(image_model.feature_dim + text_model.feature_dim, num_classes)
-        self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # fusion, lexical
+        if text_model.lexical is not None:
+            self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # fusion, lexical
 
     @torch.no_grad()
     def init_fusion_from_heads(self) -> None:
