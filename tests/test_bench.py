@@ -26,3 +26,13 @@ def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, t
         assert re.search(rf"\| \d+ worker\(s\) x \d+ thread\(s\) \(vs \d+ x \d+\) \| {model} \|", table)
     assert "| channels-last | image |" in table
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_speed_measures_every_exported_model(artifacts, capsys):
+    from scripts import model_speed
+
+    folders = [artifacts / kind for kind in ("image", "text", "combined")]
+    assert model_speed.main([*map(str, folders), "--seconds", "0.2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["folder"] for row in rows] == [str(folder) for folder in folders]
+    assert all(row["items_per_second"] > 0 for row in rows)

@@ -1,0 +1,65 @@
+"""In-process items/s of exported models at batch 4 on one thread (what one serving worker gets).
+
+Usage: python scripts/model_speed.py artifacts/image artifacts/real/image ... [--seconds 8]
+The inputs are prepared beforehand (decoding and tokenizing are not timed); `make bench` measures
+the served figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from handlers.processing import model_image_from_bytes, model_inputs
+
+TEXT = "Sony PS4 Pro 1TB with two controllers and five games, boxed, collection only. " * 3
+BATCH = 4
+
+
+def items_per_second(folder: Path, seconds: float) -> float:
+    settings = json.loads((folder / "preprocessing.json").read_text())
+    model = torch.jit.load(str(folder / "model.pt"), map_location="cpu").eval()
+    tokenizer = None
+    if "text" in settings:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    images = None
+    if "image" in settings:
+        photo = io.BytesIO()
+        Image.new("RGB", (1000, 750), (120, 40, 200)).save(photo, "JPEG")
+        images = [model_image_from_bytes(photo.getvalue(), settings["image"]["size"])] * BATCH
+    inputs = model_inputs(settings["model"], images, [TEXT] * BATCH if tokenizer else None, tokenizer,
+                          settings.get("text"))
+    with torch.inference_mode():
+        for _ in range(3):
+            model(*inputs)
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            model(*inputs)
+            calls += 1
+    return calls * BATCH / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="artifacts/<model> folders")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    for folder in args.folders:
+        if not (folder / "model.pt").exists():
+            parser.error(f"{folder} has no model.pt: export the model first")
+        rate = items_per_second(folder, args.seconds)
+        print(json.dumps({"folder": str(folder), "items_per_second": round(rate, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
