@@ -24,15 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve  # noqa: E402
-from archive import MODEL_CONFIG, MODEL_HANDLER_OPTIONS, build_archive  # noqa: E402
-from load import make_request, run_load  # noqa: E402
-
-ROOT = serve.ROOT
-sys.path.insert(0, str(ROOT))
-from handlers.listing_handler import optimise_for_device  # noqa: E402
-from handlers.processing import (  # noqa: E402
+from handlers.listing_handler import optimise_for_device
+from handlers.processing import (
     decode_image,
     fit_to_square,
     free_text,
@@ -41,6 +34,11 @@ from handlers.processing import (  # noqa: E402
     model_image_from_bytes,
     model_inputs,
 )
+from scripts import serve
+from scripts.archive import MODEL_CONFIG, MODEL_HANDLER_OPTIONS, build_archive
+from scripts.load import make_request, run_load
+
+ROOT = serve.ROOT
 
 MODELS = ("image", "text", "combined")
 BATCH_SIZES = (1, 4, 8, 16)

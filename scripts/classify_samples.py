@@ -4,15 +4,11 @@ and print each answer beside the true category."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from predict import grpc_predict, rest_predict  # noqa: E402
-from serve import ROOT, read_key, read_properties  # noqa: E402
-
-sys.path.insert(0, str(ROOT))
-from training.data import CleanData  # noqa: E402
+from scripts.predict import grpc_predict, rest_predict
+from scripts.serve import ROOT, read_key, read_properties
+from training.data import CleanData
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from archive import MODEL_CONFIG, MODELS, add_batching_options, batching_config  # noqa: E402
+from scripts.archive import MODEL_CONFIG, MODELS, add_batching_options, batching_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storageUri's contents

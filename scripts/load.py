@@ -11,7 +11,6 @@ import io
 import json
 import random
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +19,7 @@ from pathlib import Path
 import requests
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import ROOT, read_key, read_properties  # noqa: E402
+from scripts.serve import ROOT, read_key, read_properties
 
 WORDS = ("sofa", "table", "chairs", "oak", "console", "ps5", "controller", "kettle", "drill", "bike",
          "helmet", "dress", "boots", "laptop", "monitor", "pram", "cot", "perfume", "guitar", "vinyl",

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import ROOT, read_key, read_properties  # noqa: E402  (script beside this one)
+from scripts.serve import ROOT, read_key, read_properties
 
 
 class ClientError(RuntimeError):
@@ -54,7 +53,7 @@ def grpc_stubs():
         import inference_pb2
         import inference_pb2_grpc
     except ImportError:  # not generated at install time: generate now, beside the project
-        from grpc_stubs import generate
+        from scripts.grpc_stubs import generate
 
         out = ROOT / "build" / "grpc"
         generate(out)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve  # noqa: E402
-from archive import MODEL_CONFIG  # noqa: E402
-from bench import temporary_server  # noqa: E402
-from load import make_request, post_payload  # noqa: E402
+from scripts import serve
+from scripts.archive import MODEL_CONFIG
+from scripts.bench import temporary_server
+from scripts.load import make_request, post_payload
 
 ROOT = serve.ROOT
 MODELS = ("image", "text", "combined")

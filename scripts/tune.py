@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from archive import MODEL_CONFIG  # noqa: E402
-from bench import MODELS, ROOT, served  # noqa: E402
+from scripts.archive import MODEL_CONFIG
+from scripts.bench import MODELS, ROOT, served
 
 
 def tune(artifacts: Path, workers: list[int], batch_sizes: list[int], repeats: int,
