@@ -188,9 +188,8 @@ def temporary_server(artifacts: Path, models: list[str], model_config: dict):
         for model in models:
             build_archive(model, artifacts, store, root=project, model_config=model_config)
         config = Path(folder) / "config.properties"
-        lines = [line for line in (ROOT / "config.properties").read_text().splitlines()
-                 if not line.startswith("load_models=")]
-        config.write_text("\n".join(lines + [f"load_models={','.join(m + '.mar' for m in models)}"]) + "\n")
+        serve.derive_config(ROOT / "config.properties", config,
+                            {"load_models": ",".join(m + ".mar" for m in models)})
         try:
             serve.start(config, store, state, timeout=300)
             yield serve.read_properties(config), state

@@ -35,6 +35,20 @@ def read_properties(path: Path) -> dict[str, str]:
     return properties
 
 
+def derive_config(source: Path, destination: Path, changes: dict[str, str]) -> dict[str, str]:
+    """Write `source` with the settings in `changes` replaced (or added at the end), comments and
+    everything else kept; return the written settings. The one way configs are derived."""
+    lines, seen = [], set()
+    for line in Path(source).read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.lstrip().startswith("#") and "=" in line and key in changes:
+            line, _ = f"{key}={changes[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{key}={value}" for key, value in changes.items() if key not in seen]
+    Path(destination).write_text("\n".join(lines) + "\n")
+    return read_properties(destination)
+
+
 def model_names(properties: dict) -> list[str]:
     """The models a config loads: its model_snapshot's, else those named in load_models."""
     if properties.get("model_snapshot"):

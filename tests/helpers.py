@@ -35,20 +35,10 @@ def photo(colour=(30, 140, 60), size=(640, 480)) -> bytes:
 
 def write_test_config(path: Path, store: Path) -> dict:
     """config.properties with free ports and the test's model store; everything else as shipped."""
-    ports = {"inference_address": free_port(), "management_address": free_port(),
-             "metrics_address": free_port(), "grpc_inference_port": free_port(),
-             "grpc_management_port": free_port()}
-    lines = []
-    for line in (ROOT / "config.properties").read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key in ports:
-            value = ports[key] if key.startswith("grpc") else f"http://127.0.0.1:{ports[key]}"
-            line = f"{key}={value}"
-        elif key == "model_store":
-            line = f"model_store={store}"
-        lines.append(line)
-    path.write_text("\n".join(lines) + "\n")
-    return serve.read_properties(path)
+    changes = {key: f"http://127.0.0.1:{free_port()}"
+               for key in ("inference_address", "management_address", "metrics_address")}
+    changes |= {key: str(free_port()) for key in ("grpc_inference_port", "grpc_management_port")}
+    return serve.derive_config(ROOT / "config.properties", path, changes | {"model_store": str(store)})
 
 
 def in_process(artifacts: Path, model: str, image: bytes | None, text: str | None) -> torch.Tensor:

@@ -33,3 +33,15 @@ def test_archive_refuses_paths_outside_the_project_and_missing_files(artifacts, 
         build_archive("image", root / "empty_artifacts", root / "store", root=root)
     with pytest.raises(ArchiveError, match="unknown model"):
         build_archive("audio", artifacts, root / "store", root=root)
+
+
+def test_configs_are_derived_in_one_way(tmp_path):
+    from scripts import serve
+
+    source = tmp_path / "source.properties"
+    source.write_text("# a comment=with equals\ninference_address=http://127.0.0.1:8080\nmodel_store=a\n")
+    written = serve.derive_config(source, tmp_path / "derived.properties",
+                                  {"model_store": "b", "load_models": "text.mar"})
+    assert written == {"inference_address": "http://127.0.0.1:8080", "model_store": "b",
+                       "load_models": "text.mar"}
+    assert (tmp_path / "derived.properties").read_text().startswith("# a comment=with equals\n")
