@@ -133,7 +133,8 @@ class ListingHandler(BaseHandler):
         inputs = self.collate(items)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
             logits = self.model(*inputs)
-        return torch.softmax(logits.float(), dim=1).cpu()
+        # temperature scaling fitted on the validation split at export
+        return torch.softmax(logits.float() / self.settings.get("temperature", 1.0), dim=1).cpu()
 
     def request_headers(self, index: int) -> dict[str, str]:
         """The HTTP headers of request `index`, names in lower case (none for gRPC)."""

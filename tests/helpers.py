@@ -55,7 +55,7 @@ def in_process(artifacts: Path, model: str, image: bytes | None, text: str | Non
                           settings.get("text"))
     scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
     with torch.inference_mode():
-        return torch.softmax(scripted(*inputs), 1)[0]
+        return torch.softmax(scripted(*inputs) / settings.get("temperature", 1.0), 1)[0]
 
 
 def as_vector(answer: dict, artifacts: Path, model: str) -> torch.Tensor:

@@ -120,9 +120,11 @@ def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifa
     photo = jpeg((1000, 750), (20, 120, 220))
     answer = handler.handle([{"body": photo}], FakeContext(handler_dir(handler), ["image/jpeg"]))[0]
     scripted = torch.jit.load(str(artifacts / "image" / "model.pt"), map_location="cpu")
-    size = json.loads((artifacts / "image" / "preprocessing.json").read_text())["image"]["size"]
+    settings = json.loads((artifacts / "image" / "preprocessing.json").read_text())
+    assert settings["temperature"] > 0
     with torch.inference_mode():
-        expected = torch.softmax(scripted(model_image_from_bytes(photo, size)[None]), 1)[0]
+        logits = scripted(model_image_from_bytes(photo, settings["image"]["size"])[None])
+        expected = torch.softmax(logits / settings["temperature"], 1)[0]
     names = json.loads((artifacts / "image" / "index_to_name.json").read_text())
     served = torch.tensor([answer["probabilities"][names[str(i)]] for i in range(13)])
     assert (served - expected).abs().max() <= 1e-4

@@ -93,7 +93,9 @@ def test_evaluation_writes_its_reports(trained, tmp_path):
     assert saved["accuracy"] == metrics["accuracy"] and 0 <= saved["accuracy"] <= 1
     assert set(saved["per_class"]) == set(CleanData.load(trained["data_dir"]).index_to_name.values())
     assert sum(map(sum, saved["confusion_matrix"])) == saved["samples"] > 0
-    for name in ("confusion_matrix.png", "curves.png"):
+    calibration = saved["calibration"]  # temperature from validation, error measured on test
+    assert calibration["temperature"] > 0 and 0 <= calibration["ece_after"] <= 1
+    for name in ("confusion_matrix.png", "curves.png", "reliability.png"):
         assert (tmp_path / "combined" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| combined |" in (tmp_path / "summary.md").read_text()
     listing = saved["listing"]  # photos of a listing averaged
@@ -239,3 +241,19 @@ def test_evaluation_and_export_load_checkpoints_without_the_training_loop():
              "print(sorted(m for m in sys.modules if 'tensorboard' in m or m == 'training.train'))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_temperature_scaling_lowers_the_validation_calibration_error(trained):
+    from training.calibration import expected_calibration_error, split_logits, validation_temperature
+
+    model, checkpoint = load_checkpoint(trained["paths"]["text"])
+    config = replace(trained["configs"]["text"], data_dir=str(trained["data_dir"]))
+    data = CleanData.load(trained["data_dir"])
+    temperature = validation_temperature(model, config, data)
+    logits, labels = split_logits(model, config, data, "val")
+    before = expected_calibration_error(torch.softmax(logits, 1).numpy(), labels.numpy())
+    after = expected_calibration_error(torch.softmax(logits / temperature, 1).numpy(), labels.numpy())
+    assert temperature != 1.0 and after < before
+    nearby = (temperature * 0.8, temperature, temperature * 1.25)
+    nll = [torch.nn.functional.cross_entropy(logits / t, labels).item() for t in nearby]
+    assert nll[1] <= min(nll[0], nll[2])  # the fitted temperature is the best of its neighbours

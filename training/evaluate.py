@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from training.calibration import expected_calibration_error, plot_reliability, validation_temperature
 from training.checkpoints import choose_device, config_from, load_checkpoint
 from training.config import TrainConfig
 from training.data import CleanData
@@ -59,6 +60,24 @@ def predict_split(model, config: TrainConfig, data: CleanData, split: str,
     return torch.cat(labels).numpy(), torch.cat(probabilities).numpy(), per_branch
 
 
+def calibration_report(model, config: TrainConfig, data: CleanData, samples, labels: np.ndarray,
+                       probabilities: np.ndarray, plot_path: Path) -> dict:
+    """Expected calibration error on this split before and after the temperature that export
+    fits on the validation split, per sample and per listing, and the reliability diagram."""
+    temperature = validation_temperature(model, config, data)
+    scaled = softmax(np.log(np.clip(probabilities, 1e-12, None)) / temperature)
+    _, truth, listing_before = per_listing(samples, labels, probabilities)
+    _, _, listing_after = per_listing(samples, labels, scaled)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_reliability(listing_before, listing_after, truth, plot_path,
+                     f"{config.model} model: reliability per listing")
+    return {"temperature": temperature,
+            "ece_before": expected_calibration_error(probabilities, labels),
+            "ece_after": expected_calibration_error(scaled, labels),
+            "listing_ece_before": expected_calibration_error(listing_before, truth),
+            "listing_ece_after": expected_calibration_error(listing_after, truth)}
+
+
 def branch_ablation(samples, labels: np.ndarray, branches: list[np.ndarray], mix: list[float],
                     names: list[str], texts: dict) -> dict:
     """Per-listing accuracy of each branch alone and of their mix (the weight chosen on val)."""
@@ -69,6 +88,13 @@ def branch_ablation(samples, labels: np.ndarray, branches: list[np.ndarray], mix
             f"mixed ({mix[0]:.2f} / {mix[1]:.2f}, chosen on val)": mix[0] * first + mix[1] * lexical}
     return {name: listing_metrics(samples, labels, softmax(values), names, texts)["accuracy"]
             for name, values in rows.items()}
+
+
+def calibration_cell(calibration: dict | None) -> str:
+    if not calibration:
+        return "n/a"
+    return (f"{calibration['listing_ece_before']:.3f} -> {calibration['listing_ece_after']:.3f} "
+            f"(T {calibration['temperature']:.2f})")
 
 
 def softmax(values: np.ndarray) -> np.ndarray:
@@ -141,6 +167,8 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     texts = dict(zip(data.products["id"], data.products["text"], strict=True))
     metrics["listing"] = listing_metrics(samples, labels, probabilities, names, texts)
     metrics["product_accuracy"] = metrics["listing"]["accuracy"]
+    metrics["calibration"] = calibration_report(model, config, data, samples, labels, probabilities,
+                                                Path(reports_dir) / config.model / "reliability.png")
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)
     metrics.update(model=config.model, split=split, unit="product" if config.model == "text" else "photo",
@@ -207,7 +235,8 @@ def plot_curves(history: list[dict], path: Path, model: str) -> None:
 def write_summary(reports_dir: Path) -> str:
     """reports/summary.md: one row per evaluated model and its most confused pairs."""
     lines = ["| model | accuracy per listing [95% CI] | macro-F1 per listing | accuracy per photo "
-             "[95% CI] | listings | photos | training |", "|---|---|---|---|---|---|---|"]
+             "[95% CI] | listings | photos | ECE per listing, before -> after T | training |",
+             "|---|---|---|---|---|---|---|---|"]
     confused = []
     for model in ("image", "text", "combined"):
         path = reports_dir / model / "metrics.json"
@@ -220,7 +249,7 @@ def write_summary(reports_dir: Path) -> str:
         lines.append(f"| {model} | {listing['accuracy']:.3f} [{listing['accuracy_95ci'][0]:.3f}, "
                      f"{listing['accuracy_95ci'][1]:.3f}] | {listing['macro_f1']:.3f} | {per_photo} | "
                      f"{listing['samples']} | {m['samples'] if m['unit'] == 'photo' else 'n/a'} | "
-                     f"{m['training']} |")
+                     f"{calibration_cell(m.get('calibration'))} | {m['training']} |")
         confused += [f"| {model} | {pair['true']} | {pair['predicted']} | {pair['count']} | "
                      f"{pair['example'].replace('|', '/')} |" for pair in listing.get("most_confused", [])]
     table = "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from handlers.processing import model_inputs
+from training.calibration import validation_temperature
 from training.categories import write_index_to_name
 from training.checkpoints import config_from, load_checkpoint
 from training.config import TrainConfig
@@ -138,7 +139,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         raise ValueError("--int8 quantises the text encoder: use it with the text or combined model")
     data = CleanData.load(Path(data_dir))
     tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
-    result = {"model": config.model}
+    result = {"model": config.model, "temperature": validation_temperature(model, config, data)}
     if int8:
         result["fp32_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
         model = quantise_text_encoder(model, config.model)
@@ -162,6 +163,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     settings = preprocessing_settings(config, model)
     settings["num_classes"] = len(checkpoint["index_to_name"])
     settings["int8_text_encoder"] = int8
+    settings["temperature"] = result["temperature"]  # the handler answers softmax(logits / T)
     (out / "preprocessing.json").write_text(json.dumps(settings, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "tokenizer"))
