@@ -93,7 +93,7 @@ def branch_ablation(samples, labels: np.ndarray, branches: list[np.ndarray], mix
 def calibration_cell(calibration: dict | None) -> str:
     if not calibration:
         return "n/a"
-    return (f"{calibration['listing_ece_before']:.3f} -> {calibration['listing_ece_after']:.3f} "
+    return (f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} "
             f"(T {calibration['temperature']:.2f})")
 
 
@@ -235,7 +235,7 @@ def plot_curves(history: list[dict], path: Path, model: str) -> None:
 def write_summary(reports_dir: Path) -> str:
     """reports/summary.md: one row per evaluated model and its most confused pairs."""
     lines = ["| model | accuracy per listing [95% CI] | macro-F1 per listing | accuracy per photo "
-             "[95% CI] | listings | photos | ECE per listing, before -> after T | training |",
+             "[95% CI] | listings | photos | ECE per answer, before -> after T | training |",
              "|---|---|---|---|---|---|---|---|"]
     confused = []
     for model in ("image", "text", "combined"):
