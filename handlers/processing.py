@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from handlers.model_kinds import MODEL_NEEDS
+
 # Photos beyond this many pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 50_000_000
 PAD_COLOUR = (0, 0, 0)
@@ -251,8 +253,6 @@ def lexical_batch(texts: Sequence[str], buckets: int,
 
 
 # ---------------------------------------------------------------- the model-input contract
-MODEL_NEEDS = {"image": frozenset({"image"}), "text": frozenset({"text"}),
-               "combined": frozenset({"image", "text"})}
 
 
 def text_inputs(tokenizer, texts: Sequence[str], text_settings: dict) -> list[torch.Tensor]:

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from handlers.model_kinds import MODEL_KINDS
+
 ROOT = Path(__file__).resolve().parents[1]
-HANDLER_FILES = ("__init__.py", "processing.py", "payloads.py", "protocols.py", "listing_handler.py")
-MODELS = ("image", "text", "combined")
-# Chosen by measurement (`make bench`, scripts/tune.py); config.properties gives the figures.
+HANDLER_FILES = ("__init__.py", "model_kinds.py", "processing.py", "payloads.py", "protocols.py",
+                 "listing_handler.py")
+MODELS = MODEL_KINDS
+# Chosen by measurement (`make bench`, scripts/tune.py); docs/benchmark.md gives the figures.
 MODEL_CONFIG = {
     "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 10,
     "responseTimeout": 60, "deviceType": "gpu",

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from handlers.listing_handler import optimise_for_device
+from handlers.model_kinds import MODEL_KINDS
 from handlers.processing import (
     decode_image,
     fit_to_square,
@@ -40,7 +41,7 @@ from scripts.load import make_request, run_load
 
 ROOT = serve.ROOT
 
-MODELS = ("image", "text", "combined")
+MODELS = MODEL_KINDS
 BATCH_SIZES = (1, 4, 8, 16)
 CONCURRENCY = (1, 4, 16)
 NAIVE_TEXT_TOKENS = 200

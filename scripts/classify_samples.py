@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from handlers.model_kinds import MODEL_KINDS
 from scripts.predict import grpc_predict, rest_predict
 from scripts.serve import ROOT, read_key, read_properties
 from training.data import CleanData
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'protocol':8} {'model':9} {'answer':34} {'p':>5}  true category")
     for _, row in held_out.iterrows():
         image = data.image_path(row["id"]).read_bytes()
-        for model in ("image", "text", "combined"):
+        for model in MODEL_KINDS:
             photo = image if model != "text" else None
             fields = {"text": row["text"]} if model != "image" else {}
             for protocol, call, target in (("rest", rest_predict, rest), ("grpc", grpc_predict, grpc_target)):

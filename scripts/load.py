@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 from PIL import Image, ImageDraw
 
+from handlers.model_kinds import MODEL_KINDS
 from scripts.serve import ROOT, read_key, read_properties
 
 WORDS = ("sofa", "table", "chairs", "oak", "console", "ps5", "controller", "kettle", "drill", "bike",
@@ -97,7 +98,7 @@ def run_load(url: str, token: str | None, payloads: list[dict], concurrency: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("image", "text", "combined"), required=True)
+    parser.add_argument("--model", choices=MODEL_KINDS, required=True)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-seconds", type=float, default=60)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import requests
 
+from handlers.model_kinds import MODEL_KINDS
 from scripts.serve import ROOT, read_key, read_properties
 
 
@@ -95,7 +96,7 @@ def _json(content: bytes) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("image", "text", "combined"), required=True)
+    parser.add_argument("--model", choices=MODEL_KINDS, required=True)
     parser.add_argument("--image", type=Path, help="photo file")
     parser.add_argument("--text", help="name and description as one text")
     parser.add_argument("--name", help="product name")

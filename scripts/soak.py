@@ -18,13 +18,14 @@ from pathlib import Path
 
 import requests
 
+from handlers.model_kinds import MODEL_KINDS
 from scripts import serve
 from scripts.archive import MODEL_CONFIG
 from scripts.bench import temporary_server
 from scripts.load import make_request, post_payload
 
 ROOT = serve.ROOT
-MODELS = ("image", "text", "combined")
+MODELS = MODEL_KINDS
 DEFAULT_RATE = 5.0  # requests/s per model when no benchmark report exists
 MAX_IN_FLIGHT = 32  # per model; beyond it a request counts as an error, so the run stays bounded
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handlers.model_kinds import MODEL_KINDS
 from training.backbones import build_backbone
 from training.config import TrainConfig
-from training.data import MODEL_KINDS
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier
 from training.text_encoder import load_encoder
 

@@ -8,6 +8,7 @@ import signal
 from dataclasses import fields
 from pathlib import Path
 
+from handlers.model_kinds import MODEL_KINDS
 from training.config import TrainConfig
 
 TRAIN_OPTIONS = {
@@ -86,7 +87,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train the image, text or combined model")
-    train.add_argument("--model", choices=("image", "text", "combined"), required=True)
+    train.add_argument("--model", choices=MODEL_KINDS, required=True)
     train.add_argument("--data-dir", required=True, help="cleaned and split folder")
     train.add_argument("--finetune-encoder", action="store_true", help="train the text encoder too")
     train.add_argument("--resume", action="store_true",
@@ -102,8 +103,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     for name, run, text in (("evaluate", _evaluate, "test-split reports under reports/<model>/"),
                             ("export", _export, "TorchScript and handler files under artifacts/<model>/")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--model", nargs="+", choices=("image", "text", "combined"),
-                             default=["image", "text", "combined"])
+        command.add_argument("--model", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS))
         command.add_argument("--data-dir", required=True, help="cleaned and split folder")
         command.add_argument("--checkpoint-dir", default="checkpoints")
         if name == "evaluate":

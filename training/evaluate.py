@@ -20,6 +20,8 @@ from training.tasks import make_task
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from handlers.model_kinds import MODEL_KINDS
+
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
@@ -238,7 +240,7 @@ def write_summary(reports_dir: Path) -> str:
              "[95% CI] | listings | photos | ECE per answer, before -> after T | training |",
              "|---|---|---|---|---|---|---|---|"]
     confused = []
-    for model in ("image", "text", "combined"):
+    for model in MODEL_KINDS:
         path = reports_dir / model / "metrics.json"
         if not path.exists():
             continue
