@@ -1,9 +1,12 @@
 import json
 import re
 
+import pytest
+
 from scripts import bench
 
 
+@pytest.mark.serving
 def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, tmp_path):
     out = tmp_path / "benchmark"
     report = bench.run(artifacts, trained["work"] / "checkpoints", out, scale=0.05)

@@ -127,6 +127,7 @@ def close(served: dict, plain: dict) -> bool:
         served["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-5)
 
 
+@pytest.mark.serving
 @pytest.mark.parametrize("model", MODELS)
 def test_kserve_v1_and_v2_answers_equal_the_plain_rest_answers(pod, model):
     items = listings(model)
@@ -153,6 +154,7 @@ def test_kserve_v1_and_v2_answers_equal_the_plain_rest_answers(pod, model):
         assert values == pytest.approx([answer["probabilities"][c] for c in classes], abs=1e-5)
 
 
+@pytest.mark.serving
 def test_kserve_requests_are_batched_and_bad_ones_get_a_json_4xx(pod):
     url = f"{pod['url']}/v1/models/text:predict"
     bodies = [{"instances": [{"text": f"{TEXTS[i % 3]} {i}"}]} for i in range(12)]
