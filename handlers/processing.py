@@ -242,7 +242,11 @@ def lexical_ids(text: str, buckets: int, max_chars: int = LEXICAL_MAX_CHARS) -> 
 def lexical_batch(texts: Sequence[str], buckets: int,
                   max_chars: int = LEXICAL_MAX_CHARS) -> tuple[torch.Tensor, torch.Tensor]:
     """Term ids [B, L] and counts [B, L] of a batch, padded with id 0 to its longest text."""
-    pairs = [lexical_ids(text, buckets, max_chars) for text in texts]
+    return pad_lexical([lexical_ids(text, buckets, max_chars) for text in texts])
+
+
+def pad_lexical(pairs: Sequence[tuple[list[int], list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, counts) per text -> ids [B, L] and counts [B, L], padded with id 0."""
     width = max(1, max(len(ids) for ids, _ in pairs))
     ids = torch.zeros(len(pairs), width, dtype=torch.long)
     counts = torch.zeros(len(pairs), width)

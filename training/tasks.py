@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from handlers.processing import lexical_ids, model_inputs
+from handlers.processing import lexical_ids, model_inputs, pad_lexical
 from training.data import CleanData
 from training.features import (
     cached,
@@ -96,12 +96,7 @@ class FrozenTask:
     def _lexical(self, rows: torch.Tensor) -> tuple:
         if "lexical" not in self.tensors:
             return ()
-        pairs = [self.tensors["lexical"][row] for row in rows.tolist()]
-        width = max(1, max(len(ids) for ids, _ in pairs))
-        ids, counts = torch.zeros(len(pairs), width, dtype=torch.long), torch.zeros(len(pairs), width)
-        for position, (row_ids, row_counts) in enumerate(pairs):
-            ids[position, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            counts[position, :len(row_counts)] = torch.tensor(row_counts)
+        ids, counts = pad_lexical([self.tensors["lexical"][row] for row in rows.tolist()])
         return ids.to(self.device), counts.to(self.device)
 
     def logits(self, inputs: tuple) -> torch.Tensor:
