@@ -73,22 +73,32 @@ def plot_reliability(before: np.ndarray, after: np.ndarray, labels: np.ndarray, 
 
 
 @torch.inference_mode()
-def split_logits(model, config, data, split: str, device: torch.device | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits (what softmax turns into its answer) and the labels of a split."""
-    from training.tasks import make_task
-
-    device = device or torch.device("cpu")
-    task = make_task(model.to(device).eval(), config, data, device)
-    logits, labels = [], []
-    for batch in task.batches(split, config.batch_size):
-        logits.append(model.combine(task.network(*batch.inputs)).float().cpu())
+def split_outputs(task, split: str, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each branch's logits [N, C] and the labels [N] of a split, in the split's order."""
+    branches, labels = [], []
+    for batch in task.batches(split, batch_size):
+        branches.append([output.float().cpu() for output in task.network(*batch.inputs)])
         labels.append(batch.labels.cpu())
-    return torch.cat(logits), torch.cat(labels)
+    if not labels:
+        raise ValueError(f"the {split} split has no {task.kind} samples")
+    return [torch.cat([batch[i] for batch in branches]) for i in range(len(branches[0]))], \
+        torch.cat(labels)
 
 
-def validation_temperature(model, config, data) -> float:
+def split_logits(model, config, data, split: str, task=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits (what softmax turns into its answer) and the labels of a split;
+    `task` (from training.tasks.make_task) is built when not given."""
+    if task is None:
+        from training.tasks import make_task
+
+        task = make_task(model.eval(), config, data, torch.device("cpu"))
+    branches, labels = split_outputs(task, split, config.batch_size)
+    with torch.inference_mode():
+        return model.combine(branches).float(), labels
+
+
+def validation_temperature(model, config, data, task=None) -> float:
     """The temperature fitted on the validation split (1.0 when it has no samples)."""
     if len(data.samples(config.model, "val")) == 0:
         return 1.0
-    return fit_temperature(*split_logits(model, config, data, "val"))
+    return fit_temperature(*split_logits(model, config, data, "val", task))

@@ -11,7 +11,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.calibration import expected_calibration_error, plot_reliability, validation_temperature
+from training.calibration import (
+    expected_calibration_error,
+    plot_reliability,
+    split_outputs,
+    validation_temperature,
+)
 from training.checkpoints import choose_device, config_from, load_checkpoint
 from training.config import TrainConfig
 from training.data import CleanData
@@ -44,29 +49,22 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
             "confusion_matrix": confusion.tolist()}
 
 
-@torch.inference_mode()
-def predict_split(model, config: TrainConfig, data: CleanData, split: str,
-                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(model, task, config: TrainConfig, split: str
+                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Labels, class probabilities and each branch's log-probabilities of every sample of a
     split, in the split's order."""
-    task = make_task(model.to(device).eval(), config, data, device)
-    labels, probabilities, branches = [], [], []
-    for batch in task.batches(split, config.batch_size):
-        outputs = task.network(*batch.inputs)
-        labels.append(batch.labels.cpu())
-        probabilities.append(torch.softmax(model.combine(outputs).float(), 1).cpu())
-        branches.append([torch.log_softmax(output.float(), 1).cpu() for output in outputs])
-    if not labels:
-        raise ValueError(f"the {split} split has no {config.model} samples")
-    per_branch = [torch.cat([batch[i] for batch in branches]).numpy() for i in range(len(branches[0]))]
-    return torch.cat(labels).numpy(), torch.cat(probabilities).numpy(), per_branch
+    branches, labels = split_outputs(task, split, config.batch_size)
+    with torch.inference_mode():
+        probabilities = torch.softmax(model.combine(branches).float(), 1)
+    return labels.numpy(), probabilities.numpy(), \
+        [torch.log_softmax(branch, 1).numpy() for branch in branches]
 
 
-def calibration_report(model, config: TrainConfig, data: CleanData, samples, labels: np.ndarray,
-                       probabilities: np.ndarray, plot_path: Path) -> dict:
+def calibration_report(model, task, config: TrainConfig, data: CleanData, samples,
+                       labels: np.ndarray, probabilities: np.ndarray, plot_path: Path) -> dict:
     """Expected calibration error on this split before and after the temperature that export
     fits on the validation split, per sample and per listing, and the reliability diagram."""
-    temperature = validation_temperature(model, config, data)
+    temperature = validation_temperature(model, config, data, task)
     scaled = softmax(np.log(np.clip(probabilities, 1e-12, None)) / temperature)
     _, truth, listing_before = per_listing(samples, labels, probabilities)
     _, _, listing_after = per_listing(samples, labels, scaled)
@@ -162,14 +160,15 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     config = replace(config_from(checkpoint["config"]), data_dir=str(data_dir))
     data = CleanData.load(Path(data_dir))
     names = [checkpoint["index_to_name"][str(i)] for i in range(len(checkpoint["index_to_name"]))]
-    labels, probabilities, branches = predict_split(model, config, data, split, choose_device(device))
+    task = make_task(model.to(choose_device(device)).eval(), config, data, choose_device(device))
+    labels, probabilities, branches = predict_split(model, task, config, split)
     metrics = classification_metrics(labels, probabilities.argmax(1), names)
     metrics["accuracy_95ci"] = bootstrap_interval(probabilities.argmax(1) == labels)
     samples = data.samples(config.model, split)
     texts = dict(zip(data.products["id"], data.products["text"], strict=True))
     metrics["listing"] = listing_metrics(samples, labels, probabilities, names, texts)
     metrics["product_accuracy"] = metrics["listing"]["accuracy"]
-    metrics["calibration"] = calibration_report(model, config, data, samples, labels, probabilities,
+    metrics["calibration"] = calibration_report(model, task, config, data, samples, labels, probabilities,
                                                 Path(reports_dir) / config.model / "reliability.png")
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)
