@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,16 +12,21 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.payloads import Listing
+from handlers.payloads import DEFAULT_MAX_PHOTOS, Listing
 from handlers.processing import (
     DEFAULT_MAX_PIXELS,
     InputError,
     ascii_message,
     describe_probabilities,
+    listing_probabilities,
     model_image_from_bytes,
     model_inputs,
+    needs_review,
+    pool_photos,
+    text_inputs,
 )
 from handlers.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
+from handlers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ def optimise_for_device(model, device: torch.device, enabled: bool):
     """
     if not enabled or device.type != "cpu":
         return model
-    return torch.jit.optimize_for_inference(torch.jit.freeze(model.eval()))
+    methods = ["text_only"] if hasattr(model, "text_only") else []  # besides forward
+    frozen = torch.jit.freeze(model.eval(), preserved_attrs=methods)
+    return torch.jit.optimize_for_inference(frozen, other_methods=methods)
 
 
 class ListingHandler(BaseHandler):
@@ -55,13 +61,20 @@ class ListingHandler(BaseHandler):
     def initialize(self, context) -> None:
         super().initialize(context)  # TorchScript on cuda:<gpu_id> when given, else CPU
         model_dir = Path(context.system_properties["model_dir"])
-        self.settings = json.loads((model_dir / "preprocessing.json").read_text())
-        self.index_to_name = json.loads((model_dir / "index_to_name.json").read_text())
+        self.settings = ModelSettings.load(model_dir)
+        self.index_to_name = self.mapping  # BaseHandler read index_to_name.json
+        if not self.index_to_name or len(self.index_to_name) != self.settings.num_classes:
+            raise ValueError(f"index_to_name.json in {model_dir} must name the model's "
+                             f"{self.settings.num_classes} classes")
         options = (getattr(self, "model_yaml_config", None) or {}).get("handler", {}) or {}
         self.max_pixels = int(options.get("max_image_pixels", DEFAULT_MAX_PIXELS))
+        self.max_photos = int(options.get("max_photos", DEFAULT_MAX_PHOTOS))
         self.autocast = self.device.type == "cuda" and bool(options.get("autocast", True))
         self.model = optimise_for_device(self.model, self.device,
                                          bool(options.get("optimize_for_inference", False)))
+        # a combined listing without photos is answered by the text branch, where exported
+        self.answers_text_only = self.settings.text_only_temperature is not None and \
+            hasattr(self.model, "text_only")
         self.tokenizer = self.load_tokenizer(model_dir) if "text" in self.needs else None
         self.set_threads(options)
 
@@ -103,7 +116,8 @@ class ListingHandler(BaseHandler):
         explaining why not."""
         try:
             content_type = self.request_headers(index).get("content-type")
-            envelope = read_request(request, content_type, self.needs, len(self.index_to_name))
+            envelope = read_request(request, content_type, self.needs, len(self.index_to_name),
+                                    self.max_photos, self.answers_text_only)
             envelope.items = [self.prepare(listing) for listing in envelope.listings]
             return envelope
         except InputError as error:
@@ -114,27 +128,65 @@ class ListingHandler(BaseHandler):
             return error
 
     def prepare(self, listing: Listing) -> dict:
-        item: dict = {"listing": listing}
+        item: dict = {"listing": listing, "text": listing.text, "images": []}
         if "image" in self.needs:
-            item["image"] = model_image_from_bytes(listing.image, self.settings["image"]["size"],
-                                                   self.max_pixels)
-        if "text" in self.needs:
-            item["text"] = listing.text
+            # in the order of their bytes, so that the order they were sent in changes nothing
+            order = sorted(range(len(listing.images)), key=listing.images.__getitem__)
+            item["images"] = [self.photo(listing.images, position) for position in order]
         return item
 
-    def collate(self, items: list[dict]) -> tuple[torch.Tensor, ...]:
-        images = [item["image"] for item in items] if "image" in self.needs else None
-        texts = [item["text"] for item in items] if "text" in self.needs else None
-        inputs = model_inputs(self.settings["model"], images, texts, self.tokenizer,
-                              self.settings.get("text"))
-        return tuple(tensor.to(self.device) for tensor in inputs)
+    def photo(self, photos: list[bytes], position: int) -> torch.Tensor:
+        try:
+            return model_image_from_bytes(photos[position], self.settings.image.size, self.max_pixels)
+        except InputError as error:
+            raise type(error)(f"photo {position + 1} of {len(photos)}: {error}") from error
+
+    def collate(self, items: list[dict]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The model inputs, one row per photo (per listing for the text model), and the listing
+        each row belongs to."""
+        if "image" not in self.needs:
+            rows = [(index, None) for index in range(len(items))]
+        else:
+            rows = [(index, image) for index, item in enumerate(items) for image in item["images"]]
+        images = [image for _, image in rows] if "image" in self.needs else None
+        texts = [items[index]["text"] for index, _ in rows] if "text" in self.needs else None
+        inputs = model_inputs(self.settings.model, images, texts, self.tokenizer, self.settings.text)
+        return tuple(tensor.to(self.device) for tensor in inputs), torch.tensor([i for i, _ in rows])
+
+    def run(self, method, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+            return method(*inputs).float().cpu()
 
     def inference(self, items: list[dict]) -> torch.Tensor:
-        inputs = self.collate(items)
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-            logits = self.model(*inputs)
-        # temperature scaling fitted on the validation split at export
-        return torch.softmax(logits.float() / self.settings.get("temperature", 1.0), dim=1).cpu()
+        """One row of probabilities per listing: its photos' answers pooled, then the temperature
+        fitted on the validation listings."""
+        probabilities = torch.empty(len(items), self.settings.num_classes)
+        with_rows = [i for i, item in enumerate(items) if item["images"] or "image" not in self.needs]
+        if with_rows:
+            chosen = [items[i] for i in with_rows]
+            inputs, listing_of_row = self.collate(chosen)
+            pooled = pool_photos(self.run(self.model, inputs), listing_of_row, len(chosen))
+            probabilities[with_rows] = listing_probabilities(pooled, self.settings.temperature)
+        text_only = sorted(set(range(len(items))) - set(with_rows))
+        if text_only:
+            inputs = text_inputs(self.tokenizer, [items[i]["text"] for i in text_only], self.settings.text)
+            logits = self.run(self.model.text_only, tuple(t.to(self.device) for t in inputs))
+            probabilities[text_only] = listing_probabilities(torch.log_softmax(logits, 1),
+                                                             self.settings.text_only_temperature)
+        return probabilities
+
+    def describe(self, row: torch.Tensor, item: dict) -> dict:
+        """Today's answer, plus whether to file it automatically and what it was made from."""
+        listing: Listing = item["listing"]
+        answer = describe_probabilities(row.tolist(), self.index_to_name, listing.top_k)
+        threshold = listing.min_confidence if listing.min_confidence is not None \
+            else self.settings.review_threshold
+        answer["needs_review"] = needs_review(answer["probability"], threshold)
+        if "image" in self.needs:
+            answer["photos"] = len(item["images"])
+            if not item["images"]:
+                answer["answered_from"] = "text only"
+        return answer
 
     def request_headers(self, index: int) -> dict[str, str]:
         """The HTTP headers of request `index`, names in lower case (none for gRPC)."""
@@ -159,8 +211,7 @@ class ListingHandler(BaseHandler):
                 continue
             rows = probabilities[start:start + len(request.items)]
             start += len(request.items)
-            results = [describe_probabilities(row.tolist(), self.index_to_name, item["listing"].top_k)
-                       for row, item in zip(rows, request.items, strict=True)]
+            results = [self.describe(row, item) for row, item in zip(rows, request.items, strict=True)]
             responses.append(self.format_response(request, results))
         return responses
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
 
 from handlers.processing import (
     InputError,
@@ -17,7 +19,11 @@ from handlers.processing import (
 )
 
 BODY_KEYS = ("data", "body")
-FIELDS = ("image", "text", "product_name", "product_description", "top_k")
+FIELDS = ("image", "images", "text", "product_name", "product_description", "top_k", "min_confidence")
+# Multipart parts and gRPC inputs are a map by name in TorchServe's worker, so a listing's
+# further photos are named image_1, image_2, ... (repeated parts named `image` would collapse).
+EXTRA_PHOTO = re.compile(r"image_[1-9][0-9]{0,2}")
+DEFAULT_MAX_PHOTOS = 10
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 DEFAULT_TOP_K = 3
 # An empty type is what gRPC requests carry.
@@ -27,34 +33,45 @@ MAX_FIELDS = 32  # more parts than this in one request is not a listing
 
 @dataclass
 class Listing:
-    """What a request asks about: photo bytes and/or text, and how many top classes to return."""
+    """What a request asks about: its photos and/or text, how many top classes to return, and
+    the confidence below which the caller wants it reviewed (None: the model's threshold)."""
 
-    image: bytes | None = None
+    images: list[bytes] = field(default_factory=list)
     text: str | None = None
     top_k: int = DEFAULT_TOP_K
+    min_confidence: float | None = None
+
+    @property
+    def image(self) -> bytes | None:
+        return self.images[0] if self.images else None
 
 
 def parse_request(request: dict, content_type: str | None, needs: frozenset[str],
-                  num_classes: int) -> Listing:
+                  num_classes: int, max_photos: int = DEFAULT_MAX_PHOTOS) -> Listing:
     """Turn one request into a Listing, or raise InputError saying what is wrong with it."""
-    return parse_fields(read_fields(request, content_type, needs), needs, num_classes)
+    return parse_fields(read_fields(request, content_type, needs), needs, num_classes, max_photos)
 
 
-def parse_fields(fields: dict, needs: frozenset[str], num_classes: int) -> Listing:
-    """The named fields of one listing (photo, text, top_k) -> a Listing, or InputError."""
+def parse_fields(fields: dict, needs: frozenset[str], num_classes: int,
+                 max_photos: int = DEFAULT_MAX_PHOTOS, text_only_allowed: bool = False) -> Listing:
+    """The named fields of one listing (photos, text, top_k, min_confidence) -> a Listing, or
+    InputError. `text_only_allowed`: a listing without photos is answered from its text."""
     if not isinstance(fields, dict):
         raise InputError(f"a listing must be an object with some of {list(FIELDS)}, "
                          f"not {type(fields).__name__}")
     if len(fields) > MAX_FIELDS:
         raise InputError(f"too many fields ({len(fields)}); a listing has some of {list(FIELDS)}")
-    unknown = [name for name in fields if name not in FIELDS]
+    unknown = [name for name in fields if name not in FIELDS and not EXTRA_PHOTO.fullmatch(str(name))]
     if unknown:
-        raise InputError(f"unknown field(s) {quote_all(unknown)}; expected some of {list(FIELDS)}")
-    listing = Listing(image=_image(fields.get("image")), text=_text(fields),
-                      top_k=_top_k(fields.get("top_k"), num_classes))
-    if "image" in needs and listing.image is None:
-        raise InputError("no image: send the photo as the body, as a multipart part named 'image', "
-                         "or base64-encoded in the JSON field 'image'")
+        raise InputError(f"unknown field(s) {quote_all(unknown)}; expected some of {list(FIELDS)} "
+                         "or image_1, image_2, ...")
+    listing = Listing(images=_images(fields, max_photos) if "image" in needs else [],
+                      text=_text(fields), top_k=_top_k(fields.get("top_k"), num_classes),
+                      min_confidence=_min_confidence(fields.get("min_confidence")))
+    if "image" in needs and not listing.images and not (text_only_allowed and listing.text):
+        raise InputError("no image: send the photo as the body, as multipart parts or gRPC inputs "
+                         "named 'image', 'image_1', ..., or base64-encoded in the JSON field "
+                         "'image' or the list 'images'")
     if "text" in needs and listing.text is None:
         raise InputError("no text: send text/plain, or JSON with 'text' or "
                          "'product_name'/'product_description'")
@@ -113,9 +130,44 @@ def _json_object(value) -> dict:
     return value
 
 
-def _image(value) -> bytes | None:
+def _images(fields: dict, max_photos: int) -> list[bytes]:
+    """The listing's photos in the order sent: `image`, then `image_1`, `image_2`, ... by number,
+    or the JSON list `images`; at most `max_photos`."""
+    named = sorted((name for name in fields if EXTRA_PHOTO.fullmatch(str(name))),
+                   key=lambda name: int(name[6:]))
+    listed = fields.get("images")
+    if listed is not None and not isinstance(listed, list):
+        raise InputError(f"field 'images' must be a list of base64 photos, not {type(listed).__name__}")
+    if listed is not None and ("image" in fields or named):
+        raise InputError("send the photos either as 'images' or as 'image', 'image_1', ..., not both")
+    values = listed if listed is not None else \
+        [fields[name] for name in ("image", *named) if fields.get(name) is not None]
+    if len(values) > max_photos:
+        raise InputError(f"{len(values)} photos in one listing; this model takes at most {max_photos}")
+    photos = []
+    for position, value in enumerate(values):
+        try:
+            photos.append(_image(value))
+        except InputError as error:
+            raise InputError(f"photo {position + 1} of {len(values)}: {error}") from error
+    return photos
+
+
+def _min_confidence(value) -> float | None:
     if value is None:
         return None
+    if isinstance(value, (bytes, bytearray, str)):
+        try:
+            value = float(value)
+        except ValueError as error:
+            raise InputError("field 'min_confidence' must be a number from 0 to 1") from error
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= 1:
+        raise InputError("field 'min_confidence' must be a number from 0 to 1")
+    return float(value)
+
+
+def _image(value) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
         if not data.startswith(IMAGE_SIGNATURES):
@@ -123,10 +175,12 @@ def _image(value) -> bytes | None:
         return data
     if isinstance(value, str):
         decoded = _maybe_base64(value.encode("ascii", errors="replace"))
-        if decoded is None:
-            raise InputError("field 'image' is not valid base64")
+        if not decoded:
+            raise InputError("not valid base64")
         return decoded
-    raise InputError(f"field 'image' must be base64 text or bytes, not {type(value).__name__}")
+    if isinstance(value, dict) and set(value) == {"b64"}:  # KServe v1's mark for binary values
+        return _image(value["b64"])
+    raise InputError(f"a photo must be base64 text or bytes, not {type(value).__name__}")
 
 
 def _maybe_base64(data: bytes) -> bytes | None:

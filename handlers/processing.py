@@ -18,10 +18,10 @@ import torch
 from PIL import Image, ImageOps
 
 from handlers.model_kinds import MODEL_NEEDS
+from handlers.settings import PAD_COLOUR, TextSettings
 
 # Photos beyond this many pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 50_000_000
-PAD_COLOUR = (0, 0, 0)
 # Each text field is cut to this many characters before any cleaning or tokenizing: the model
 # reads at most a few hundred tokens, so a megabyte of text must cost no more than this.
 MAX_FIELD_CHARS = 10_000
@@ -193,6 +193,29 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Te
 
 
 # ---------------------------------------------------------------- outputs
+def pool_photos(logits: torch.Tensor, listing_of_photo: torch.Tensor, listings: int) -> torch.Tensor:
+    """One row of log-probabilities per listing: the mean over its photos of log_softmax(logits)
+    (chosen on validation over averaging probabilities; docs/results.md). A listing with one
+    photo, or a text-only answer, keeps log_softmax(logits)."""
+    log_probabilities = torch.log_softmax(logits.float(), dim=1)
+    sums = torch.zeros(listings, logits.shape[1], dtype=torch.float32, device=logits.device)
+    sums.index_add_(0, listing_of_photo.to(logits.device), log_probabilities)
+    counts = torch.bincount(listing_of_photo.to(logits.device), minlength=listings).clamp(min=1)
+    return sums / counts[:, None]
+
+
+def listing_probabilities(pooled: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The answer: softmax of the pooled log-probabilities over the temperature fitted on the
+    validation listings."""
+    return torch.softmax(pooled / temperature, dim=1)
+
+
+def needs_review(probability: float, threshold: float | None) -> bool:
+    """A listing is filed automatically only when its answer is at least this sure; without a
+    threshold (none reached the target precision on validation) every answer is reviewed."""
+    return threshold is None or probability < threshold
+
+
 def describe_probabilities(probabilities: Iterable[float], index_to_name: dict[str, str],
                            top_k: int = 3) -> dict:
     """One response: best category, its probability, the top k and all probabilities."""
@@ -259,17 +282,16 @@ def pad_lexical(pairs: Sequence[tuple[list[int], list[float]]]) -> tuple[torch.T
 # ---------------------------------------------------------------- the model-input contract
 
 
-def text_inputs(tokenizer, texts: Sequence[str], text_settings: dict) -> list[torch.Tensor]:
+def text_inputs(tokenizer, texts: Sequence[str], settings: TextSettings) -> list[torch.Tensor]:
     """Token ids and mask, then (when the model has a lexical branch) term ids and counts."""
-    inputs = list(tokenize(tokenizer, texts, text_settings["max_length"]))
-    lexical = text_settings.get("lexical")
-    if lexical:
-        inputs += lexical_batch(texts, lexical["buckets"], lexical["max_chars"])
+    inputs = list(tokenize(tokenizer, texts, settings.max_length))
+    if settings.lexical:
+        inputs += lexical_batch(texts, settings.lexical.buckets, settings.lexical.max_chars)
     return inputs
 
 
 def model_inputs(kind: str, images: Sequence[torch.Tensor] | None, texts: Sequence[str] | None,
-                 tokenizer=None, text_settings: dict | None = None) -> tuple[torch.Tensor, ...]:
+                 tokenizer=None, text_settings: TextSettings | None = None) -> tuple[torch.Tensor, ...]:
     """What every model of `kind` is called with, in order: uint8 images [B,3,H,W], then the
     text inputs. Training, export, the handlers, the benchmark and the tests all use this."""
     needs = MODEL_NEEDS[kind]

@@ -19,8 +19,8 @@ import yaml
 from handlers.model_kinds import MODEL_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
-HANDLER_FILES = ("__init__.py", "model_kinds.py", "processing.py", "payloads.py", "protocols.py",
-                 "listing_handler.py")
+HANDLER_FILES = ("__init__.py", "model_kinds.py", "settings.py", "processing.py", "payloads.py",
+                 "protocols.py", "listing_handler.py")
 MODELS = MODEL_KINDS
 # Chosen by measurement (`make bench`, scripts/tune.py); docs/benchmark.md gives the figures.
 MODEL_CONFIG = {

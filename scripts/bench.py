@@ -15,10 +15,8 @@ import platform
 import random
 import shutil
 import sys
-import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,15 +33,16 @@ from handlers.processing import (
     model_image_from_bytes,
     model_inputs,
 )
+from handlers.settings import ModelSettings
 from scripts import serve
-from scripts.archive import MODEL_CONFIG, MODEL_HANDLER_OPTIONS, build_archive
-from scripts.load import make_request, run_load
+from scripts.archive import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
+from scripts.bench_report import BATCH_SIZES, CONCURRENCY, markdown, write_report
+from scripts.harness import served
+from scripts.load import make_request
 
 ROOT = serve.ROOT
 
 MODELS = MODEL_KINDS
-BATCH_SIZES = (1, 4, 8, 16)
-CONCURRENCY = (1, 4, 16)
 NAIVE_TEXT_TOKENS = 200
 
 
@@ -62,7 +61,7 @@ class Inputs:
 
     def __init__(self, model: str, folder: Path, count: int, seed: int = 0):
         rng = random.Random(seed)
-        self.model, self.settings = model, json.loads((folder / "preprocessing.json").read_text())
+        self.model, self.settings = model, ModelSettings.load(folder)
         self.requests = [make_request(model, rng) for _ in range(count)]
         self.tokenizer = None
         if model != "image":
@@ -84,10 +83,10 @@ class Inputs:
                 for start in range(0, count * size, size)]
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        images = [model_image_from_bytes(self.photo(i), self.settings["image"]["size"])
+        images = [model_image_from_bytes(self.photo(i), self.settings.image.size)
                   for i in indices] if self.model != "text" else None
         texts = [free_text(self.text(i)) for i in indices] if self.model != "image" else None
-        return model_inputs(self.model, images, texts, self.tokenizer, self.settings.get("text"))
+        return model_inputs(self.model, images, texts, self.tokenizer, self.settings.text)
 
 
 def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds: float) -> dict:
@@ -139,7 +138,7 @@ def _cycling(function, argument_tuples: list[tuple]):
 
 def preprocessing_share(inputs: Inputs, model_rate_per_item: float, seconds: float) -> dict:
     """Decode + resize time of a 1000x750 JPEG against the per-item handler time."""
-    size = inputs.settings["image"]["size"]
+    size = inputs.settings.image.size
     cycle = iter(range(10**9))
     with_draft = timed_rate(lambda: model_image_from_bytes(inputs.photo(next(cycle) % 8), size),
                             1, seconds, 500)
@@ -157,7 +156,7 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
 
     torch.set_num_threads(threads)
     eager, _ = load_checkpoint(checkpoint)
-    size = inputs.settings["image"]["size"] if model != "text" else None
+    size = inputs.settings.image.size if model != "text" else None
     cycle = iter(range(10**9))
 
     def one() -> None:
@@ -169,146 +168,14 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
             encoded = inputs.tokenizer([free_text(inputs.text(index))], padding="max_length",
                                        truncation=True, max_length=NAIVE_TEXT_TOKENS, return_tensors="pt")
             tensors += [encoded["input_ids"], encoded["attention_mask"]]
-            lexical = inputs.settings["text"].get("lexical")
+            lexical = inputs.settings.text.lexical
             if lexical:
-                tensors += lexical_batch([free_text(inputs.text(index))], lexical["buckets"],
-                                         lexical["max_chars"])
+                tensors += lexical_batch([free_text(inputs.text(index))], lexical.buckets,
+                                         lexical.max_chars)
         with torch.inference_mode():
             eager(*tensors)
 
     return timed_rate(one, 1, seconds, 500)
-
-
-@contextmanager
-def temporary_server(artifacts: Path, models: list[str], model_config: dict):
-    """A TorchServe from the project's config.properties serving fresh archives of `models`;
-    yields (properties, state folder) and stops the server whatever happens."""
-    project = artifacts.resolve().parent  # the archive builder keeps to the artifacts' project
-    with tempfile.TemporaryDirectory(dir=project) as folder:
-        store, state = Path(folder) / "model_store", Path(folder) / "state"
-        for model in models:
-            build_archive(model, artifacts, store, root=project, model_config=model_config)
-        config = Path(folder) / "config.properties"
-        serve.derive_config(ROOT / "config.properties", config,
-                            {"load_models": ",".join(m + ".mar" for m in models)})
-        try:
-            serve.start(config, store, state, timeout=300)
-            yield serve.read_properties(config), state
-        finally:
-            serve.stop(state)
-
-
-def served(models: list[str], artifacts: Path, model_config: dict, requests_per_run: int,
-           concurrencies: tuple[int, ...], max_seconds: float) -> dict:
-    """Served throughput and latency per model and concurrency, over REST."""
-    results: dict = {}
-    with temporary_server(artifacts, models, model_config) as (properties, state):
-        token = serve.read_key(state / "key_file.json")
-        for model in models:
-            rng = random.Random(1)
-            distinct = [make_request(model, rng) for _ in range(16)]
-            url = f"{properties['inference_address']}/predictions/{model}"
-            for concurrency in concurrencies:
-                payloads = [distinct[i % 16] for i in range(max(requests_per_run, concurrency))]
-                run_load(url, token, payloads[:concurrency], concurrency, max_seconds)  # warm-up
-                results.setdefault(model, {})[concurrency] = run_load(
-                    url, token, payloads, concurrency, max_seconds)
-    return results
-
-
-def markdown(report: dict) -> str:
-    batch = report["configured_batch_size"]
-    workers = report["workers"]
-    lines = [f"Benchmark of {report['date']} on {report['machine']} ({workers} worker(s) per model, "
-             f"{report['threads_per_worker']} thread(s) each; items/s unless stated).", "",
-             "| model | model limit b=1 / 4 / 8 / 16 | served c=1 / 4 / 16 | served c=16 / "
-             f"({workers} x limit b={batch}) | batching off c=16 | on/off | p50 / p95 / p99 ms (c=16) "
-             "| naive | served / naive |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for model, row in report["models"].items():
-        limit = row["model_limit"]
-        on = row["served"]
-        c16, off = on[16], row["batching_off"]
-        served_rates = " / ".join(f"{on[c]['throughput']:.1f}" for c in CONCURRENCY)
-        lines.append(
-            f"| {model} | {' / '.join(f'{limit[b]:.1f}' for b in BATCH_SIZES)} | "
-            f"{served_rates} | "
-            f"{c16['throughput'] / (workers * limit[batch]):.2f} | {off['throughput']:.1f} | "
-            f"{c16['throughput'] / off['throughput']:.2f} (p99 {c16['p99_ms']:.0f} vs {off['p99_ms']:.0f}) | "
-            f"{c16['p50_ms']:.0f} / {c16['p95_ms']:.0f} / {c16['p99_ms']:.0f} | {row['naive']:.1f} | "
-            f"{c16['throughput'] / row['naive']:.2f} |")
-    share = report.get("image_preprocessing")
-    if share:
-        lines += ["", f"Image preprocessing of a 1000x750 JPEG: {share['decode_resize_ms']:.1f} ms "
-                      f"with draft decoding ({share['decode_resize_full_size_ms']:.1f} ms at full size), "
-                      f"{100 * share['share_of_handler_time']:.0f}% of the per-item handler time "
-                      f"({share['model_ms_per_item']:.1f} ms model time per item at batch {batch})."]
-    lines += ["", *optimisation_lines(report)]
-    errors = sum(run["errors"] for row in report["models"].values()
-                 for run in [*row["served"].values(), row["batching_off"], row["other_workers"]])
-    lines += ["", f"Errors over all served runs: {errors}."]
-    return "\n".join(lines) + "\n"
-
-
-def optimisation_lines(report: dict) -> list[str]:
-    """Each optimisation tried, measured in this run: without -> with, items/s."""
-    batch = report["configured_batch_size"]
-    cores = report["workers"] * report["threads_per_worker"]
-    split_name = (f"{report['workers']} worker(s) x {report['threads_per_worker']} thread(s) "
-                  f"(vs {report['other_workers']} x {max(1, cores // report['other_workers'])})")
-    lines = ["| optimisation | model | measured as | without | with | with / without |",
-             "|---|---|---|---|---|---|"]
-
-    def row(name: str, model: str, where: str, without: float, with_: float) -> None:
-        lines.append(f"| {name} | {model} | {where} | {without:.1f} | {with_:.1f} | {with_ / without:.2f} |")
-
-    for model, data in report["models"].items():
-        layouts, where = data["layouts"], f"in process, b={batch}"
-        row("freeze + optimize_for_inference", model, where, layouts["plain"],
-            layouts["optimize_for_inference"])
-        if "channels_last" in layouts:
-            row("channels-last", model, where, layouts["plain"], layouts["channels_last"])
-            row("channels-last on top of optimize_for_inference", model, where,
-                layouts["optimize_for_inference"], layouts["optimize_for_inference+channels_last"])
-        row(split_name, model, "served, c=16", data["other_workers"]["throughput"],
-            data["served"][16]["throughput"])
-        row("batching (4, 10 ms) vs off", model, "served, c=16", data["batching_off"]["throughput"],
-            data["served"][16]["throughput"])
-    for variant, pair in report.get("int8_served", {}).items():
-        row("int8 text encoder", variant.removesuffix("_int8"), "served, c=16",
-            pair["fp32"]["throughput"], pair["int8"]["throughput"])
-    share = report.get("image_preprocessing")
-    if share:
-        lines.append(f"| JPEG draft decoding | image | decode + resize, photos/s | "
-                     f"{1000 / share['decode_resize_full_size_ms']:.1f} | "
-                     f"{1000 / share['decode_resize_ms']:.1f} | "
-                     f"{share['decode_resize_full_size_ms'] / share['decode_resize_ms']:.2f} |")
-    return lines
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batch = report["configured_batch_size"]
-    names = list(report["models"])
-    series = {f"model limit (b={batch})": [report["models"][m]["model_limit"][batch] for m in names],
-              "served, c=16": [report["models"][m]["served"][16]["throughput"] for m in names],
-              "batching off, c=16": [report["models"][m]["batching_off"]["throughput"] for m in names],
-              "naive baseline": [report["models"][m]["naive"] for m in names]}
-    figure, axes = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(series)
-    for offset, (label, values) in enumerate(series.items()):
-        axes.bar([i + offset * width for i in range(len(names))], values, width, label=label)
-    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
-    axes.set_ylabel("items / s")
-    axes.set_title(f"marketplace-classifier on {report['machine']}")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
@@ -359,8 +226,7 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
                                  for v in variants}
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "benchmark.md").write_text(markdown(report))
-    plot(report, out / "benchmark.png")
+    write_report(report, out)
     return report
 
 

@@ -16,42 +16,33 @@ import shutil
 import sys
 from pathlib import Path
 
+from scripts import serve
 from scripts.archive import MODEL_CONFIG, MODELS, add_batching_options, batching_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storageUri's contents
 SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 
-POD_SETTINGS = """\
-# TorchServe inside a KServe pod, written by scripts/kserve_storage.py. KServe's model server
-# (the runtime image's wrapper) takes requests on :8080 and forwards them to TorchServe here.
-inference_address=http://{bind}:8085
-management_address=http://{bind}:8085
-metrics_address=http://{bind}:8082
-grpc_inference_address={bind}
-grpc_management_address={bind}
-grpc_inference_port=7070
-grpc_management_port=7071
-# The wrapper calls TorchServe without a token (its readiness poll and its predict calls), so
-# token authorization must be off inside the pod; KServe's ingress is where to authenticate.
-disable_token_authorization=true
-enable_model_api=false
-allowed_urls=^$
-# The handlers read KServe v1 and v2 bodies themselves, batch by batch. TorchServe's own
-# envelopes read only the first request of a batch, so the TS_SERVICE_ENVELOPE variable that
-# KServe's runtime sets must not take effect: environment overrides stay off.
-enable_envvars_config=false
-install_py_dep_per_model=false
-metrics_mode=prometheus
-enable_metrics_api=true
-number_of_netty_threads=4
-job_queue_size=100
-# A 10 MB photo, base64-encoded in JSON, stays under the limit.
-max_request_size=20971520
-max_response_size=6553500
-load_models=all
-model_store={mount}/model-store
+POD_HEADER = """\
+# TorchServe inside a KServe pod, derived by scripts/kserve_storage.py from the project's
+# config.properties (below, with the pod's changes). KServe's model server (the runtime image's
+# wrapper) takes requests on :8080 and forwards them to TorchServe here. The wrapper calls
+# TorchServe without a token (its readiness poll and its predict calls), so token authorization
+# is off inside the pod; KServe's ingress is where to authenticate. The handlers read KServe v1
+# and v2 bodies themselves, batch by batch; TorchServe's own envelopes read only the first
+# request of a batch, so the TS_SERVICE_ENVELOPE variable that KServe's runtime sets must not
+# take effect: environment overrides stay off.
 """
+
+
+def pod_changes(bind: str, mount: str, snapshot: dict) -> dict[str, str]:
+    """What differs in the pod from the project's config.properties."""
+    return {"inference_address": f"http://{bind}:8085", "management_address": f"http://{bind}:8085",
+            "metrics_address": f"http://{bind}:8082", "grpc_inference_address": bind,
+            "grpc_management_address": bind, "disable_token_authorization": "true",
+            "enable_envvars_config": "false", "number_of_netty_threads": "4", "job_queue_size": "100",
+            "load_models": "all", "model_store": f"{mount}/model-store",
+            "model_snapshot": json.dumps(snapshot, separators=(",", ":"))}
 
 
 class StorageError(RuntimeError):
@@ -66,12 +57,6 @@ def model_snapshot(models: list[str], model_config: dict) -> dict:
                        for model in models}}
 
 
-def pod_config(models: list[str], model_config: dict = MODEL_CONFIG, bind: str = "0.0.0.0",
-               mount: str = MOUNT) -> str:
-    snapshot = json.dumps(model_snapshot(models, model_config), separators=(",", ":"))
-    return POD_SETTINGS.format(bind=bind, mount=mount) + f"model_snapshot={snapshot}\n"
-
-
 def lay_out(model_store: Path, out: Path, models: list[str], model_config: dict = MODEL_CONFIG,
             bind: str = "0.0.0.0", mount: str = MOUNT) -> Path:
     """Copy the archives and write the pod's config.properties; return the config's path."""
@@ -84,7 +69,8 @@ def lay_out(model_store: Path, out: Path, models: list[str], model_config: dict 
     for archive in archives:
         shutil.copy2(archive, out / "model-store" / archive.name)
     config = out / "config" / "config.properties"
-    config.write_text(pod_config(models, model_config, bind, mount))
+    serve.derive_config(ROOT / "config.properties", config,
+                        pod_changes(bind, mount, model_snapshot(models, model_config)), header=POD_HEADER)
     return config
 
 

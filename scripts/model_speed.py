@@ -17,26 +17,27 @@ import torch
 from PIL import Image
 
 from handlers.processing import model_image_from_bytes, model_inputs
+from handlers.settings import ModelSettings
 
 TEXT = "Sony PS4 Pro 1TB with two controllers and five games, boxed, collection only. " * 3
 BATCH = 4
 
 
 def items_per_second(folder: Path, seconds: float) -> float:
-    settings = json.loads((folder / "preprocessing.json").read_text())
+    settings = ModelSettings.load(folder)
     model = torch.jit.load(str(folder / "model.pt"), map_location="cpu").eval()
     tokenizer = None
-    if "text" in settings:
+    if settings.text:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
     images = None
-    if "image" in settings:
+    if settings.image:
         photo = io.BytesIO()
         Image.new("RGB", (1000, 750), (120, 40, 200)).save(photo, "JPEG")
-        images = [model_image_from_bytes(photo.getvalue(), settings["image"]["size"])] * BATCH
-    inputs = model_inputs(settings["model"], images, [TEXT] * BATCH if tokenizer else None, tokenizer,
-                          settings.get("text"))
+        images = [model_image_from_bytes(photo.getvalue(), settings.image.size)] * BATCH
+    inputs = model_inputs(settings.model, images, [TEXT] * BATCH if tokenizer else None, tokenizer,
+                          settings.text)
     with torch.inference_mode():
         for _ in range(3):
             model(*inputs)

@@ -1,7 +1,9 @@
 """Classify a listing's photo, text, or both with the served models, over REST or gRPC.
 
-Usage: python scripts/predict.py --model image|text|combined [--image PHOTO] [--text TEXT |
-       --name NAME --description DESCRIPTION] [--protocol rest|grpc] [--top-k 3]
+Usage: python -m scripts.predict --model image|text|combined [--image PHOTO [--image PHOTO ...]]
+       [--text TEXT | --name NAME --description DESCRIPTION] [--protocol rest|grpc] [--top-k 3]
+       [--min-confidence P]
+One listing per call, with all its photos (sent as parts image, image_1, ...): one answer.
 Addresses come from config.properties, the token from TorchServe's key file.
 """
 
@@ -29,13 +31,20 @@ def text_fields(text: str | None, name: str | None, description: str | None) -> 
             if value is not None}
 
 
-def rest_predict(base_url: str, model: str, image: bytes | None, fields: dict, top_k: int,
-                 token: str | None, timeout: float = 60) -> dict:
+def photo_parts(photos: bytes | list[bytes] | None) -> dict[str, bytes]:
+    """A listing's photos under the names the handler reads: image, image_1, image_2, ..."""
+    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
+    return {("image" if index == 0 else f"image_{index}"): data for index, data in enumerate(photos)}
+
+
+def rest_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                 top_k: int, token: str | None, timeout: float = 60) -> dict:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"{base_url}/predictions/{model}"
     try:
-        if image is not None:
-            parts = {"image": ("photo", image, "application/octet-stream")}
+        if photos:
+            parts = {name: ("photo", data, "application/octet-stream")
+                     for name, data in photo_parts(photos).items()}
             response = requests.post(url, files=parts, data=fields | {"top_k": str(top_k)},
                                      headers=headers, timeout=timeout)
         else:
@@ -64,15 +73,14 @@ def grpc_stubs():
     return inference_pb2, inference_pb2_grpc
 
 
-def grpc_predict(target: str, model: str, image: bytes | None, fields: dict, top_k: int,
-                 token: str | None, timeout: float = 60) -> dict:
+def grpc_predict(target: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                 top_k: int, token: str | None, timeout: float = 60) -> dict:
     import grpc
 
     messages, services = grpc_stubs()
     inputs = {key: value.encode("utf-8") for key, value in fields.items()}
     inputs["top_k"] = str(top_k).encode()
-    if image is not None:
-        inputs["image"] = image
+    inputs |= photo_parts(photos)
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with grpc.insecure_channel(target) as channel:
         stub = services.InferenceAPIsServiceStub(channel)
@@ -97,20 +105,26 @@ def _json(content: bytes) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODEL_KINDS, required=True)
-    parser.add_argument("--image", type=Path, help="photo file")
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="a photo of the listing (repeat for each photo)")
     parser.add_argument("--text", help="name and description as one text")
     parser.add_argument("--name", help="product name")
     parser.add_argument("--description", help="product description")
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--min-confidence", type=float,
+                        help="file automatically at or above this probability (default: the "
+                             "threshold chosen at export)")
     parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
     parser.add_argument("--key-file", type=Path, default=ROOT / ".serve" / "key_file.json")
     args = parser.parse_args(argv)
     try:
-        image = args.image.read_bytes() if args.image else None
+        image = [path.read_bytes() for path in args.image]
         properties = read_properties(args.config)
         token = read_key(args.key_file) if args.key_file.exists() else None
         fields = text_fields(args.text, args.name, args.description)
+        if args.min_confidence is not None:
+            fields["min_confidence"] = str(args.min_confidence)
         if args.protocol == "rest":
             answer = rest_predict(properties["inference_address"], args.model, image, fields,
                                   args.top_k, token)

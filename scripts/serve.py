@@ -35,10 +35,12 @@ def read_properties(path: Path) -> dict[str, str]:
     return properties
 
 
-def derive_config(source: Path, destination: Path, changes: dict[str, str]) -> dict[str, str]:
+def derive_config(source: Path, destination: Path, changes: dict[str, str], header: str = ""
+                  ) -> dict[str, str]:
     """Write `source` with the settings in `changes` replaced (or added at the end), comments and
-    everything else kept; return the written settings. The one way configs are derived."""
-    lines, seen = [], set()
+    everything else kept, after the comment `header`; return the written settings. The one way
+    configs are derived."""
+    lines, seen = header.splitlines(), set()
     for line in Path(source).read_text().splitlines():
         key = line.split("=", 1)[0].strip()
         if not line.lstrip().startswith("#") and "=" in line and key in changes:

@@ -21,7 +21,7 @@ import requests
 from handlers.model_kinds import MODEL_KINDS
 from scripts import serve
 from scripts.archive import MODEL_CONFIG
-from scripts.bench import temporary_server
+from scripts.harness import temporary_server
 from scripts.load import make_request, post_payload
 
 ROOT = serve.ROOT

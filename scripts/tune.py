@@ -13,8 +13,9 @@ import statistics
 import warnings
 from pathlib import Path
 
+from handlers.model_kinds import MODEL_KINDS as MODELS
 from scripts.archive import MODEL_CONFIG
-from scripts.bench import MODELS, ROOT, served
+from scripts.harness import ROOT, served
 
 
 def tune(artifacts: Path, workers: list[int], batch_sizes: list[int], repeats: int,

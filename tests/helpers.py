@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from handlers.processing import free_text, model_image_from_bytes, model_inputs
+from handlers.settings import ModelSettings
 from scripts import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,21 +42,34 @@ def write_test_config(path: Path, store: Path) -> dict:
     return serve.derive_config(ROOT / "config.properties", path, changes | {"model_store": str(store)})
 
 
-def in_process(artifacts: Path, model: str, image: bytes | None, text: str | None) -> torch.Tensor:
-    """The exported TorchScript's probabilities for the same input, without the server."""
+def in_process(artifacts: Path, model: str, image: bytes | list[bytes] | None, text: str | None
+               ) -> torch.Tensor:
+    """The exported TorchScript's answer for the same listing, without the server, written out
+    step by step: each photo through the model, the mean of their log-probabilities, softmax
+    over the temperature; a combined listing without photos through `text_only`."""
     folder = artifacts / model
-    settings = json.loads((folder / "preprocessing.json").read_text())
-    images = [model_image_from_bytes(image, settings["image"]["size"])] if image is not None else None
+    settings = ModelSettings.load(folder)
+    photos = [image] if isinstance(image, bytes) else list(image or [])
     tokenizer = None
     if text is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    inputs = model_inputs(model, images, [free_text(text)] if text is not None else None, tokenizer,
-                          settings.get("text"))
     scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    rows = photos if model != "text" else [None]
     with torch.inference_mode():
-        return torch.softmax(scripted(*inputs) / settings.get("temperature", 1.0), 1)[0]
+        if model == "combined" and not photos:
+            inputs = model_inputs("text", None, [free_text(text)], tokenizer, settings.text)
+            logits = scripted.text_only(*inputs)
+            return torch.softmax(torch.log_softmax(logits, 1) / settings.text_only_temperature, 1)[0]
+        log_probabilities = []
+        for row in rows:
+            images = [model_image_from_bytes(row, settings.image.size)] if row is not None else None
+            inputs = model_inputs(model, images, [free_text(text)] if text is not None else None,
+                                  tokenizer, settings.text)
+            log_probabilities.append(torch.log_softmax(scripted(*inputs), 1)[0])
+        mean = torch.stack(log_probabilities).mean(0)
+        return torch.softmax(mean / settings.temperature, 0)
 
 
 def as_vector(answer: dict, artifacts: Path, model: str) -> torch.Tensor:

@@ -12,7 +12,8 @@ def test_archive_holds_everything_the_handler_reads(artifacts):
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
     assert {"model.pt", "text_handler.py", "handlers/listing_handler.py", "handlers/processing.py",
-            "handlers/payloads.py", "index_to_name.json", "preprocessing.json", "requirements.txt",
+            "handlers/payloads.py", "handlers/settings.py", "index_to_name.json", "preprocessing.json",
+            "requirements.txt",
             "tokenizer/tokenizer.json", "MAR-INF/MANIFEST.json"} <= names
     assert {key: config[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",
                                          "responseTimeout", "deviceType")} == {

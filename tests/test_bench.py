@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from scripts import bench
+from scripts import bench, bench_report
 
 
 @pytest.mark.serving
@@ -29,6 +29,9 @@ def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, t
         assert re.search(rf"\| \d+ worker\(s\) x \d+ thread\(s\) \(vs \d+ x \d+\) \| {model} \|", table)
     assert "| channels-last | image |" in table
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    (out / "benchmark.md").unlink()
+    assert bench_report.main([str(out / "benchmark.json")]) == 0  # the report remade from the JSON
+    assert (out / "benchmark.md").read_text() == table
 
 
 def test_model_speed_measures_every_exported_model(artifacts, capsys):
@@ -39,3 +42,8 @@ def test_model_speed_measures_every_exported_model(artifacts, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["folder"] for row in rows] == [str(folder) for folder in folders]
     assert all(row["items_per_second"] > 0 for row in rows)
+
+
+def test_bench_report_names_an_unreadable_report(tmp_path, capsys):
+    assert bench_report.main([str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

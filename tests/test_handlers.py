@@ -10,6 +10,7 @@ from PIL import Image
 
 from handlers.payloads import parse_request
 from handlers.processing import InputError
+from handlers.settings import ModelSettings
 from tests.helpers import FakeContext, handler_dir
 
 NAMES = 13
@@ -76,7 +77,7 @@ def test_every_request_of_a_batch_is_answered(handlers_in_process):
     answers = handler.handle([{"body": text.encode()} for text in texts], context)
     assert len(answers) == 4 and not context.statuses
     for answer in answers:
-        assert set(answer) == {"category", "probability", "top_k", "probabilities"}
+        assert set(answer) == {"category", "probability", "top_k", "probabilities", "needs_review"}
         assert len(answer["probabilities"]) == 13 and len(answer["top_k"]) == 3
         assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4
     single = handler.handle([{"body": texts[1].encode()}], FakeContext(handler_dir(handler), ["text/plain"]))
@@ -120,11 +121,11 @@ def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifa
     photo = jpeg((1000, 750), (20, 120, 220))
     answer = handler.handle([{"body": photo}], FakeContext(handler_dir(handler), ["image/jpeg"]))[0]
     scripted = torch.jit.load(str(artifacts / "image" / "model.pt"), map_location="cpu")
-    settings = json.loads((artifacts / "image" / "preprocessing.json").read_text())
-    assert settings["temperature"] > 0
+    settings = ModelSettings.load(artifacts / "image")
+    assert settings.temperature > 0
     with torch.inference_mode():
-        logits = scripted(model_image_from_bytes(photo, settings["image"]["size"])[None])
-        expected = torch.softmax(logits / settings["temperature"], 1)[0]
+        logits = scripted(model_image_from_bytes(photo, settings.image.size)[None])
+        expected = torch.softmax(logits / settings.temperature, 1)[0]
     names = json.loads((artifacts / "image" / "index_to_name.json").read_text())
     served = torch.tensor([answer["probabilities"][names[str(i)]] for i in range(13)])
     assert (served - expected).abs().max() <= 1e-4

@@ -148,7 +148,7 @@ def test_kserve_v1_and_v2_answers_equal_the_plain_rest_answers(pod, model):
     outputs = {output["name"]: output for output in body["outputs"]}
     assert outputs["category"]["data"] == [answer["category"] for answer in plain]
     assert outputs["top_categories"]["shape"] == [3, 2]
-    classes = outputs["probabilities"]["parameters"]["classes"]
+    classes = outputs["classes"]["data"]
     for row, answer in enumerate(plain):
         values = outputs["probabilities"]["data"][row * len(classes):(row + 1) * len(classes)]
         assert values == pytest.approx([answer["probabilities"][c] for c in classes], abs=1e-5)

@@ -3,6 +3,7 @@ import torch
 import torchvision
 
 from handlers.processing import tokenize
+from handlers.settings import LexicalSettings, TextSettings
 from training.backbones import WeightsError, build_backbone
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier, TextCNNHead
 from training.text_encoder import load_encoder
@@ -131,7 +132,7 @@ def test_text_model_answers_a_mix_of_its_branches(minilm):
     torch.nn.init.normal_(text.lexical.bag.weight)
     text.mix.copy_(torch.tensor([0.3, 0.7]))
     inputs = model_inputs("text", None, ["oak table", "xbox one s"], tokenizer,
-                          {"max_length": 16, "lexical": {"buckets": 512, "max_chars": 100}})
+                          TextSettings(16, LexicalSettings(buckets=512, max_chars=100)))
     with torch.inference_mode():
         encoder_logits, lexical_logits = text.branches(*inputs)
         expected = 0.3 * torch.log_softmax(encoder_logits, 1) + 0.7 * torch.log_softmax(lexical_logits, 1)

@@ -13,6 +13,7 @@ from handlers.processing import (
     model_image_from_bytes,
     to_rgb,
 )
+from handlers.settings import LexicalSettings, TextSettings
 
 
 def _bytes(picture: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -95,11 +96,10 @@ def test_model_inputs_follow_one_contract(kind, count):
 
     images = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2
     texts = ["oak table", "a kettle that boils"]
-    settings = {"max_length": 8, "lexical": {"buckets": 64, "max_chars": 100}}
+    settings = TextSettings(max_length=8, lexical=LexicalSettings(buckets=64, max_chars=100))
     inputs = model_inputs(kind, images, texts, load_tokenizer("minilm"), settings)
     assert len(inputs) == count and all(tensor.shape[0] == 2 for tensor in inputs)
-    assert len(model_inputs("text", None, texts, load_tokenizer("minilm"),
-                            settings | {"lexical": None})) == 2
+    assert len(model_inputs("text", None, texts, load_tokenizer("minilm"), TextSettings(8))) == 2
 
 
 def _natural_photo(width: int, height: int, seed: int) -> bytes:

@@ -94,8 +94,9 @@ def test_one_batch_mixes_formats_and_every_listing_matches_its_plain_answer(hand
     assert outputs["category"]["data"] == [answer["category"] for answer in plain]
     assert outputs["top_categories"]["shape"] == [3, 2]
     probabilities = outputs["probabilities"]
-    classes = probabilities["parameters"]["classes"]
-    assert probabilities["shape"] == [3, 13] and len(classes) == 13
+    classes = outputs["classes"]["data"]
+    assert probabilities["shape"] == [3, 13] and len(classes) == 13 and "parameters" not in probabilities
+    assert outputs["needs_review"]["datatype"] == "BOOL" and outputs["photos"]["data"] == [1, 1, 1]
     for row, answer in enumerate(plain):
         values = probabilities["data"][row * 13:(row + 1) * 13]
         assert values == pytest.approx([answer["probabilities"][name] for name in classes], abs=1e-5)

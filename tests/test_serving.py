@@ -35,6 +35,25 @@ def test_served_answers_equal_the_torchscript_model(server, model, protocol):
     assert len(answer["top_k"]) == 4 and answer["category"] == answer["top_k"][0]["category"]
 
 
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_a_served_multi_photo_listing_equals_the_torchscript_answer(server, protocol):
+    properties = server["properties"]
+    photos = [photo(colour) for colour in ((30, 140, 60), (200, 20, 20), (20, 20, 200))]
+    target = f"127.0.0.1:{properties['grpc_inference_port']}"
+    for model, listing_photos in (("image", photos), ("combined", photos[:2]), ("combined", [])):
+        text = TEXTS[1] if model == "combined" else None
+        fields = {"text": text} if text else {}
+        if protocol == "rest":
+            answer = rest_predict(properties["inference_address"], model, listing_photos, fields, 3,
+                                  server["token"])
+        else:
+            answer = grpc_predict(target, model, listing_photos, fields, 3, server["token"])
+        expected = in_process(server["artifacts"], model, listing_photos, text)
+        assert (as_vector(answer, server["artifacts"], model) - expected).abs().max() <= 1e-4
+        assert answer["photos"] == len(listing_photos) and isinstance(answer["needs_review"], bool)
+        assert ("answered_from" in answer) == (not listing_photos)
+
+
 def test_concurrent_requests_are_batched(server):
     url = f"{server['properties']['inference_address']}/predictions/text"
     headers = {"Authorization": f"Bearer {server['token']}", "Content-Type": "text/plain"}

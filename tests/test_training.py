@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from handlers.settings import ModelSettings
 from training.data import CleanData
 from training.evaluate import evaluate
 from training.export import export
@@ -116,22 +117,22 @@ def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tm
         result = export(trained["paths"][kind], trained["data_dir"], tmp_path)
         folder = tmp_path / kind
         assert result["max_abs_diff"] <= 1e-4
-        settings = json.loads((folder / "preprocessing.json").read_text())
-        assert settings["model"] == kind and settings["num_classes"] == 13
+        settings = ModelSettings.load(folder)
+        assert settings.model == kind and settings.num_classes == 13
         assert json.loads((folder / "index_to_name.json").read_text())["12"] == "Video Games & Consoles"
         if kind != "image":
-            assert settings["text"]["max_length"] == 32
-            assert (folder / "tokenizer" / "tokenizer.json").exists()
+            assert settings.text.max_length == 32
+            assert (folder / settings.text.tokenizer / "tokenizer.json").exists()
         if kind != "text":
-            assert settings["image"]["size"] == 64
+            assert settings.image.size == 64
     scripted = torch.jit.load(str(tmp_path / "text" / "model.pt"), map_location="cpu")
     eager, _ = load_checkpoint(trained["paths"]["text"])
     from handlers.processing import model_inputs
     from training.text_encoder import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
-    text_settings = json.loads((tmp_path / "text" / "preprocessing.json").read_text())["text"]
-    assert text_settings["lexical"]["buckets"] == trained["configs"]["text"].lexical_buckets
+    text_settings = ModelSettings.load(tmp_path / "text").text
+    assert text_settings.lexical.buckets == trained["configs"]["text"].lexical_buckets
     for texts in (["kettle"], ["a much longer description of a mountain bike with gears", "tv"]):
         inputs = model_inputs("text", None, texts, tokenizer, text_settings)
         assert len(inputs) == 4  # token ids, mask, lexical term ids, counts
@@ -173,12 +174,12 @@ def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
     result = export(trained["paths"]["text"], trained["data_dir"], tmp_path, int8=True)
     assert result["max_abs_diff"] <= 1e-4  # the TorchScript equals the quantised eager model
     assert abs(result["int8_test_accuracy"] - result["fp32_test_accuracy"]) <= 0.15
-    settings = json.loads((tmp_path / "text_int8" / "preprocessing.json").read_text())
-    assert settings["int8_text_encoder"] is True
+    settings = ModelSettings.load(tmp_path / "text_int8")
+    assert settings.int8_text_encoder is True
     quantised = torch.jit.load(str(tmp_path / "text_int8" / "model.pt"), map_location="cpu")
     eager, _ = load_checkpoint(trained["paths"]["text"])
     texts = list(CleanData.load(trained["data_dir"]).samples("text", "test")["text"][:24])
-    inputs = model_inputs("text", None, texts, load_tokenizer("minilm"), settings["text"])
+    inputs = model_inputs("text", None, texts, load_tokenizer("minilm"), settings.text)
     with torch.inference_mode():
         plain, small = torch.softmax(eager(*inputs), 1), torch.softmax(quantised(*inputs), 1)
     assert (plain - small).abs().mean() < 0.05
@@ -257,3 +258,54 @@ def test_temperature_scaling_lowers_the_validation_calibration_error(trained):
     nearby = (temperature * 0.8, temperature, temperature * 1.25)
     nll = [torch.nn.functional.cross_entropy(logits / t, labels).item() for t in nearby]
     assert nll[1] <= min(nll[0], nll[2])  # the fitted temperature is the best of its neighbours
+
+
+def test_review_threshold_reaches_its_target_on_the_data_it_was_chosen_on(trained):
+    import numpy as np
+
+    from training.calibration import calibrated_listings, coverage_at, review_threshold
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 1.0, 500)
+    correct = rng.uniform(0, 1, 500) < confidence  # surer answers are right more often
+    for target in (0.8, 0.9, 0.95):
+        threshold = review_threshold(confidence, correct, target)
+        reached = coverage_at(confidence, correct, threshold)
+        assert reached["precision"] >= target and 0 < reached["coverage"] < 1
+        lower = confidence[confidence < threshold].max()  # filing more listings misses the target
+        assert coverage_at(confidence, correct, lower)["precision"] < target
+    assert review_threshold(confidence, np.zeros(500, bool), 0.5) is None
+    model, _ = load_checkpoint(trained["paths"]["combined"])
+    config = replace(trained["configs"]["combined"], data_dir=str(trained["data_dir"]))
+    data = CleanData.load(trained["data_dir"])
+    probabilities, labels = calibrated_listings(model, config, data, "val", 1.0)
+    assert len(labels) == data.samples("combined", "val")["product_id"].nunique()
+    threshold = review_threshold(probabilities.max(1), probabilities.argmax(1) == labels, 0.9)
+    if threshold is not None:
+        assert coverage_at(probabilities.max(1), probabilities.argmax(1) == labels,
+                           threshold)["precision"] >= 0.9
+
+
+def test_learning_rates_warm_up_decay_and_differ_by_part(trained):
+    from training.train import lr_schedule, parameter_groups
+
+    config = replace(trained["configs"]["text"], finetune_encoder=True, lr=1e-3, backbone_lr=1e-5,
+                     warmup_epochs=1, decay="cosine", epochs=3)
+    model, _ = load_checkpoint(trained["paths"]["text"])
+    groups = parameter_groups(model, config)
+    encoder = {id(p) for p in model.encoder.parameters()}
+    by_lr = {group.get("lr", config.lr): group for group in groups}
+    assert {id(p) for p in by_lr[1e-5]["params"]} == encoder
+    assert not encoder & {id(p) for p in by_lr[1e-3]["params"]}
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    schedule = lr_schedule(optimizer, config, steps_per_epoch=4)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(1e-3 / 4) and rates[3] == pytest.approx(1e-3)  # warmup
+    assert all(a > b for a, b in zip(rates[4:], rates[5:], strict=False))  # cosine decay
+    assert rates[-1] < 0.05 * 1e-3
+    with pytest.raises(ValueError, match="--decay"):
+        lr_schedule(optimizer, replace(config, decay="linear"), 4)

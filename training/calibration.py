@@ -1,14 +1,20 @@
-"""Temperature scaling: one temperature per model, fitted on the validation split, so that the
-answer's probabilities mean what they say; and the expected calibration error that measures it."""
+"""Temperature scaling: one temperature per model, fitted on the validation listings (photos
+pooled as the handler pools them), so that the answer's probabilities mean what they say; the
+expected calibration error that measures it; and the review threshold chosen on validation for
+a target precision of automatic filing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from handlers.processing import listing_probabilities, pool_photos
+
 ECE_BINS = 15
+DEFAULT_TARGET_PRECISION = 0.95  # of the listings filed without review
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -97,8 +103,88 @@ def split_logits(model, config, data, split: str, task=None) -> tuple[torch.Tens
         return model.combine(branches).float(), labels
 
 
+def listing_logits(model, config, data, split: str, task=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per listing, what the handler turns into its answer: the mean of its photos'
+    log-probabilities (one row per listing for the text model), and the listing labels."""
+    logits, labels = split_logits(model, config, data, split, task)
+    return pool_by_listing(logits, labels, data.samples(config.model, split)["product_id"])
+
+
+def pool_by_listing(logits: torch.Tensor, labels: torch.Tensor, product_ids
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, _ = pd.factorize(np.asarray(product_ids))
+    _, first = np.unique(codes, return_index=True)  # codes count up in order of first appearance
+    pooled = pool_photos(logits, torch.from_numpy(codes), len(first))
+    return pooled, labels[torch.from_numpy(first)]
+
+
 def validation_temperature(model, config, data, task=None) -> float:
-    """The temperature fitted on the validation split (1.0 when it has no samples)."""
+    """The temperature fitted on the validation listings (1.0 when there are none)."""
     if len(data.samples(config.model, "val")) == 0:
         return 1.0
-    return fit_temperature(*split_logits(model, config, data, "val", task))
+    return fit_temperature(*listing_logits(model, config, data, "val", task))
+
+
+def text_only_temperature(model, config, data) -> float:
+    """Combined model: the temperature of its text branch alone, which answers listings that
+    come without a photo."""
+    from training.checkpoints import config_from
+
+    text_config = config_from(config.branches["text"] | {"data_dir": config.data_dir})
+    if len(data.samples("text", "val")) == 0:
+        return 1.0
+    return fit_temperature(*listing_logits(model.text_model, text_config, data, "val"))
+
+
+def review_threshold(confidence: np.ndarray, correct: np.ndarray, target_precision: float
+                     ) -> float | None:
+    """The lowest confidence at which the answers at or above it are right at least
+    `target_precision` of the time (the most listings filed automatically); None when no
+    threshold reaches it."""
+    order = np.argsort(-confidence, kind="stable")
+    precision = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    # a threshold can only fall between distinct confidences
+    last_of_value = np.r_[confidence[order][1:] != confidence[order][:-1], True]
+    reaching = np.flatnonzero((precision >= target_precision) & last_of_value)
+    return float(confidence[order][reaching[-1]]) if len(reaching) else None
+
+
+def coverage_at(confidence: np.ndarray, correct: np.ndarray, threshold: float | None) -> dict:
+    """Share of listings filed automatically at `threshold` and the precision among them."""
+    filed = confidence >= threshold if threshold is not None else np.zeros(len(confidence), bool)
+    return {"threshold": threshold, "coverage": float(filed.mean()) if len(filed) else 0.0,
+            "precision": float(correct[filed].mean()) if filed.any() else None,
+            "listings": int(len(filed))}
+
+
+def calibrated_listings(model, config, data, split: str, temperature: float, task=None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per listing of a split: the answer's probabilities as served, and the labels."""
+    pooled, labels = listing_logits(model, config, data, split, task)
+    return listing_probabilities(pooled, temperature).numpy(), labels.numpy()
+
+
+def plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float | None,
+                  path: Path, title: str) -> None:
+    """Accuracy of the listings filed automatically against their share, over all thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-confidence, kind="stable")
+    coverage = np.arange(1, len(order) + 1) / len(order)
+    accuracy = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    figure, axes = plt.subplots(figsize=(5, 4))
+    axes.plot(coverage, accuracy, label="filed automatically")
+    if threshold is not None:
+        point = coverage_at(confidence, correct, threshold)
+        axes.scatter([point["coverage"]], [point["precision"] or 0], color="red", zorder=3,
+                     label=f"threshold {threshold:.2f}: {point['coverage']:.0%} filed")
+    axes.set_xlabel("coverage (share of listings filed automatically)")
+    axes.set_ylabel("accuracy of the filed listings")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

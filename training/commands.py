@@ -27,6 +27,10 @@ TRAIN_OPTIONS = {
     "max_length": "tokens kept of name + description",
     "lexical_buckets": "hashed n-gram buckets of the text model's lexical branch (0: no lexical branch)",
     "lexical_lr": "AdamW learning rate of the lexical branch",
+    "backbone_lr": "AdamW learning rate of a fine-tuned image backbone or text encoder",
+    "warmup_epochs": "linear learning-rate warmup, in epochs (fractions allowed)",
+    "decay": "learning-rate decay after warmup, per step: none or cosine (to zero at the last epoch)",
+    "grad_clip": "clip the gradient norm to this (0: off)",
     "feature_batch_size": "batch size when computing frozen features",
     "num_workers": "data loader processes when fine-tuning",
     "cache_dir": "where frozen features are cached",
@@ -61,6 +65,13 @@ class Interrupted(Exception):
     """Training stopped by Ctrl-C or SIGTERM; checkpoints are whole."""
 
 
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return number
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -70,7 +81,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     for model in args.model:
         metrics = evaluate(Path(args.checkpoint_dir) / model / "best.pt", args.data_dir,
-                           args.reports_dir, args.split, args.device)
+                           args.reports_dir, args.split, args.device, args.target_precision)
         print(f"{model}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
               f"on {metrics['samples']} {args.split} {metrics['unit']}s")
     print(write_summary(Path(args.reports_dir)))
@@ -81,7 +92,7 @@ def _export(args: argparse.Namespace) -> None:
 
     for model in args.model:
         result = export(Path(args.checkpoint_dir) / model / "best.pt", args.data_dir, args.artifacts_dir,
-                        int8=args.int8)
+                        int8=args.int8, target_precision=args.target_precision)
         print(json.dumps(result))
 
 
@@ -106,6 +117,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         command.add_argument("--model", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS))
         command.add_argument("--data-dir", required=True, help="cleaned and split folder")
         command.add_argument("--checkpoint-dir", default="checkpoints")
+        command.add_argument("--target-precision", type=_fraction, default=0.95,
+                             help="precision of the listings filed without review, for which the "
+                                  "review threshold is chosen on validation (default: 0.95)")
         if name == "evaluate":
             command.add_argument("--reports-dir", default="reports")
             command.add_argument("--split", choices=("train", "val", "test"), default="test")

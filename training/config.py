@@ -29,6 +29,10 @@ class TrainConfig:
     lexical_max_chars: int = 5_000
     lexical_lr: float = 2e-2  # the lexical branch starts at zero and its inputs are L2-normalised
     finetune_encoder: bool = False
+    backbone_lr: float = 5e-5  # pretrained weights move slowly; the new head at --lr
+    warmup_epochs: float = 0.0  # linear warmup of every learning rate, in epochs (fractions too)
+    decay: str = "none"  # none | cosine (to zero at the last epoch, per step)
+    grad_clip: float = 0.0  # largest gradient norm (0: off)
     feature_batch_size: int = 32
     num_workers: int = 0
     resume: bool = False  # continue from checkpoints/<model>/last.pt

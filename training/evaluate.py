@@ -12,8 +12,13 @@ import pandas as pd
 import torch
 
 from training.calibration import (
+    DEFAULT_TARGET_PRECISION,
+    calibrated_listings,
+    coverage_at,
     expected_calibration_error,
+    plot_coverage,
     plot_reliability,
+    review_threshold,
     split_outputs,
     validation_temperature,
 )
@@ -60,22 +65,26 @@ def predict_split(model, task, config: TrainConfig, split: str
         [torch.log_softmax(branch, 1).numpy() for branch in branches]
 
 
-def calibration_report(model, task, config: TrainConfig, data: CleanData, samples,
-                       labels: np.ndarray, probabilities: np.ndarray, plot_path: Path) -> dict:
-    """Expected calibration error on this split before and after the temperature that export
-    fits on the validation split, per sample and per listing, and the reliability diagram."""
+def calibration_report(model, task, config: TrainConfig, data: CleanData, split: str, out: Path,
+                       target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
+    """Per listing, as served: expected calibration error before and after the temperature that
+    export fits on the validation listings (reliability diagram), and the review threshold
+    chosen on validation with the coverage and precision it reaches on this split (curve)."""
     temperature = validation_temperature(model, config, data, task)
-    scaled = softmax(np.log(np.clip(probabilities, 1e-12, None)) / temperature)
-    _, truth, listing_before = per_listing(samples, labels, probabilities)
-    _, _, listing_after = per_listing(samples, labels, scaled)
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_reliability(listing_before, listing_after, truth, plot_path,
+    before, labels = calibrated_listings(model, config, data, split, 1.0, task)
+    after, _ = calibrated_listings(model, config, data, split, temperature, task)
+    validation, validation_labels = calibrated_listings(model, config, data, "val", temperature, task)
+    threshold = review_threshold(validation.max(1), validation.argmax(1) == validation_labels,
+                                 target_precision)
+    confidence, correct = after.max(1), after.argmax(1) == labels
+    out.mkdir(parents=True, exist_ok=True)
+    plot_reliability(before, after, labels, out / "reliability.png",
                      f"{config.model} model: reliability per listing")
-    return {"temperature": temperature,
-            "ece_before": expected_calibration_error(probabilities, labels),
-            "ece_after": expected_calibration_error(scaled, labels),
-            "listing_ece_before": expected_calibration_error(listing_before, truth),
-            "listing_ece_after": expected_calibration_error(listing_after, truth)}
+    plot_coverage(confidence, correct, threshold, out / "coverage.png",
+                  f"{config.model} model: automatic filing ({split} split)")
+    return {"temperature": temperature, "ece_before": expected_calibration_error(before, labels),
+            "ece_after": expected_calibration_error(after, labels),
+            "review": coverage_at(confidence, correct, threshold) | {"target_precision": target_precision}}
 
 
 def branch_ablation(samples, labels: np.ndarray, branches: list[np.ndarray], mix: list[float],
@@ -97,8 +106,19 @@ def calibration_cell(calibration: dict | None) -> str:
             f"(T {calibration['temperature']:.2f})")
 
 
+def review_cell(calibration: dict | None) -> str:
+    review = (calibration or {}).get("review")
+    if not review:
+        return "n/a"
+    if review["threshold"] is None:
+        return f"none reaches {review['target_precision']:.2f} on val"
+    precision = "n/a" if review["precision"] is None else f"{review['precision']:.3f}"
+    return (f"{review['coverage']:.1%} at p >= {review['threshold']:.2f} "
+            f"({precision}; target {review['target_precision']:.2f})")
+
+
 def softmax(values: np.ndarray) -> np.ndarray:
-    return torch.softmax(torch.from_numpy(values), dim=1).numpy()
+    return torch.softmax(torch.from_numpy(np.array(values)), dim=1).numpy()
 
 
 def per_listing(samples, labels: np.ndarray, probabilities: np.ndarray
@@ -154,7 +174,7 @@ def listing_metrics(samples, labels: np.ndarray, probabilities: np.ndarray, name
 
 
 def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: str = "test",
-             device: str = "auto") -> dict:
+             device: str = "auto", target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
     """Write reports/<model>/ (metrics.json, confusion_matrix.png, curves.png) and return the metrics."""
     model, checkpoint = load_checkpoint(checkpoint_path)
     config = replace(config_from(checkpoint["config"]), data_dir=str(data_dir))
@@ -168,8 +188,8 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     texts = dict(zip(data.products["id"], data.products["text"], strict=True))
     metrics["listing"] = listing_metrics(samples, labels, probabilities, names, texts)
     metrics["product_accuracy"] = metrics["listing"]["accuracy"]
-    metrics["calibration"] = calibration_report(model, task, config, data, samples, labels, probabilities,
-                                                Path(reports_dir) / config.model / "reliability.png")
+    metrics["calibration"] = calibration_report(model, task, config, data, split,
+                                                Path(reports_dir) / config.model, target_precision)
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)
     metrics.update(model=config.model, split=split, unit="product" if config.model == "text" else "photo",
@@ -236,8 +256,9 @@ def plot_curves(history: list[dict], path: Path, model: str) -> None:
 def write_summary(reports_dir: Path) -> str:
     """reports/summary.md: one row per evaluated model and its most confused pairs."""
     lines = ["| model | accuracy per listing [95% CI] | macro-F1 per listing | accuracy per photo "
-             "[95% CI] | listings | photos | ECE per answer, before -> after T | training |",
-             "|---|---|---|---|---|---|---|---|"]
+             "[95% CI] | listings | photos | ECE per listing, before -> after T | filed automatically "
+             "(precision) | training |",
+             "|---|---|---|---|---|---|---|---|---|"]
     confused = []
     for model in MODEL_KINDS:
         path = reports_dir / model / "metrics.json"
@@ -250,7 +271,8 @@ def write_summary(reports_dir: Path) -> str:
         lines.append(f"| {model} | {listing['accuracy']:.3f} [{listing['accuracy_95ci'][0]:.3f}, "
                      f"{listing['accuracy_95ci'][1]:.3f}] | {listing['macro_f1']:.3f} | {per_photo} | "
                      f"{listing['samples']} | {m['samples'] if m['unit'] == 'photo' else 'n/a'} | "
-                     f"{calibration_cell(m.get('calibration'))} | {m['training']} |")
+                     f"{calibration_cell(m.get('calibration'))} | {review_cell(m.get('calibration'))} | "
+                     f"{m['training']} |")
         confused += [f"| {model} | {pair['true']} | {pair['predicted']} | {pair['count']} | "
                      f"{pair['example'].replace('|', '/')} |" for pair in listing.get("most_confused", [])]
     table = "\n".join(lines) + "\n"

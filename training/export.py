@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from handlers.processing import model_inputs
-from training.calibration import validation_temperature
+from handlers.settings import ImageSettings, ModelSettings
+from training.calibration import (
+    DEFAULT_TARGET_PRECISION,
+    calibrated_listings,
+    review_threshold,
+    text_only_temperature,
+    validation_temperature,
+)
 from training.categories import write_index_to_name
 from training.checkpoints import config_from, load_checkpoint
 from training.config import TrainConfig
 from training.data import CleanData
 from training.features import load_model_image
-from training.tasks import text_settings
+from training.tasks import make_task, text_settings
 from training.text_encoder import load_tokenizer
 
 PARITY_TOLERANCE = 1e-4
@@ -31,27 +37,33 @@ class ExportError(RuntimeError):
     """The exported program does not reproduce the trained model."""
 
 
-def preprocessing_settings(config: TrainConfig, model) -> dict:
-    """The single source of what the handler must do before and after the model."""
-    settings = {"model": config.model, "inputs": [], "num_classes": None}
+def preprocessing_settings(config: TrainConfig, model, num_classes: int, answers: dict | None = None,
+                           int8: bool = False) -> ModelSettings:
+    """The single source of what the handler must do before and after the model; `answers`:
+    the temperatures and review threshold chosen on validation (see `answer_settings`)."""
+    image = None
     if config.model in ("image", "combined"):
         image_model = model if config.model == "image" else model.image_model
-        settings["image"] = {
-            "size": config.image_size, "resize": "fit longer side, pad to centred square",
-            "pad_colour": [0, 0, 0], "dtype": "uint8", "layout": "[B,3,H,W] RGB",
-            "mean": (image_model.mean.flatten() / 255).tolist(),
-            "std": (image_model.std.flatten() / 255).tolist(),
-            "normalisation": "inside the model"}
-        settings["inputs"].append("images")
-    if config.model in ("text", "combined"):
-        settings["text"] = text_settings(asdict(config)) | {"padding": "longest in batch",
-                            "fields": ["product_name", "product_description"], "joiner": " ",
-                            "strip_boilerplate": True, "tokenizer": "tokenizer",
-                            "encoder": config.text_encoder}
-        settings["inputs"] += ["input_ids", "attention_mask"]
-        if settings["text"]["lexical"]:
-            settings["inputs"] += ["lexical_ids", "lexical_counts"]
-    return settings
+        image = ImageSettings(config.image_size, tuple((image_model.mean.flatten() / 255).tolist()),
+                              tuple((image_model.std.flatten() / 255).tolist()))
+    text = text_settings(asdict(config)) if config.model in ("text", "combined") else None
+    return ModelSettings(config.model, num_classes, image, text, int8_text_encoder=int8, **(answers or {}))
+
+
+def answer_settings(model, config: TrainConfig, data: CleanData, target_precision: float) -> dict:
+    """Chosen on the validation listings, as the handler answers them: the temperature, the
+    combined model's text-only temperature, and the lowest confidence at which the listings
+    filed automatically are right `target_precision` of the time."""
+    task = make_task(model.eval(), config, data, torch.device("cpu"))
+    temperature = validation_temperature(model, config, data, task)
+    answers = {"temperature": temperature, "target_precision": target_precision,
+               "text_only_temperature": text_only_temperature(model, config, data)
+               if config.model == "combined" else None}
+    if len(data.samples(config.model, "val")):
+        probabilities, labels = calibrated_listings(model, config, data, "val", temperature, task)
+        answers["review_threshold"] = review_threshold(
+            probabilities.max(1), probabilities.argmax(1) == labels, target_precision)
+    return answers
 
 
 def example_batches(config: TrainConfig, data: CleanData, tokenizer) -> list[tuple]:
@@ -76,6 +88,14 @@ def sample_inputs(config: TrainConfig, data: CleanData, chosen, tokenizer) -> tu
         if config.model != "text" else None
     return model_inputs(config.model, images, list(chosen["text"]), tokenizer,
                         text_settings(asdict(config)))
+
+
+def traced_methods(config: TrainConfig, example: tuple) -> dict[str, tuple]:
+    """What the TorchScript file holds: forward, and for the combined model text_only."""
+    methods = {"forward": example}
+    if config.model == "combined":
+        methods["text_only"] = example[1:]
+    return methods
 
 
 def check_parity(expected: list[torch.Tensor], scripted, batches: list[tuple]) -> float:
@@ -130,7 +150,8 @@ def split_accuracy(model, config: TrainConfig, data: CleanData, tokenizer) -> fl
     return correct / max(len(samples), 1)
 
 
-def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: bool = False) -> dict:
+def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: bool = False,
+           target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
     """Write artifacts/<model>/ (or <model>_int8/ with the text encoder quantised): model.pt,
     index_to_name.json, preprocessing.json, tokenizer/."""
     model, checkpoint = load_checkpoint(checkpoint_path)
@@ -139,7 +160,9 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         raise ValueError("--int8 quantises the text encoder: use it with the text or combined model")
     data = CleanData.load(Path(data_dir))
     tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
-    result = {"model": config.model, "temperature": validation_temperature(model, config, data)}
+    config = replace(config, data_dir=str(data_dir))
+    answers = answer_settings(model, config, data, target_precision)
+    result = {"model": config.model} | answers
     if int8:
         result["fp32_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
         model = quantise_text_encoder(model, config.model)
@@ -149,10 +172,15 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         # Shape-derived constants (e.g. 'same' padding for the fixed image size) are intended.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is what TorchServe 0.12 loads
-        scripted = torch.jit.trace(model, batches[1], check_trace=False)
+        scripted = torch.jit.trace_module(model, traced_methods(config, batches[1]), check_trace=False)
     with torch.inference_mode():
         expected = [model(*inputs) for inputs in batches]
     worst = check_parity(expected, scripted, batches)
+    if config.model == "combined":  # listings without a photo are answered by text_only
+        with torch.inference_mode():
+            texts_alone = [inputs[1:] for inputs in batches]
+            worst = max(worst, check_parity([model.text_only(*b) for b in texts_alone],
+                                            scripted.text_only, texts_alone))
     out = Path(artifacts_dir) / (config.model + ("_int8" if int8 else ""))
     out.mkdir(parents=True, exist_ok=True)
     temporary = out / "model.pt.partial"
@@ -160,11 +188,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     os.replace(temporary, out / "model.pt")
     check_fresh_process(out / "model.pt", batches, expected)
     write_index_to_name(checkpoint["index_to_name"], out / "index_to_name.json")
-    settings = preprocessing_settings(config, model)
-    settings["num_classes"] = len(checkpoint["index_to_name"])
-    settings["int8_text_encoder"] = int8
-    settings["temperature"] = result["temperature"]  # the handler answers softmax(logits / T)
-    (out / "preprocessing.json").write_text(json.dumps(settings, indent=2) + "\n")
+    preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8).save(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "tokenizer"))
     return result | {"path": str(out / "model.pt"), "max_abs_diff": worst}

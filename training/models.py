@@ -188,3 +188,8 @@ class CombinedClassifier(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *lexical_inputs: torch.Tensor) -> torch.Tensor:
         return self.combine(self.branches(images, input_ids, attention_mask, *lexical_inputs))
+
+    def text_only(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  *lexical_inputs: torch.Tensor) -> torch.Tensor:
+        """The answer for a listing without a photo: the text model it was built on."""
+        return self.text_model(input_ids, attention_mask, *lexical_inputs)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from handlers.processing import lexical_ids, model_inputs, pad_lexical
+from handlers.settings import LexicalSettings, TextSettings
 from training.data import CleanData
 from training.features import (
     cached,
@@ -217,11 +218,11 @@ class RawTask:
         return self.model.combine(self.network(*inputs))
 
 
-def text_settings(settings: dict) -> dict:
+def text_settings(settings: dict) -> TextSettings:
     """The text part of preprocessing.json, from a training configuration."""
-    lexical = settings.get("lexical_buckets") or 0
-    return {"max_length": settings["max_length"],
-            "lexical": {"buckets": lexical, "max_chars": settings["lexical_max_chars"]} if lexical else None}
+    buckets = settings.get("lexical_buckets") or 0
+    lexical = LexicalSettings(buckets, settings["lexical_max_chars"]) if buckets else None
+    return TextSettings(settings["max_length"], lexical, settings.get("text_encoder", "minilm"))
 
 
 def make_task(model: nn.Module, config, data: CleanData, device: torch.device):

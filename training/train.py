@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -78,14 +79,41 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """What the optimiser updates, the lexical branch at its own learning rate."""
+    """What the optimiser updates: pretrained backbone and encoder at --backbone-lr, the lexical
+    branch at --lexical-lr without weight decay, the rest (new layers) at --lr."""
     trainable = set_trainable(model, config)
-    lexical = getattr(getattr(model, "text_model", model), "lexical", None)
+    image = model if config.model == "image" else getattr(model, "image_model", None)
+    text = model if config.model == "text" else getattr(model, "text_model", None)
+    pretrained = [part for part in (getattr(image, "backbone", None), getattr(text, "encoder", None))
+                  if part is not None]
+    lexical = getattr(text, "lexical", None)
+    pretrained_ids = {id(p) for part in pretrained for p in part.parameters()}
     lexical_ids = {id(p) for p in lexical.parameters()} if lexical is not None else set()
-    groups = [{"params": [p for p in trainable if id(p) not in lexical_ids]},
+    groups = [{"params": [p for p in trainable if id(p) not in pretrained_ids | lexical_ids]},
+              {"params": [p for p in trainable if id(p) in pretrained_ids], "lr": config.backbone_lr},
               {"params": [p for p in trainable if id(p) in lexical_ids], "lr": config.lexical_lr,
                "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+                ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step factor on every group's learning rate: linear warmup, then constant or cosine."""
+    if config.decay not in ("none", "cosine"):
+        raise ValueError(f"--decay {config.decay!r}: choose none or cosine")
+    if config.warmup_epochs < 0:
+        raise ValueError(f"--warmup-epochs {config.warmup_epochs}: must not be negative")
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    total = max(config.epochs * steps_per_epoch, warmup + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.decay == "none":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _train_mode(model: nn.Module, config: TrainConfig) -> None:
@@ -98,8 +126,8 @@ def _train_mode(model: nn.Module, config: TrainConfig) -> None:
 
 
 def run_epoch(task, split: str, batch_size: int, order: list[int] | None = None, forward=None,
-              optimizer=None, device: torch.device = CPU, cluster: Cluster = ALONE
-              ) -> tuple[float, float]:
+              optimizer=None, device: torch.device = CPU, cluster: Cluster = ALONE,
+              scheduler=None, grad_clip: float = 0.0) -> tuple[float, float]:
     """Mean loss and accuracy over one split, summed over all processes; updates the model
     through `forward` (the DDP-wrapped network when distributed) when given an optimiser."""
     forward = forward or task.network
@@ -114,7 +142,11 @@ def run_epoch(task, split: str, batch_size: int, order: list[int] | None = None,
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if grad_clip > 0:
+                    nn.utils.clip_grad_norm_(task.model.parameters(), grad_clip)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
             count = len(batch.labels)
             totals += torch.tensor([loss.item() * count,
                                     (logits.argmax(1) == batch.labels).sum().item(), count])
@@ -142,7 +174,10 @@ def train(config: TrainConfig) -> Path:
                 raise ValueError(f"the {split} split has no {config.model} samples")
         optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr,
                                       weight_decay=config.weight_decay)
-        best_path = _fit(model, task, optimizer, config, data, device, cluster)
+        shard = math.ceil(task.size("train") / cluster.world_size)
+        scheduler = lr_schedule(optimizer, config,
+                                math.ceil(shard / per_process_batch(config.batch_size, cluster)))
+        best_path = _fit(model, task, optimizer, scheduler, config, data, device, cluster)
         if cluster.is_main and has_lexical(model):
             choose_mix(best_path, task, config)
         cluster.barrier()  # nobody returns while rank 0 is still writing checkpoints
@@ -151,7 +186,7 @@ def train(config: TrainConfig) -> Path:
         leave(cluster)
 
 
-def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device,
+def _fit(model, task, optimizer, scheduler, config: TrainConfig, data: CleanData, device,
          cluster: Cluster) -> Path:
     folder = Path(config.checkpoint_dir) / config.model
     best_path, last_path = folder / "best.pt", folder / "last.pt"
@@ -159,7 +194,7 @@ def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device,
     forward = wrap(task.network, cluster, device, sync_buffers=not config.frozen)
     progress = {"history": [], "best_accuracy": -1.0, "best_epoch": 0, "epoch": 0}
     if config.resume:
-        progress = _restore(last_path, model, optimizer)
+        progress = _restore(last_path, model, optimizer, scheduler)
         _say(cluster, f"resuming {config.model} after epoch {progress['epoch']}")
     history = progress["history"]
     epochs = tqdm(range(progress["epoch"] + 1, config.epochs + 1), desc=f"training {config.model}",
@@ -167,13 +202,14 @@ def _fit(model, task, optimizer, config: TrainConfig, data: CleanData, device,
     for epoch in epochs:
         if config.patience and epoch - 1 - progress["best_epoch"] >= config.patience:
             break  # a resumed run that had already stopped early
-        row, shards = _one_epoch(model, task, forward, optimizer, config, device, cluster, epoch)
+        row, shards = _one_epoch(model, task, forward, (optimizer, scheduler), config, device,
+                                 cluster, epoch)
         history.append(row)
         progress["epoch"] = epoch
         if row["val_accuracy"] > progress["best_accuracy"]:
             progress.update(best_accuracy=row["val_accuracy"], best_epoch=epoch)
         if cluster.is_main:
-            _record_epoch(writer, model, optimizer, config, data, row, progress, shards, cluster,
+            _record_epoch(writer, model, (optimizer, scheduler), config, data, row, progress, shards, cluster,
                           best_path if progress["best_epoch"] == epoch else None, last_path)
         if config.patience and epoch - progress["best_epoch"] >= config.patience:
             _say(cluster, f"early stop: no better validation accuracy for {config.patience} epochs")
@@ -244,14 +280,16 @@ def choose_mix(best_path: Path, task, config: TrainConfig) -> float:
     return best
 
 
-def _one_epoch(model, task, forward, optimizer, config: TrainConfig, device, cluster: Cluster,
+def _one_epoch(model, task, forward, stepping: tuple, config: TrainConfig, device, cluster: Cluster,
                epoch: int) -> tuple[dict, list[dict]]:
-    """One pass over this process's shard of train, then validation over all processes."""
+    """One pass over this process's shard of train, then validation over all processes;
+    `stepping` is the optimiser and its learning-rate schedule."""
+    optimizer, scheduler = stepping
     _train_mode(model, config)
     order = train_order(task.size("train"), config.seed, epoch, cluster)
     batch_size = per_process_batch(config.batch_size, cluster)
     train_loss, train_accuracy = run_epoch(task, "train", batch_size, order, forward, optimizer,
-                                           device, cluster)
+                                           device, cluster, scheduler, config.grad_clip)
     model.eval()
     val_loss, val_accuracy = run_epoch(task, "val", batch_size, eval_order(task.size("val"), cluster),
                                        device=device, cluster=cluster)
@@ -262,10 +300,11 @@ def _one_epoch(model, task, forward, optimizer, config: TrainConfig, device, clu
             "val_loss": val_loss, "val_accuracy": val_accuracy}, shards
 
 
-def _record_epoch(writer, model, optimizer, config: TrainConfig, data: CleanData, row: dict,
+def _record_epoch(writer, model, stepping: tuple, config: TrainConfig, data: CleanData, row: dict,
                   progress: dict, shards: list[dict], cluster: Cluster, best_path: Path | None,
                   last_path: Path) -> None:
     """Rank 0 only: TensorBoard scalars, the best checkpoint when it improved, and last.pt."""
+    optimizer, scheduler = stepping
     for name, value in row.items():
         if name != "epoch":
             writer.add_scalar(name.replace("_", "/", 1), value, row["epoch"])
@@ -276,7 +315,9 @@ def _record_epoch(writer, model, optimizer, config: TrainConfig, data: CleanData
         save_checkpoint(best_path, model, config, history=progress["history"],
                         best_epoch=row["epoch"], best_val_accuracy=row["val_accuracy"],
                         index_to_name=data.index_to_name, processes=processes)
+    writer.add_scalar("lr/head", optimizer.param_groups[0]["lr"], row["epoch"])
     save_checkpoint(last_path, model, config, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
                     torch_rng=torch.get_rng_state(), progress=progress,
                     index_to_name=data.index_to_name, processes=processes)
 
@@ -286,13 +327,14 @@ def _say(cluster: Cluster, line: str) -> None:
         tqdm.write(line)
 
 
-def _restore(last_path: Path, model, optimizer) -> dict:
-    """Model, optimiser and random state after the last complete epoch."""
+def _restore(last_path: Path, model, optimizer, scheduler) -> dict:
+    """Model, optimiser, schedule and random state after the last complete epoch."""
     if not last_path.exists():
         raise FileNotFoundError(f"--resume: {last_path} not found (no epoch of this run completed)")
     state = torch.load(last_path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return state["progress"]
 

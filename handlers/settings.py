@@ -1,0 +1,141 @@
+"""What a model needs before and after it runs: written once at export as preprocessing.json,
+read back by the handlers, the benchmark and the tests. One frozen object, one file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from handlers.model_kinds import MODEL_NEEDS
+
+SETTINGS_FILE = "preprocessing.json"
+PAD_COLOUR = (0, 0, 0)
+# Written for a person reading the file; what the code does is fixed by handlers/processing.py.
+NOTES = {
+    "image": "uint8 [B,3,size,size] RGB: EXIF orientation applied, longer side fitted to size, "
+             "padded to a centred square with pad_colour; mean/std are applied inside the model",
+    "text": "product_name then product_description, joined by a space, Gumtree boilerplate "
+            "stripped, each field cut to 10,000 characters; token ids padded to the longest in "
+            "the batch; lexical: hashed word 1-2-grams and character 2-5-grams",
+    "answer": "softmax(mean over the listing's photos of log_softmax(logits), / temperature); "
+              "needs_review when its probability is below review_threshold",
+}
+
+# Descriptions that exports before ModelSettings wrote inline; read and ignored.
+EARLIER_NOTES = {"image": {"resize", "dtype", "layout", "normalisation"},
+                 "text": {"padding", "fields", "joiner", "strip_boilerplate"}}
+
+
+class SettingsError(ValueError):
+    """A preprocessing.json that this code cannot serve."""
+
+
+@dataclass(frozen=True)
+class LexicalSettings:
+    buckets: int
+    max_chars: int
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    max_length: int
+    lexical: LexicalSettings | None = None
+    encoder: str = "minilm"
+    tokenizer: str = "tokenizer"  # folder beside the model
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    size: int
+    mean: tuple[float, ...]  # applied inside the model; recorded for other runtimes
+    std: tuple[float, ...]
+    pad_colour: tuple[int, ...] = PAD_COLOUR
+
+    def __post_init__(self) -> None:
+        if tuple(self.pad_colour) != PAD_COLOUR:  # the cleaned training photos were padded so
+            raise SettingsError(f"pad_colour {list(self.pad_colour)}: this code pads with {list(PAD_COLOUR)}")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model: str
+    num_classes: int
+    image: ImageSettings | None = None
+    text: TextSettings | None = None
+    temperature: float = 1.0  # fitted on the validation listings: softmax(pooled / temperature)
+    int8_text_encoder: bool = False
+    text_only_temperature: float | None = None  # combined: listings without a photo
+    review_threshold: float | None = None  # filed automatically at or above; None: always review
+    target_precision: float = 0.95  # what review_threshold was chosen for, on validation
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_NEEDS:
+            raise SettingsError(f"unknown model {self.model!r}; expected one of {', '.join(MODEL_NEEDS)}")
+        for part in ("image", "text"):
+            needed = part in MODEL_NEEDS[self.model]
+            if needed != (getattr(self, part) is not None):
+                raise SettingsError(f"a {self.model} model {'needs' if needed else 'has no'} {part} settings")
+        for name in ("temperature", "text_only_temperature"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise SettingsError(f"{name} must be positive, not {value}")
+        if self.review_threshold is not None and not 0 <= self.review_threshold <= 1:
+            raise SettingsError(f"review_threshold must be in [0, 1], not {self.review_threshold}")
+
+    @property
+    def inputs(self) -> list[str]:
+        """The model's positional inputs, in order (handlers.processing.model_inputs)."""
+        names = ["images"] if self.image else []
+        if self.text:
+            names += ["input_ids", "attention_mask"]
+            names += ["lexical_ids", "lexical_counts"] if self.text.lexical else []
+        return names
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"inputs": self.inputs, "notes": NOTES}
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / SETTINGS_FILE
+        temporary = path.with_suffix(".json.partial")
+        temporary.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelSettings:
+        path = Path(folder) / SETTINGS_FILE
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, KeyError, SettingsError) as error:
+            raise SettingsError(f"{path}: {error}") from error
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelSettings:
+        data = {key: value for key, value in data.items() if key not in ("inputs", "notes")}
+        _check_keys(cls, data, "")
+        image, text = (_without_notes(data.pop(part, None), part) for part in ("image", "text"))
+        if image is not None:
+            _check_keys(ImageSettings, image, "image.")
+            image = ImageSettings(**{key: tuple(value) if isinstance(value, list) else value
+                                     for key, value in image.items()})
+        if text is not None:
+            _check_keys(TextSettings, text, "text.")
+            lexical = text.get("lexical")
+            if lexical is not None:
+                _check_keys(LexicalSettings, lexical, "text.lexical.")
+            text = TextSettings(**(text | {"lexical": LexicalSettings(**lexical) if lexical else None}))
+        return cls(**data, image=image, text=text)
+
+
+def _without_notes(part: dict | None, name: str) -> dict | None:
+    return None if part is None else {k: v for k, v in part.items() if k not in EARLIER_NOTES[name]}
+
+
+def _check_keys(kind: type, data: dict, prefix: str) -> None:
+    known = {field.name for field in fields(kind)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"unknown setting {prefix}{unknown[0]} "
+                            f"(this code knows {', '.join(sorted(known))})")
