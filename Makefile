@@ -3,12 +3,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+KSERVE_VENV := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
 SAMPLE_PRODUCTS ?= 800
 DEMO_DIR ?= data/demo
 NPROC ?= 2
 MODEL ?= image
 
-.PHONY: install demo test bench soak lint check-java clean-demo train-ddp sample-data train-real
+.PHONY: install kserve-venv demo test bench soak lint check-java clean-demo train-ddp sample-data train-real
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; Python 3.11 is required" >&2; exit 1; }
@@ -21,13 +23,22 @@ $(STAMP): pyproject.toml
 
 install: check-java $(STAMP)
 
+# KServe's model server (deploy/kserve/wrapper) in its own environment: its pins clash with ours.
+$(KSERVE_STAMP): deploy/kserve/wrapper/requirements.txt
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KSERVE_VENV)/bin/python -m pip install --quiet -r deploy/kserve/wrapper/requirements.txt
+	touch $(KSERVE_STAMP)
+
+kserve-venv: $(KSERVE_STAMP)
+
 check-java:
 	@command -v java >/dev/null || { echo "error: java not found; TorchServe needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
 demo: install
 	SAMPLE_PRODUCTS=$(SAMPLE_PRODUCTS) DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash scripts/demo
 
-test: install
+test: install kserve-venv
 	$(PY) -m pytest
 
 # Data-parallel training with torchrun on this machine's sample data (gloo on CPU, nccl on GPUs).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from http import HTTPStatus
@@ -37,6 +38,29 @@ GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTE
               415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
 # HTTP/1.1 requests always carry these after TorchServe's aggregator; gRPC requests carry none.
 HTTP_ONLY_HEADERS = ("host", "content-length", "transfer-encoding")
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The container's CPU quota in cores (cgroup v2 cpu.max, or v1 cfs quota/period); None
+    when there is none. os.cpu_count() sees the node's cores, not the pod's limit."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").exists():
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            return None if quota <= 0 else quota / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def available_cores(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this worker's process may use: its CPU affinity, capped by the cgroup quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(root)
+    return max(1, min(cores, math.ceil(limit))) if limit else cores
 
 
 def optimise_for_device(model, device: torch.device, enabled: bool):
@@ -86,7 +110,7 @@ class ListingHandler(BaseHandler):
     def set_threads(self, options: dict) -> None:
         """Share the cores between workers; TorchServe leaves every worker on all of them."""
         workers = int((getattr(self, "model_yaml_config", None) or {}).get("minWorkers", 1) or 1)
-        threads = int(options.get("threads", 0)) or max(1, (os.cpu_count() or 1) // workers)
+        threads = int(options.get("threads", 0)) or max(1, available_cores() // workers)
         torch.set_num_threads(threads)
 
     # ------------------------------------------------------------ hooks

@@ -26,7 +26,8 @@ SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "resp
 POD_HEADER = """\
 # TorchServe inside a KServe pod, derived by scripts/kserve_storage.py from the project's
 # config.properties (below, with the pod's changes). KServe's model server (the runtime image's
-# wrapper) takes requests on :8080 and forwards them to TorchServe here. The wrapper calls
+# wrapper, deploy/kserve/wrapper/) takes requests on :8080 and forwards them to TorchServe here,
+# on loopback: nothing else in the cluster reaches TorchServe's APIs. The wrapper calls
 # TorchServe without a token (its readiness poll and its predict calls), so token authorization
 # is off inside the pod; KServe's ingress is where to authenticate. The handlers read KServe v1
 # and v2 bodies themselves, batch by batch; TorchServe's own envelopes read only the first
@@ -38,7 +39,8 @@ POD_HEADER = """\
 def pod_changes(bind: str, mount: str, snapshot: dict) -> dict[str, str]:
     """What differs in the pod from the project's config.properties."""
     return {"inference_address": f"http://{bind}:8085", "management_address": f"http://{bind}:8085",
-            "metrics_address": f"http://{bind}:8082", "grpc_inference_address": bind,
+            # read-only, scraped by Prometheus through the pod IP (deploy/kserve/networkpolicy.yaml)
+            "metrics_address": "http://0.0.0.0:8082", "grpc_inference_address": bind,
             "grpc_management_address": bind, "disable_token_authorization": "true",
             "enable_envvars_config": "false", "number_of_netty_threads": "4", "job_queue_size": "100",
             "load_models": "all", "model_store": f"{mount}/model-store",
@@ -58,7 +60,7 @@ def model_snapshot(models: list[str], model_config: dict) -> dict:
 
 
 def lay_out(model_store: Path, out: Path, models: list[str], model_config: dict = MODEL_CONFIG,
-            bind: str = "0.0.0.0", mount: str = MOUNT) -> Path:
+            bind: str = "127.0.0.1", mount: str = MOUNT) -> Path:
     """Copy the archives and write the pod's config.properties; return the config's path."""
     archives = [Path(model_store) / f"{model}.mar" for model in models]
     missing = [str(path) for path in archives if not path.is_file()]

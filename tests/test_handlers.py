@@ -129,3 +129,20 @@ def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifa
     names = json.loads((artifacts / "image" / "index_to_name.json").read_text())
     served = torch.tensor([answer["probabilities"][names[str(i)]] for i in range(13)])
     assert (served - expected).abs().max() <= 1e-4
+
+
+def test_worker_threads_follow_the_container_cpu_quota(tmp_path):
+    from handlers.listing_handler import available_cores, cgroup_cpu_limit
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    unlimited = available_cores(tmp_path / "no-cgroup")
+    assert cgroup_cpu_limit(tmp_path) == 1.5 and available_cores(tmp_path) == min(2, unlimited)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.0 and available_cores(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(tmp_path) is None and cgroup_cpu_limit(tmp_path / "missing") is None

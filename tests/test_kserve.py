@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from tests.helpers import free_port, photo
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kserve"
+KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
+WRAPPER = DEPLOY / "wrapper" / "kserve_torchserve.py"
 TEXTS = ["ps5 console with two controllers", "oak dining table and six chairs", "electric kettle"]
 
 
@@ -33,11 +37,14 @@ def test_manifests_carry_what_kserve_requires():
         formats = runtime["spec"]["supportedModelFormats"]
         assert {"name": "pytorch", "version": "1", "autoSelect": False} in formats
         container = runtime["spec"]["containers"][0]
-        assert container["name"] == "kserve-container"
-        assert "--ts-config=/mnt/models/config/config.properties" in container["args"]
-        assert "--model-store=/mnt/models/model-store" in container["args"]
+        assert container["name"] == "kserve-container" and "args" not in container  # the entrypoint's
         assert "env" not in container  # no TS_SERVICE_ENVELOPE: the handlers read the protocols
-    protocols = set()
+        # a valid, lowercase reference whose registry cannot resolve until kustomization sets it
+        assert re.fullmatch(r"registry\.invalid/[a-z0-9-]+:[a-z0-9.-]+", container["image"])
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] and security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+    protocols, services = set(), []
     for name in ("inferenceservice-v1.yaml", "inferenceservice-v2.yaml", "inferenceservice-v2-gpu.yaml"):
         (service,) = documents(name)
         assert service["apiVersion"] == "serving.kserve.io/v1beta1" and service["kind"] == "InferenceService"
@@ -46,16 +53,43 @@ def test_manifests_carry_what_kserve_requires():
         assert model["modelFormat"]["name"] == "pytorch" and model["storageUri"]
         assert model["protocolVersion"] in runtimes[model["runtime"]]["spec"]["protocolVersions"]
         protocols.add(model["protocolVersion"])
+        # KServe sets PROTOCOL_VERSION only for its own torchserve runtime: the service sets it
+        assert {"name": "PROTOCOL_VERSION", "value": model["protocolVersion"]} in model["env"]
         gpus = model["resources"]["limits"].get("nvidia.com/gpu")
         assert (gpus == "1") == name.endswith("-gpu.yaml")
+        services.append(service["metadata"]["name"])
     assert protocols == {"v1", "v2"}
+    (policy,) = documents("networkpolicy.yaml")
+    selected = policy["spec"]["podSelector"]["matchExpressions"][0]
+    assert selected["key"] == "serving.kserve.io/inferenceservice"
+    assert sorted(selected["values"]) == sorted(services)
+    assert {rule["port"] for rule in policy["spec"]["ingress"][0]["ports"]} == {8080, 8012, 8082}
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(
+        path.name for path in DEPLOY.glob("*.yaml") if path.name != "kustomization.yaml")
+    assert kustomization["images"][0]["name"] == container["image"].split(":")[0]
 
 
-def test_runtime_image_installs_the_handlers_requirements():
+def test_runtime_image_installs_what_the_tests_ran():
+    """The Dockerfile installs the pins the tests ran with: TorchServe, the archiver and PyYAML
+    as pyproject.toml pins them, the handlers' requirements, and KServe's model server from the
+    file `make kserve-venv` installs; on Python 3.11 (torch 2.14.1 has no 3.9 wheels)."""
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "COPY handlers/requirements.txt" in dockerfile and "torchserve-kfs:0.12.0" in dockerfile
+    pins = dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', (ROOT / "pyproject.toml").read_text()))
+    assert re.search(r"^FROM python:3\.11-", dockerfile, re.MULTILINE)
+    for package in ("torchserve", "torch-model-archiver", "pyyaml"):
+        assert f"{package}=={pins[package]}" in dockerfile
+    assert "-r /opt/marketplace/handlers-requirements.txt" in dockerfile
+    assert "COPY handlers/requirements.txt /opt/marketplace/handlers-requirements.txt" in dockerfile
+    assert "-r /opt/marketplace/wrapper/requirements.txt" in dockerfile
     requirements = (ROOT / "handlers" / "requirements.txt").read_text().split()
-    assert "torch==2.14.1" in requirements and "transformers==5.24.0" in requirements
+    assert f"torch=={pins.get('torch', '2.14.1')}" in requirements
+    assert f"transformers=={pins['transformers']}" in requirements
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-r deploy/kserve/wrapper/requirements.txt" in makefile
+    entrypoint = (DEPLOY / "wrapper" / "entrypoint.sh").read_text()
+    assert "kserve_torchserve.py" in entrypoint and "--ts-config" in entrypoint
+    assert "USER 1000" in dockerfile and 'ENTRYPOINT ["/opt/marketplace/wrapper/entrypoint.sh"]' in dockerfile
 
 
 def test_storage_layout_and_pod_config(tmp_path, capsys):
@@ -68,7 +102,10 @@ def test_storage_layout_and_pod_config(tmp_path, capsys):
     copied = sorted(path.name for path in (out / "model-store").iterdir())
     assert copied == ["combined.mar", "image.mar", "text.mar"]
     properties = serve.read_properties(out / "config" / "config.properties")
-    assert properties["inference_address"] == "http://0.0.0.0:8085"
+    assert properties["inference_address"] == "http://127.0.0.1:8085"  # only the wrapper calls it
+    assert properties["management_address"] == "http://127.0.0.1:8085"
+    assert properties["grpc_inference_address"] == "127.0.0.1"
+    assert properties["metrics_address"] == "http://0.0.0.0:8082"  # read-only, for Prometheus
     assert properties["model_store"] == "/mnt/models/model-store"
     assert properties["enable_envvars_config"] == "false" and properties["enable_model_api"] == "false"
     assert serve.tokens_disabled(properties) and "service_envelope" not in properties
@@ -92,7 +129,7 @@ def localise(config: Path) -> Path:
     for old, new in ports.items():
         text = text.replace(old, new)
     local = config.with_name("local.properties")
-    local.write_text(text.replace("0.0.0.0", "127.0.0.1"))
+    local.write_text(text)
     return local
 
 
@@ -110,9 +147,46 @@ def pod(artifacts, tmp_path_factory):
     state = work / "state"
     try:
         serve.start(local, storage / "model-store", state, timeout=300)
-        yield {"url": serve.read_properties(local)["inference_address"], "state": state}
+        yield {"url": serve.read_properties(local)["inference_address"], "state": state, "config": local}
     finally:
         serve.stop(state)
+
+
+@pytest.fixture(scope="module")
+def kserve(pod, tmp_path_factory):
+    """KServe's own model server (deploy/kserve/wrapper, in .venv-kserve as the runtime image
+    installs it) in front of the pod's TorchServe, once per protocol: {"v1": url, "v2": url}."""
+    if not KSERVE_PYTHON.exists():
+        pytest.fail(f"{KSERVE_PYTHON} is missing: run `make kserve-venv` (make test does)")
+    logs, fronts, processes = tmp_path_factory.mktemp("kserve_front"), {}, []
+    try:
+        for protocol in ("v1", "v2"):
+            port = free_port()
+            log = (logs / f"{protocol}.log").open("w")
+            processes.append(subprocess.Popen(
+                [str(KSERVE_PYTHON), str(WRAPPER), "--ts-config", str(pod["config"]), "--protocol", protocol,
+                 "--http-port", str(port)], stdout=log, stderr=subprocess.STDOUT))
+            fronts[protocol] = f"http://127.0.0.1:{port}"
+            wait_for_kserve(fronts[protocol], processes[-1], logs / f"{protocol}.log")
+        yield fronts
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def wait_for_kserve(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"KServe's model server exited: {log.read_text()[-2000:]}")
+        try:
+            if all(requests.get(f"{url}/v1/models/{m}", timeout=2).json().get("ready") for m in MODELS):
+                return
+        except (requests.ConnectionError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"KServe's model server was not ready after {timeout} s: {log.read_text()[-2000:]}")
 
 
 def listings(model: str) -> list[dict]:
@@ -129,18 +203,20 @@ def close(served: dict, plain: dict) -> bool:
 
 @pytest.mark.serving
 @pytest.mark.parametrize("model", MODELS)
-def test_kserve_v1_and_v2_answers_equal_the_plain_rest_answers(pod, model):
+def test_kserve_v1_and_v2_answers_equal_the_plain_rest_answers(pod, kserve, model):
+    """Through KServe's model server (its predictor client forwarding to TorchServe's
+    /v1/models/<m>:predict and /v2/models/<m>/infer), against TorchServe's plain REST API."""
     items = listings(model)
     plain = [requests.post(f"{pod['url']}/predictions/{model}", json=item, timeout=60).json()
              for item in items]
     instances = [item | ({"image": {"b64": item["image"]}} if "image" in item else {}) for item in items]
-    v1 = requests.post(f"{pod['url']}/v1/models/{model}:predict", json={"instances": instances}, timeout=60)
+    v1 = requests.post(f"{kserve['v1']}/v1/models/{model}:predict", json={"instances": instances}, timeout=60)
     assert v1.status_code == 200, v1.text
     assert all(close(s, p) for s, p in zip(v1.json()["predictions"], plain, strict=True))
 
     inputs = [{"name": name, "shape": [len(items)], "datatype": "BYTES", "data": [i[name] for i in items]}
               for name in ("image", "text") if name in items[0]]
-    v2 = requests.post(f"{pod['url']}/v2/models/{model}/infer", timeout=60,
+    v2 = requests.post(f"{kserve['v2']}/v2/models/{model}/infer", timeout=60,
                        json={"id": "listing-batch-1", "inputs": inputs, "parameters": {"top_k": 2}})
     assert v2.status_code == 200, v2.text
     body = v2.json()
@@ -155,8 +231,8 @@ def test_kserve_v1_and_v2_answers_equal_the_plain_rest_answers(pod, model):
 
 
 @pytest.mark.serving
-def test_kserve_requests_are_batched_and_bad_ones_get_a_json_4xx(pod):
-    url = f"{pod['url']}/v1/models/text:predict"
+def test_kserve_requests_are_batched_and_bad_ones_get_a_json_4xx(pod, kserve):
+    url = f"{kserve['v1']}/v1/models/text:predict"
     bodies = [{"instances": [{"text": f"{TEXTS[i % 3]} {i}"}]} for i in range(12)]
     bodies[5] = {"instances": [{"text": "sofa"}, {"colour": "red"}]}
     with ThreadPoolExecutor(len(bodies)) as pool:
@@ -164,9 +240,9 @@ def test_kserve_requests_are_batched_and_bad_ones_get_a_json_4xx(pod):
     assert responses[5].status_code == 400
     assert responses[5].json()["error"].startswith("instance 1: unknown field")
     assert all(r.status_code == 200 for i, r in enumerate(responses) if i != 5)
-    v2 = requests.post(f"{pod['url']}/v2/models/text/infer", timeout=60,
-                       json={"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
-    assert v2.status_code == 400 and "BYTES" in v2.json()["error"]
+    v2 = requests.post(f"{kserve['v2']}/v2/models/text/infer", timeout=60,
+                       json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["  "]}]})
+    assert v2.status_code == 400 and "text is empty" in v2.json()["error"]
     log = (pod["state"] / "logs" / "model_log.log").read_text()
     sizes = [int(size) for size in re.findall(r"batch_size=(\d+)", log)]
     assert max(sizes) > 1  # several KServe requests went through the model together
