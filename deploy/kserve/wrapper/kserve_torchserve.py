@@ -30,13 +30,10 @@ MAX_MESSAGE_CHARS = 1000
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    properties = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            properties[key.strip()] = value.strip()
-    return properties
+    """key=value lines of a Java properties file (this image cannot import scripts/serve.py)."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    pairs = (line.split("=", 1) for line in lines if line and not line.startswith("#") and "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 def model_names(properties: dict[str, str]) -> list[str]:
