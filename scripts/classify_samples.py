@@ -1,5 +1,6 @@
 """Classify a few held-out (test split) listings with the running server, over REST and gRPC,
-and print each answer beside the true category."""
+each with all its photos (one answer per listing), and print each answer beside the true
+category and whether it would be filed automatically."""
 
 from __future__ import annotations
 
@@ -24,18 +25,21 @@ def main(argv: list[str] | None = None) -> int:
     rest = properties["inference_address"]
     grpc_target = f"127.0.0.1:{properties.get('grpc_inference_port', '7070')}"
     data = CleanData.load(args.data_dir)
-    held_out = data.samples("combined", "test").drop_duplicates("product_id").head(args.count)
-    print(f"{'protocol':8} {'model':9} {'answer':34} {'p':>5}  true category")
-    for _, row in held_out.iterrows():
-        image = data.image_path(row["id"]).read_bytes()
+    photos_of = data.samples("combined", "test").groupby("product_id", sort=False)["id"].apply(list)
+    held_out = data.samples("text", "test").set_index("id").loc[list(photos_of.index[:args.count])]
+    print(f"{'protocol':8} {'model':9} {'photos':>6} {'answer':34} {'p':>5} {'filed':5}  true category")
+    for product_id, row in held_out.iterrows():
+        photos = [data.image_path(image_id).read_bytes() for image_id in photos_of[product_id]]
+        truth = data.index_to_name[str(row["label"])]
         for model in MODEL_KINDS:
-            photo = image if model != "text" else None
+            listing_photos = photos if model != "text" else None
             fields = {"text": row["text"]} if model != "image" else {}
             for protocol, call, target in (("rest", rest_predict, rest), ("grpc", grpc_predict, grpc_target)):
-                answer = call(target, model, photo, fields, 3, token)
-                mark = "ok" if answer["category"] == data.index_to_name[str(row["label"])] else "--"
-                print(f"{protocol:8} {model:9} {answer['category'][:34]:34} {answer['probability']:5.2f}"
-                      f"  {data.index_to_name[str(row['label'])]} {mark}")
+                answer = call(target, model, listing_photos, fields, 3, token)
+                mark = "ok" if answer["category"] == truth else "--"
+                filed = "no" if answer["needs_review"] else "yes"
+                print(f"{protocol:8} {model:9} {answer.get('photos', 0):6} {answer['category'][:34]:34} "
+                      f"{answer['probability']:5.2f} {filed:5}  {truth} {mark}")
     return 0
 
 
