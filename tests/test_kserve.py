@@ -246,3 +246,28 @@ def test_kserve_requests_are_batched_and_bad_ones_get_a_json_4xx(pod, kserve):
     log = (pod["state"] / "logs" / "model_log.log").read_text()
     sizes = [int(size) for size in re.findall(r"batch_size=(\d+)", log)]
     assert max(sizes) > 1  # several KServe requests went through the model together
+
+
+@pytest.mark.serving
+def test_a_multi_photo_listing_through_kserve_gets_one_answer_with_a_review_flag(pod, kserve):
+    photos = [base64.b64encode(photo(colour)).decode() for colour in ((30, 140, 60), (200, 20, 20))]
+    plain = requests.post(f"{pod['url']}/predictions/combined", timeout=60,
+                          json={"images": photos, "text": TEXTS[1]}).json()
+    assert plain["photos"] == 2 and isinstance(plain["needs_review"], bool)
+    v1 = requests.post(f"{kserve['v1']}/v1/models/combined:predict", timeout=60, json={"instances": [
+        {"images": [{"b64": p} for p in photos], "text": TEXTS[1]}]})
+    assert v1.status_code == 200, v1.text
+    assert close(v1.json()["predictions"][0], plain) and v1.json()["predictions"][0]["photos"] == 2
+    v2 = requests.post(f"{kserve['v2']}/v2/models/combined/infer", timeout=60, json={"inputs": [
+        {"name": "image", "shape": [2, 2], "datatype": "BYTES", "data": [*photos, photos[0], ""]},
+        {"name": "text", "shape": [2], "datatype": "BYTES", "data": [TEXTS[1], TEXTS[1]]}]})
+    assert v2.status_code == 200, v2.text
+    outputs = {output["name"]: output for output in v2.json()["outputs"]}
+    assert outputs["photos"]["data"] == [2, 1]
+    assert outputs["needs_review"]["data"][0] == plain["needs_review"]
+    classes = outputs["classes"]["data"]
+    assert outputs["probabilities"]["data"][:len(classes)] == pytest.approx(
+        [plain["probabilities"][name] for name in classes], abs=1e-5)
+    too_many = requests.post(f"{kserve['v1']}/v1/models/image:predict", timeout=60, json={"instances": [
+        {"images": photos * 6}]})
+    assert too_many.status_code == 400 and "at most 10" in too_many.json()["error"]
