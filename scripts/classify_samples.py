@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                 answer = call(target, model, listing_photos, fields, 3, token)
                 mark = "ok" if answer["category"] == truth else "--"
                 filed = "no" if answer["needs_review"] else "yes"
-                print(f"{protocol:8} {model:9} {answer.get('photos', 0):6} {answer['category'][:34]:34} "
+                print(f"{protocol:8} {model:9} {answer.get('photos', '-'):>6} {answer['category'][:34]:34} "
                       f"{answer['probability']:5.2f} {filed:5}  {truth} {mark}")
     return 0
 
