@@ -140,21 +140,25 @@ def test_output_inside_input_is_refused(tmp_path):
 
 
 def test_interrupted_cleaning_resumes_without_redoing_work_or_leaving_bad_images(tmp_path):
+    import os
     import signal
     import subprocess
     import sys
     import time
 
     raw, out = tmp_path / "raw", tmp_path / "out"
-    generate(raw, SampleConfig(products=600, seed=9))
+    generate(raw, SampleConfig(products=900, seed=9))
+    # the cleaner runs niced so that this loop, which must see it half done, is never starved
     process = subprocess.Popen([sys.executable, "-m", "training", "clean", "--data-dir", str(raw),
                                 "--out", str(out), "--image-size", "64", "--workers", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: os.nice(19))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if (out / "images").exists() and len(list((out / "images").iterdir())) >= 150:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
+    assert process.poll() is None, "the cleaner finished before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
