@@ -30,8 +30,13 @@ requests = st.one_of(
     st.builds(lambda body: {"data": body}, st.text(max_size=500)),
     st.builds(lambda value: {"body": value}, json_values),
     st.builds(lambda value: {"body": json.dumps(value).encode()}, json_values),
-    st.dictionaries(st.sampled_from(["image", "text", "product_name", "product_description", "top_k",
+    st.dictionaries(st.sampled_from(["image", "image_1", "image_12", "image_0", "images", "text",
+                                     "product_name", "product_description", "top_k", "min_confidence",
                                      "other"]), field_values, min_size=1, max_size=4),
+    st.builds(lambda photos, extra: {"body": {"images": photos} | extra},
+              st.lists(field_values, max_size=14),
+              st.dictionaries(st.sampled_from(["image", "text", "min_confidence"]), field_values,
+                              max_size=2)),
 )
 
 
