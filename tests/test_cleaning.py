@@ -148,11 +148,15 @@ def test_interrupted_cleaning_resumes_without_redoing_work_or_leaving_bad_images
 
     raw, out = tmp_path / "raw", tmp_path / "out"
     generate(raw, SampleConfig(products=900, seed=9))
-    # the cleaner runs niced so that this loop, which must see it half done, is never starved
+    def child_setup() -> None:
+        os.nice(19)  # so that this loop, which must see the cleaner half done, is never starved
+        # a shell's background jobs inherit SIGINT ignored, and Python keeps an ignored SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen([sys.executable, "-m", "training", "clean", "--data-dir", str(raw),
                                 "--out", str(out), "--image-size", "64", "--workers", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: os.nice(19))
+                               preexec_fn=child_setup)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if (out / "images").exists() and len(list((out / "images").iterdir())) >= 150:
