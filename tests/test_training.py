@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 import sys
@@ -61,10 +62,17 @@ def test_feature_cache_is_reused_and_invalidated(trained, tmp_path, monkeypatch)
     frozen_task(model, "image", data, settings | {"image_size": 48}, device, tmp_path)
     assert len(calls) == 2  # preprocessing changed
     photo = data.image_path(data.images["id"][0])
-    photo.touch()
+    original_bytes = photo.read_bytes()
+    photo.write_bytes(original_bytes)  # cleaned again: new modification time, same bytes
+    frozen_task(model, "image", data, settings, device, tmp_path)
+    assert len(calls) == 2  # the cache follows the contents
+    from PIL import Image, ImageOps
+
+    ImageOps.mirror(Image.open(io.BytesIO(original_bytes))).save(photo, "JPEG")
     second = frozen_task(model, "image", data, settings, device, tmp_path)
+    photo.write_bytes(original_bytes)
     assert len(calls) == 3  # a photo changed
-    assert torch.allclose(first.tensors["features"], second.tensors["features"])
+    assert not torch.equal(first.tensors["features"], second.tensors["features"])
     with torch.no_grad():  # e.g. a fine-tuned branch under a combined model: same names, new weights
         model.backbone.network._conv_head.weight.mul_(1.5)
     third = frozen_task(model, "image", data, settings, device, tmp_path)
