@@ -253,12 +253,12 @@ def test_evaluation_and_export_load_checkpoints_without_the_training_loop():
 
 
 def test_temperature_scaling_lowers_the_validation_calibration_error(trained):
-    from training.calibration import expected_calibration_error, split_logits, validation_temperature
+    from training.calibration import expected_calibration_error, split_logits, validation_answers
 
     model, checkpoint = load_checkpoint(trained["paths"]["text"])
     config = replace(trained["configs"]["text"], data_dir=str(trained["data_dir"]))
     data = CleanData.load(trained["data_dir"])
-    temperature = validation_temperature(model, config, data)
+    temperature = validation_answers(model, config, data, 0.95)["temperature"]
     logits, labels = split_logits(model, config, data, "val")
     before = expected_calibration_error(torch.softmax(logits, 1).numpy(), labels.numpy())
     after = expected_calibration_error(torch.softmax(logits / temperature, 1).numpy(), labels.numpy())
@@ -271,7 +271,8 @@ def test_temperature_scaling_lowers_the_validation_calibration_error(trained):
 def test_review_threshold_reaches_its_target_on_the_data_it_was_chosen_on(trained):
     import numpy as np
 
-    from training.calibration import calibrated_listings, coverage_at, review_threshold
+    from handlers.processing import listing_probabilities
+    from training.calibration import coverage_at, listing_logits, review_threshold, validation_answers
 
     rng = np.random.default_rng(0)
     confidence = rng.uniform(0.2, 1.0, 500)
@@ -286,12 +287,18 @@ def test_review_threshold_reaches_its_target_on_the_data_it_was_chosen_on(traine
     model, _ = load_checkpoint(trained["paths"]["combined"])
     config = replace(trained["configs"]["combined"], data_dir=str(trained["data_dir"]))
     data = CleanData.load(trained["data_dir"])
-    probabilities, labels = calibrated_listings(model, config, data, "val", 1.0)
+    pooled, labels = listing_logits(model, config, data, "val")
+    probabilities, labels = listing_probabilities(pooled, 1.0).numpy(), labels.numpy()
     assert len(labels) == data.samples("combined", "val")["product_id"].nunique()
     threshold = review_threshold(probabilities.max(1), probabilities.argmax(1) == labels, 0.9)
     if threshold is not None:
         assert coverage_at(probabilities.max(1), probabilities.argmax(1) == labels,
                            threshold)["precision"] >= 0.9
+    answers = validation_answers(model, config, data, 0.9)  # as export chooses it, with its T
+    calibrated = listing_probabilities(pooled, answers["temperature"]).numpy()
+    if answers["review_threshold"] is not None:
+        assert coverage_at(calibrated.max(1), calibrated.argmax(1) == labels,
+                           answers["review_threshold"])["precision"] >= 0.9
 
 
 def test_learning_rates_warm_up_decay_and_differ_by_part(trained):

@@ -107,22 +107,33 @@ def listing_logits(model, config, data, split: str, task=None) -> tuple[torch.Te
     """Per listing, what the handler turns into its answer: the mean of its photos'
     log-probabilities (one row per listing for the text model), and the listing labels."""
     logits, labels = split_logits(model, config, data, split, task)
-    return pool_by_listing(logits, labels, data.samples(config.model, split)["product_id"])
+    product_ids = data.samples(config.model, split)["product_id"]
+    _, pooled, listing_labels = pool_by_listing(logits, labels, product_ids)
+    return pooled, listing_labels
 
 
 def pool_by_listing(logits: torch.Tensor, labels: torch.Tensor, product_ids
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    codes, _ = pd.factorize(np.asarray(product_ids))
+                    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The listings in order of first appearance, their pooled log-probabilities (as the handler
+    pools a listing's photos) and their labels."""
+    codes, ids = pd.factorize(np.asarray(product_ids))
     _, first = np.unique(codes, return_index=True)  # codes count up in order of first appearance
-    pooled = pool_photos(logits, torch.from_numpy(codes), len(first))
-    return pooled, labels[torch.from_numpy(first)]
+    pooled = pool_photos(logits, torch.from_numpy(codes), len(ids))
+    return ids, pooled, labels[torch.from_numpy(first)]
 
 
-def validation_temperature(model, config, data, task=None) -> float:
-    """The temperature fitted on the validation listings (1.0 when there are none)."""
+def validation_answers(model, config, data, target_precision: float, task=None) -> dict:
+    """Chosen on the validation listings as the handler answers them: the temperature, and the
+    lowest confidence at which the listings filed automatically are right `target_precision` of
+    the time (no validation listings: T 1 and no threshold, so every answer is reviewed)."""
     if len(data.samples(config.model, "val")) == 0:
-        return 1.0
-    return fit_temperature(*listing_logits(model, config, data, "val", task))
+        return {"temperature": 1.0, "review_threshold": None}
+    pooled, labels = listing_logits(model, config, data, "val", task)
+    temperature = fit_temperature(pooled, labels)
+    probabilities = listing_probabilities(pooled, temperature).numpy()
+    threshold = review_threshold(probabilities.max(1), probabilities.argmax(1) == labels.numpy(),
+                                 target_precision)
+    return {"temperature": temperature, "review_threshold": threshold}
 
 
 def text_only_temperature(model, config, data) -> float:
@@ -155,13 +166,6 @@ def coverage_at(confidence: np.ndarray, correct: np.ndarray, threshold: float | 
     return {"threshold": threshold, "coverage": float(filed.mean()) if len(filed) else 0.0,
             "precision": float(correct[filed].mean()) if filed.any() else None,
             "listings": int(len(filed))}
-
-
-def calibrated_listings(model, config, data, split: str, temperature: float, task=None
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Per listing of a split: the answer's probabilities as served, and the labels."""
-    pooled, labels = listing_logits(model, config, data, split, task)
-    return listing_probabilities(pooled, temperature).numpy(), labels.numpy()
 
 
 def plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float | None,

@@ -8,19 +8,18 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import pandas as pd
 import torch
 
+from handlers.processing import listing_probabilities
 from training.calibration import (
     DEFAULT_TARGET_PRECISION,
-    calibrated_listings,
     coverage_at,
     expected_calibration_error,
     plot_coverage,
     plot_reliability,
-    review_threshold,
+    pool_by_listing,
     split_outputs,
-    validation_temperature,
+    validation_answers,
 )
 from training.checkpoints import choose_device, config_from, load_checkpoint
 from training.config import TrainConfig
@@ -65,25 +64,25 @@ def predict_split(model, task, config: TrainConfig, split: str
         [torch.log_softmax(branch, 1).numpy() for branch in branches]
 
 
-def calibration_report(model, task, config: TrainConfig, data: CleanData, split: str, out: Path,
+def calibration_report(model, task, config: TrainConfig, data: CleanData, split: str, labels: np.ndarray,
+                       probabilities: np.ndarray, out: Path,
                        target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
     """Per listing, as served: expected calibration error before and after the temperature that
     export fits on the validation listings (reliability diagram), and the review threshold
     chosen on validation with the coverage and precision it reaches on this split (curve)."""
-    temperature = validation_temperature(model, config, data, task)
-    before, labels = calibrated_listings(model, config, data, split, 1.0, task)
-    after, _ = calibrated_listings(model, config, data, split, temperature, task)
-    validation, validation_labels = calibrated_listings(model, config, data, "val", temperature, task)
-    threshold = review_threshold(validation.max(1), validation.argmax(1) == validation_labels,
-                                 target_precision)
-    confidence, correct = after.max(1), after.argmax(1) == labels
+    answers = validation_answers(model, config, data, target_precision, task)
+    temperature, threshold = answers["temperature"], answers["review_threshold"]
+    _, truth, pooled = per_listing(data.samples(config.model, split), labels, probabilities)
+    before = listing_probabilities(pooled, 1.0).numpy()
+    after = listing_probabilities(pooled, temperature).numpy()
+    confidence, correct = after.max(1), after.argmax(1) == truth
     out.mkdir(parents=True, exist_ok=True)
-    plot_reliability(before, after, labels, out / "reliability.png",
+    plot_reliability(before, after, truth, out / "reliability.png",
                      f"{config.model} model: reliability per listing")
     plot_coverage(confidence, correct, threshold, out / "coverage.png",
                   f"{config.model} model: automatic filing ({split} split)")
-    return {"temperature": temperature, "ece_before": expected_calibration_error(before, labels),
-            "ece_after": expected_calibration_error(after, labels),
+    return {"temperature": temperature, "ece_before": expected_calibration_error(before, truth),
+            "ece_after": expected_calibration_error(after, truth),
             "review": coverage_at(confidence, correct, threshold) | {"target_precision": target_precision}}
 
 
@@ -122,20 +121,14 @@ def softmax(values: np.ndarray) -> np.ndarray:
 
 
 def per_listing(samples, labels: np.ndarray, probabilities: np.ndarray
-                ) -> tuple[pd.Index, np.ndarray, np.ndarray]:
-    """Listing ids, labels and probabilities of each listing: the softmax of its photos' mean
-    log-probabilities (chosen on validation over the mean of the probabilities; docs/results.md)."""
-    frame = pd.DataFrame(np.log(np.clip(probabilities, 1e-12, None)))
-    frame["product_id"] = samples["product_id"].to_numpy()
-    mean = frame.groupby("product_id", sort=False).mean()
-    truth = pd.Series(labels, index=samples["product_id"].to_numpy()).groupby(level=0).first()
-    return mean.index, truth.loc[mean.index].to_numpy(), softmax(mean.to_numpy())
-
-
-def product_accuracy(samples, labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Accuracy per product when its photos' probabilities are averaged (comparable to text)."""
-    _, truth, mean = per_listing(samples, labels, probabilities)
-    return float((mean.argmax(1) == truth).mean())
+                ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Listing ids, labels and pooled log-probabilities of each listing: the mean of its photos'
+    log-probabilities, as the handler answers (chosen on validation over the mean of the
+    probabilities; docs/results.md)."""
+    log_probabilities = torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None)))
+    ids, pooled, truth = pool_by_listing(log_probabilities, torch.from_numpy(labels),
+                                         samples["product_id"])
+    return ids, truth.numpy(), pooled
 
 
 def bootstrap_interval(correct: np.ndarray, rounds: int = 2000, seed: int = 0) -> list[float]:
@@ -164,8 +157,8 @@ def most_confused(confusion: np.ndarray, names: list[str], labels: np.ndarray,
 def listing_metrics(samples, labels: np.ndarray, probabilities: np.ndarray, names: list[str],
                     texts: dict) -> dict:
     """Per-listing metrics (photos averaged), with the interval and the most confused pairs."""
-    ids, truth, mean = per_listing(samples, labels, probabilities)
-    predictions = mean.argmax(1)
+    ids, truth, pooled = per_listing(samples, labels, probabilities)
+    predictions = pooled.argmax(1).numpy()
     metrics = classification_metrics(truth, predictions, names)
     metrics["accuracy_95ci"] = bootstrap_interval(predictions == truth)
     metrics["most_confused"] = most_confused(np.array(metrics["confusion_matrix"]), names, truth,
@@ -188,7 +181,7 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     texts = dict(zip(data.products["id"], data.products["text"], strict=True))
     metrics["listing"] = listing_metrics(samples, labels, probabilities, names, texts)
     metrics["product_accuracy"] = metrics["listing"]["accuracy"]
-    metrics["calibration"] = calibration_report(model, task, config, data, split,
+    metrics["calibration"] = calibration_report(model, task, config, data, split, labels, probabilities,
                                                 Path(reports_dir) / config.model, target_precision)
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)

@@ -14,13 +14,7 @@ import torch
 
 from handlers.processing import model_inputs
 from handlers.settings import ImageSettings, ModelSettings
-from training.calibration import (
-    DEFAULT_TARGET_PRECISION,
-    calibrated_listings,
-    review_threshold,
-    text_only_temperature,
-    validation_temperature,
-)
+from training.calibration import DEFAULT_TARGET_PRECISION, text_only_temperature, validation_answers
 from training.categories import write_index_to_name
 from training.checkpoints import config_from, load_checkpoint
 from training.config import TrainConfig
@@ -51,19 +45,13 @@ def preprocessing_settings(config: TrainConfig, model, num_classes: int, answers
 
 
 def answer_settings(model, config: TrainConfig, data: CleanData, target_precision: float) -> dict:
-    """Chosen on the validation listings, as the handler answers them: the temperature, the
-    combined model's text-only temperature, and the lowest confidence at which the listings
-    filed automatically are right `target_precision` of the time."""
+    """The temperatures and review threshold chosen on the validation listings, for
+    preprocessing.json (calibration.validation_answers; the combined model's text-only answer
+    has its own temperature)."""
     task = make_task(model.eval(), config, data, torch.device("cpu"))
-    temperature = validation_temperature(model, config, data, task)
-    answers = {"temperature": temperature, "target_precision": target_precision,
-               "text_only_temperature": text_only_temperature(model, config, data)
-               if config.model == "combined" else None}
-    if len(data.samples(config.model, "val")):
-        probabilities, labels = calibrated_listings(model, config, data, "val", temperature, task)
-        answers["review_threshold"] = review_threshold(
-            probabilities.max(1), probabilities.argmax(1) == labels, target_precision)
-    return answers
+    text_only = text_only_temperature(model, config, data) if config.model == "combined" else None
+    return validation_answers(model, config, data, target_precision, task) | {
+        "target_precision": target_precision, "text_only_temperature": text_only}
 
 
 def example_batches(config: TrainConfig, data: CleanData, tokenizer) -> list[tuple]:
