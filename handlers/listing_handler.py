@@ -105,7 +105,8 @@ class ListingHandler(BaseHandler):
     def load_tokenizer(self, model_dir: Path):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(model_dir / self.settings.text.tokenizer),
+                                             local_files_only=True)
 
     def set_threads(self, options: dict) -> None:
         """Share the cores between workers; TorchServe leaves every worker on all of them."""
@@ -166,8 +167,8 @@ class ListingHandler(BaseHandler):
             raise type(error)(f"photo {position + 1} of {len(photos)}: {error}") from error
 
     def collate(self, items: list[dict]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """The model inputs, one row per photo (per listing for the text model), and the listing
-        each row belongs to."""
+        """The model inputs (on the CPU), one row per photo (per listing for the text model), and
+        the listing each row belongs to."""
         if "image" not in self.needs:
             rows = [(index, None) for index in range(len(items))]
         else:
@@ -175,11 +176,12 @@ class ListingHandler(BaseHandler):
         images = [image for _, image in rows] if "image" in self.needs else None
         texts = [items[index]["text"] for index, _ in rows] if "text" in self.needs else None
         inputs = model_inputs(self.settings.model, images, texts, self.tokenizer, self.settings.text)
-        return tuple(tensor.to(self.device) for tensor in inputs), torch.tensor([i for i, _ in rows])
+        return inputs, torch.tensor([i for i, _ in rows])
 
     def run(self, method, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`method` of the TorchScript model on the worker's device; float32 logits on the CPU."""
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-            return method(*inputs).float().cpu()
+            return method(*(tensor.to(self.device) for tensor in inputs)).float().cpu()
 
     def inference(self, items: list[dict]) -> torch.Tensor:
         """One row of probabilities per listing: its photos' answers pooled, then the temperature
@@ -194,7 +196,7 @@ class ListingHandler(BaseHandler):
         text_only = sorted(set(range(len(items))) - set(with_rows))
         if text_only:
             inputs = text_inputs(self.tokenizer, [items[i]["text"] for i in text_only], self.settings.text)
-            logits = self.run(self.model.text_only, tuple(t.to(self.device) for t in inputs))
+            logits = self.run(self.model.text_only, inputs)
             probabilities[text_only] = listing_probabilities(torch.log_softmax(logits, 1),
                                                              self.settings.text_only_temperature)
         return probabilities

@@ -60,10 +60,16 @@ def _combined_branches(config: TrainConfig) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the loop
-def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
-    """Freeze what the training mode keeps fixed; return what the optimiser updates."""
+def _single_models(model: nn.Module, config: TrainConfig) -> tuple[nn.Module | None, nn.Module | None]:
+    """The image and the text model inside `model` (itself, a combined model's branch, or None)."""
     image = model if config.model == "image" else getattr(model, "image_model", None)
     text = model if config.model == "text" else getattr(model, "text_model", None)
+    return image, text
+
+
+def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    """Freeze what the training mode keeps fixed; return what the optimiser updates."""
+    image, text = _single_models(model, config)
     if image is not None:
         image.backbone.requires_grad_(config.finetune == "all")
         if config.finetune == "last":
@@ -82,14 +88,14 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """What the optimiser updates: pretrained backbone and encoder at --backbone-lr, the lexical
     branch at --lexical-lr without weight decay, the rest (new layers) at --lr."""
     trainable = set_trainable(model, config)
-    image = model if config.model == "image" else getattr(model, "image_model", None)
-    text = model if config.model == "text" else getattr(model, "text_model", None)
+    image, text = _single_models(model, config)
     pretrained = [part for part in (getattr(image, "backbone", None), getattr(text, "encoder", None))
                   if part is not None]
     lexical = getattr(text, "lexical", None)
     pretrained_ids = {id(p) for part in pretrained for p in part.parameters()}
     lexical_ids = {id(p) for p in lexical.parameters()} if lexical is not None else set()
-    groups = [{"params": [p for p in trainable if id(p) not in pretrained_ids | lexical_ids]},
+    new_layers = [p for p in trainable if id(p) not in pretrained_ids and id(p) not in lexical_ids]
+    groups = [{"params": new_layers},
               {"params": [p for p in trainable if id(p) in pretrained_ids], "lr": config.backbone_lr},
               {"params": [p for p in trainable if id(p) in lexical_ids], "lr": config.lexical_lr,
                "weight_decay": 0.0}]
