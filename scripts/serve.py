@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,22 @@ def derive_config(source: Path, destination: Path, changes: dict[str, str], head
     lines += [f"{key}={value}" for key, value in changes.items() if key not in seen]
     Path(destination).write_text("\n".join(lines) + "\n")
     return read_properties(destination)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def loopback_config(destination: Path, changes: dict[str, str]) -> dict[str, str]:
+    """config.properties with every API on a free loopback port (so that it runs beside another
+    server), plus `changes`; everything else as shipped."""
+    ports = {key: f"http://127.0.0.1:{free_port()}"
+             for key in ("inference_address", "management_address", "metrics_address")}
+    ports |= {key: str(free_port()) for key in ("grpc_inference_port", "grpc_management_port")}
+    return derive_config(ROOT / "config.properties", destination, ports | changes)
 
 
 def model_names(properties: dict) -> list[str]:

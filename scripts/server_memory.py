@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -23,12 +22,6 @@ from scripts import serve
 from scripts.load import make_request, post_payload
 
 ROOT = serve.ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def server_rss_mib(state_dir: Path) -> dict:
@@ -48,10 +41,7 @@ def server_rss_mib(state_dir: Path) -> dict:
 def measure(model_store: Path, models: list[str], requests_per_model: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         config, state = Path(folder) / "config.properties", Path(folder) / "state"
-        changes = {key: f"http://127.0.0.1:{free_port()}"
-                   for key in ("inference_address", "management_address", "metrics_address")}
-        changes |= {key: str(free_port()) for key in ("grpc_inference_port", "grpc_management_port")}
-        properties = serve.derive_config(ROOT / "config.properties", config, changes | {
+        properties = serve.loopback_config(config, {
             "model_store": str(model_store.resolve()), "load_models": ",".join(f"{m}.mar" for m in models)})
         started = time.monotonic()
         try:

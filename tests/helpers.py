@@ -1,4 +1,4 @@
-"""Helpers of the end-to-end tests: free ports, photos, a test copy of config.properties and
+"""Helpers of the end-to-end tests: photos, a test copy of config.properties (free loopback ports) and
 the in-process TorchScript answer that a served answer must equal."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import socket
 from pathlib import Path
 
 import torch
@@ -22,12 +21,6 @@ SERVER_BATCH_SIZE = 8
 TEXTS = ["ps5 console with two controllers and fifa", "oak dining table", "kettle"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def photo(colour=(30, 140, 60), size=(640, 480)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "JPEG")
@@ -36,10 +29,7 @@ def photo(colour=(30, 140, 60), size=(640, 480)) -> bytes:
 
 def write_test_config(path: Path, store: Path) -> dict:
     """config.properties with free ports and the test's model store; everything else as shipped."""
-    changes = {key: f"http://127.0.0.1:{free_port()}"
-               for key in ("inference_address", "management_address", "metrics_address")}
-    changes |= {key: str(free_port()) for key in ("grpc_inference_port", "grpc_management_port")}
-    return serve.derive_config(ROOT / "config.properties", path, changes | {"model_store": str(store)})
+    return serve.loopback_config(path, {"model_store": str(store)})
 
 
 def in_process(artifacts: Path, model: str, image: bytes | list[bytes] | None, text: str | None

@@ -17,7 +17,8 @@ import yaml
 from scripts import serve
 from scripts.archive import MODEL_CONFIG, MODELS, build_archive
 from scripts.kserve_storage import StorageError, lay_out, main
-from tests.helpers import free_port, photo
+from scripts.serve import free_port
+from tests.helpers import photo
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kserve"
