@@ -175,6 +175,71 @@ def test_finetuning_the_last_stage_trains_only_it(trained, tmp_path):
     assert not torch.equal(tuned.head[-1].weight, fresh.head[-1].weight)
 
 
+def test_backbones_split_at_the_last_stage_without_changing_their_answer():
+    from training.backbones import build_backbone
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    for name in ("efficientnet_lite0", "resnet50"):
+        backbone = build_backbone(name, "none").eval()
+        with torch.inference_mode():
+            below = backbone.below_last_stage(images)
+            assert torch.equal(backbone.from_last_stage(below), backbone(images))
+        trainable = {id(p) for p in backbone.last_stage().parameters()}
+        with torch.enable_grad():
+            backbone.from_last_stage(below.clone()).sum().backward()
+        with_gradient = {id(p) for p in backbone.parameters() if p.grad is not None}
+        assert with_gradient and with_gradient <= trainable  # the cached part is all below the cut
+
+
+def test_photo_views_are_the_photo_its_mirror_and_repeatable_crops():
+    from training.features import photo_view
+
+    photo = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(photo_view(photo, 0, torch.Generator()), photo)
+    assert torch.equal(photo_view(photo, 1, torch.Generator()), photo.flip(-1))
+    crops = [photo_view(photo, 2, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*crops) and crops[0].shape == photo.shape and crops[0].dtype == torch.uint8
+    assert not torch.equal(crops[0], photo_view(photo, 2, torch.Generator().manual_seed(8)))
+
+
+def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, monkeypatch):
+    from training import tasks
+    from training.features import load_model_image, photo_view
+    from training.tasks import make_task
+
+    computed = []
+    original = tasks.compute_stage_inputs
+    monkeypatch.setattr(tasks, "compute_stage_inputs",
+                        lambda *args, **kwargs: computed.append(kwargs.get("view", 0))
+                        or original(*args, **kwargs))
+    config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path / "a"), epochs=2,
+                     finetune="last", cached_views=3, cache_dir=str(tmp_path / "cache"))
+    first = torch.load(train(config), weights_only=False)
+    assert sorted(computed) == [0, 1, 2]  # every photo plain, training photos in two more views
+    second = torch.load(train(replace(config, checkpoint_dir=str(tmp_path / "b"))), weights_only=False)
+    assert sorted(computed) == [0, 1, 2]  # the second run reads them from the cache
+    assert first["history"] == second["history"]  # and draws the same views for the seed
+
+    model, _ = load_checkpoint(tmp_path / "a" / "image" / "best.pt")
+    data = CleanData.load(trained["data_dir"])
+    task = make_task(model, config, data, torch.device("cpu"))
+    train_photos = data.samples("image", "train")
+    photo = load_model_image(data.image_path(train_photos["id"].iloc[0]), config.image_size)
+    with torch.inference_mode():
+        mirrored = model.backbone.below_last_stage((photo_view(photo, 1, None)[None].float()
+                                                    - model.mean) / model.std)
+        assert torch.allclose(task.train_views[1][0].float(), mirrored[0], atol=1e-2, rtol=1e-2)
+        val = data.samples("image", "val")
+        photos = torch.stack([load_model_image(data.image_path(i), config.image_size) for i in val["id"]])
+        cached = torch.cat([task.logits(batch.inputs) for batch in task.batches("val", 16)])
+        whole = model(photos)  # what export traces and the server runs
+    assert torch.allclose(cached, whole, atol=1e-2)  # the cache holds float16
+    assert torch.equal(cached.argmax(1), whole.argmax(1))
+    with pytest.raises(ValueError, match="cached-views 0"):
+        make_task(model, replace(config, cached_views=0), data, torch.device("cpu"))
+
+
 def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
     from handlers.processing import model_inputs
     from training.text_encoder import load_tokenizer
@@ -324,3 +389,41 @@ def test_learning_rates_warm_up_decay_and_differ_by_part(trained):
     assert rates[-1] < 0.05 * 1e-3
     with pytest.raises(ValueError, match="--decay"):
         lr_schedule(optimizer, replace(config, decay="linear"), 4)
+
+
+def test_the_ece_of_a_calibrated_model_tells_noise_from_miscalibration():
+    import numpy as np
+
+    from training.calibration import ece_of_a_calibrated_model, expected_calibration_error
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(750, 13)) * 3
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    cumulative = probabilities.cumsum(1)
+    calibrated_labels = (cumulative < rng.random((750, 1))).sum(1).clip(max=12)  # drawn from them
+    floor = ece_of_a_calibrated_model(probabilities)
+    assert 0 < floor["mean"] < floor["p95"] < 0.1
+    assert floor == ece_of_a_calibrated_model(probabilities)  # repeatable
+    # answers that are right as often as they say stay within the noise of 750 listings ...
+    assert expected_calibration_error(probabilities, calibrated_labels) <= floor["p95"]
+    # ... an overconfident model (the same labels, sharper answers) does not
+    sharp = np.exp(logits * 3) / np.exp(logits * 3).sum(1, keepdims=True)
+    assert expected_calibration_error(sharp, calibrated_labels) > ece_of_a_calibrated_model(sharp)["p95"]
+    # more listings, less noise
+    assert ece_of_a_calibrated_model(np.tile(probabilities, (8, 1)))["mean"] < floor["mean"]
+
+
+def test_complementarity_counts_what_the_photo_adds_to_the_text(tmp_path):
+    from training.evaluate import complementarity
+
+    answers = {"image": {"a": True, "b": True, "c": False, "d": False},
+               "text": {"a": True, "b": False, "c": False, "d": True, "e": False},
+               "combined": {"a": True, "b": True, "c": False, "d": True}}
+    assert complementarity(tmp_path) == ""
+    for model, right in answers.items():
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "metrics.json").write_text(json.dumps({"listing": {"right": right}}))
+    line = complementarity(tmp_path)  # "e" has no photo: not counted
+    assert "Of the 4 test listings with photos, the text model gets 2 wrong" in line
+    assert "the image model gets 1 of those right" in line
+    assert "right on 0.750 of them" in line and "(the combined model: 0.750)" in line

@@ -34,10 +34,22 @@ class ResNet50Features(nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+        return self.from_last_stage(self.below_last_stage(x))
 
     def last_stage(self) -> nn.Module:
         return self.network.layer4
+
+    def below_last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """What enters the last stage: the activations `--finetune last` caches."""
+        n = self.network
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer3(n.layer2(n.layer1(x)))
+
+    def from_last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.network.avgpool(self.network.layer4(x)), 1)
+
+
+LAST_BLOCKS = 5  # the "last stage" fine-tuned: Lite0 its last two stages, Lite1/2 four blocks and one
 
 
 class EfficientNetLiteFeatures(nn.Module):
@@ -50,10 +62,18 @@ class EfficientNetLiteFeatures(nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network.features(x)
+        return self.from_last_stage(self.below_last_stage(x))
 
     def last_stage(self) -> nn.Module:
-        return nn.ModuleList([*self.network._blocks[-5:], self.network._conv_head, self.network._bn1])
+        return nn.ModuleList([*self.network._blocks[-LAST_BLOCKS:], self.network._conv_head,
+                              self.network._bn1])
+
+    def below_last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """What enters the last stage: the activations `--finetune last` caches."""
+        return self.network.features_below(x, len(self.network._blocks) - LAST_BLOCKS)
+
+    def from_last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.features_from(x, len(self.network._blocks) - LAST_BLOCKS)
 
 
 def build_backbone(name: str, weights: str) -> nn.Module:

@@ -48,6 +48,22 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
     return float(error)
 
 
+def ece_of_a_calibrated_model(probabilities: np.ndarray, rounds: int = 200, seed: int = 0
+                               ) -> dict[str, float]:
+    """The ECE that a perfectly calibrated model with these answers would still show on a split
+    of this size: labels drawn from the answers' own probabilities, measured like the real ones
+    (mean and 95th percentile over `rounds` draws). An ECE below the 95th percentile cannot be
+    told apart from perfect calibration on this split."""
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(probabilities, axis=1)
+    errors = []
+    for _ in range(rounds):
+        draws = rng.random((len(probabilities), 1)) * cumulative[:, -1:]
+        labels = np.minimum((cumulative < draws).sum(axis=1), probabilities.shape[1] - 1)
+        errors.append(expected_calibration_error(probabilities, labels))
+    return {"mean": float(np.mean(errors)), "p95": float(np.percentile(errors, 95))}
+
+
 def plot_reliability(before: np.ndarray, after: np.ndarray, labels: np.ndarray, path: Path,
                      title: str, bins: int = ECE_BINS) -> None:
     """Accuracy against confidence per bin, before and after temperature scaling."""

@@ -23,6 +23,7 @@ class TrainConfig:
     image_weights: str = "imagenet"
     image_size: int = 224
     finetune: str = "none"  # image backbone: none (frozen, cached features) | last | all
+    cached_views: int = 2  # --finetune last of an image model: cached views of each training photo
     text_encoder: str = "minilm"
     max_length: int = 128
     lexical_buckets: int = 262_144  # hashed word/character n-gram branch of the text model (0: off)

@@ -80,9 +80,19 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_from(self.features_below(x, len(self._blocks)), len(self._blocks))
+
+    def features_below(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """The activations entering block number `block`."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
+        for index in range(block):
+            x = self._blocks[index](x)
+        return x
+
+    def features_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """Pooled features from the activations entering block number `block`."""
+        for index in range(block, len(self._blocks)):
+            x = self._blocks[index](x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 

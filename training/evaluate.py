@@ -14,6 +14,7 @@ from handlers.processing import listing_probabilities
 from training.calibration import (
     DEFAULT_TARGET_PRECISION,
     coverage_at,
+    ece_of_a_calibrated_model,
     expected_calibration_error,
     plot_coverage,
     plot_reliability,
@@ -83,6 +84,7 @@ def calibration_report(model, task, config: TrainConfig, data: CleanData, split:
                   f"{config.model} model: automatic filing ({split} split)")
     return {"temperature": temperature, "ece_before": expected_calibration_error(before, truth),
             "ece_after": expected_calibration_error(after, truth),
+            "ece_if_calibrated": ece_of_a_calibrated_model(after),
             "review": coverage_at(confidence, correct, threshold) | {"target_precision": target_precision}}
 
 
@@ -101,8 +103,10 @@ def branch_ablation(samples, labels: np.ndarray, branches: list[np.ndarray], mix
 def calibration_cell(calibration: dict | None) -> str:
     if not calibration:
         return "n/a"
+    floor = calibration.get("ece_if_calibrated")
+    noise = f"; a calibrated model: {floor['mean']:.3f}, p95 {floor['p95']:.3f}" if floor else ""
     return (f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} "
-            f"(T {calibration['temperature']:.2f})")
+            f"(T {calibration['temperature']:.2f}{noise})")
 
 
 def review_cell(calibration: dict | None) -> str:
@@ -163,7 +167,32 @@ def listing_metrics(samples, labels: np.ndarray, probabilities: np.ndarray, name
     metrics["accuracy_95ci"] = bootstrap_interval(predictions == truth)
     metrics["most_confused"] = most_confused(np.array(metrics["confusion_matrix"]), names, truth,
                                              predictions, [texts[i] for i in ids])
+    metrics["right"] = {str(i): bool(p == t) for i, p, t in zip(ids, predictions, truth, strict=True)}
     return metrics
+
+
+def complementarity(reports_dir: Path) -> str:
+    """How much a photo can add to the text: of the test listings both single models answered,
+    those the text model gets wrong and the image model right, and the share that at least one
+    of them gets right (no fusion of the two can do better without new information)."""
+    right = {}
+    for model in ("image", "text", "combined"):
+        path = reports_dir / model / "metrics.json"
+        if path.exists():
+            right[model] = json.loads(path.read_text()).get("listing", {}).get("right")
+    if not right.get("image") or not right.get("text"):
+        return ""
+    both = sorted(set(right["image"]) & set(right["text"]))
+    text_wrong = [i for i in both if not right["text"][i]]
+    rescued = sum(right["image"][i] for i in text_wrong)
+    either = sum(right["image"][i] or right["text"][i] for i in both) / len(both)
+    line = (f"\nOf the {len(both)} test listings with photos, the text model gets {len(text_wrong)} wrong; "
+            f"the image model gets {rescued} of those right. At least one of the two is right on "
+            f"{either:.3f} of them, an upper bound for any fusion of their answers")
+    if right.get("combined"):
+        combined = [right["combined"][i] for i in both if i in right["combined"]]
+        line += f" (the combined model: {sum(combined) / max(len(combined), 1):.3f})"
+    return line + ".\n"
 
 
 def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: str = "test",
@@ -203,7 +232,8 @@ def describe_training(config: TrainConfig) -> str:
         image, text = config_from(config.branches["image"]), config_from(config.branches["text"])
         return f"fusion of [{describe_training(image)}] and [{describe_training(text)}]"
     if config.model == "image":
-        mode = "frozen backbone" if config.finetune == "none" else f"fine-tuned ({config.finetune})"
+        mode = {"none": "frozen backbone", "all": "fine-tuned (all)"}.get(
+            config.finetune, f"last stage fine-tuned on {config.cached_views} cached views of each photo")
         return f"{config.image_backbone} ({config.image_weights} weights), {mode}, {config.image_size}px"
     mode = "fine-tuned encoder" if config.finetune_encoder else "frozen encoder"
     lexical = f" + hashed n-gram lexical branch ({config.lexical_buckets} buckets)" \
@@ -276,6 +306,7 @@ def write_summary(reports_dir: Path) -> str:
     if ablation:
         table += ("\nBranches of the same model, per listing:\n\n| model | answer from | accuracy |\n"
                   "|---|---|---|\n" + "\n".join(ablation) + "\n")
+    table += complementarity(reports_dir)
     if confused:
         table += ("\nMost confused pairs per listing (true -> predicted), with one listing each:\n\n"
                   "| model | true | predicted | listings | example |\n|---|---|---|---|---|\n"

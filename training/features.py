@@ -58,6 +58,42 @@ def compute_image_features(model, paths: Sequence[Path], image_size: int, device
     return {"features": torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim)}
 
 
+@torch.inference_mode()
+def compute_stage_inputs(model, paths: Sequence[Path], image_size: int, device: torch.device,
+                         batch_size: int = 32, view: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Activations entering the image model's last stage [N, C, h, w] (float16), of each photo
+    as it is (view 0), mirrored (view 1) or randomly cropped and flipped (view 2 and up, the
+    crops drawn from `seed` and `view`, so a rerun caches the same views)."""
+    model.eval().to(device)
+    generator = torch.Generator().manual_seed(seed * 1000 + view)
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc=f"last-stage inputs, view {view}",
+                      unit="batch", disable=None):
+        batch = torch.stack([photo_view(load_model_image(path, image_size), view, generator)
+                             for path in paths[start:start + batch_size]])
+        normalised = (batch.to(device).float() - model.mean) / model.std
+        chunks.append(model.backbone.below_last_stage(normalised).half().cpu())
+    return {"activations": torch.cat(chunks)}
+
+
+def photo_view(image: torch.Tensor, view: int, generator: torch.Generator) -> torch.Tensor:
+    """View `view` of a uint8 [3,S,S] photo: 0 itself, 1 mirrored, 2+ a random crop of 60-100%
+    of its area resized back to S, mirrored half of the time."""
+    if view == 0:
+        return image
+    if view == 1:
+        return image.flip(-1)
+    size = image.shape[-1]
+    area = float(torch.empty(1).uniform_(0.6, 1.0, generator=generator))
+    side = max(1, round(size * area ** 0.5))
+    top, left = (int(torch.randint(0, size - side + 1, (1,), generator=generator)) for _ in range(2))
+    crop = image[:, top:top + side, left:left + side].unsqueeze(0).float()
+    crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+    crop = crop.round().clamp(0, 255).to(torch.uint8)[0]
+    return crop.flip(-1) if bool(torch.rand(1, generator=generator) < 0.5) else crop
+
+
 def load_model_image(path: Path, image_size: int) -> torch.Tensor:
     with Image.open(path) as picture:
         return model_image(picture, image_size)

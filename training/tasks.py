@@ -22,6 +22,7 @@ from training.features import (
     cached,
     compute_hidden_states,
     compute_image_features,
+    compute_stage_inputs,
     file_stamps,
     load_model_image,
 )
@@ -127,12 +128,17 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
 
 def _image_features(image_model, data: CleanData, samples, settings: dict, device, cache_dir):
     paths = [data.image_path(image_id) for image_id in samples["id"]]
-    parts = {"backbone": settings["image_backbone"], "weights": _weights_identity(settings),
-             "state": state_digest(image_model.backbone),
-             "image_size": settings["image_size"], "files": file_stamps(paths),
-             "normalisation": [image_model.mean.flatten().tolist(), image_model.std.flatten().tolist()]}
-    return cached(cache_dir, "image", parts, lambda: compute_image_features(
-        image_model, paths, settings["image_size"], device, settings["feature_batch_size"]))
+    return cached(cache_dir, "image", _image_parts(image_model, settings, paths),
+                  lambda: compute_image_features(image_model, paths, settings["image_size"], device,
+                                                 settings["feature_batch_size"]))
+
+
+def _image_parts(image_model, settings: dict, paths: list[Path]) -> dict:
+    """What an image model's cached outputs for these photos depend on."""
+    return {"backbone": settings["image_backbone"], "weights": _weights_identity(settings),
+            "state": state_digest(image_model.backbone),
+            "image_size": settings["image_size"], "files": file_stamps(paths),
+            "normalisation": [image_model.mean.flatten().tolist(), image_model.std.flatten().tolist()]}
 
 
 def state_digest(module: nn.Module) -> str:
@@ -162,6 +168,69 @@ def _hidden_states(text_model, products, settings: dict, device, cache_dir):
     return cached(cache_dir, "text", parts, lambda: compute_hidden_states(
         text_model, tokenizer, texts, settings["max_length"], device,
         settings["feature_batch_size"]))
+
+
+class LastStagePart(nn.Module):
+    """What trains when only an image model's last stage does: last stage, pooling and head."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, activations: torch.Tensor) -> list[torch.Tensor]:
+        return [self.model.head(self.model.backbone.from_last_stage(activations.float()))]
+
+
+class LastStageTask(FrozenTask):
+    """`--finetune last` of an image model: the frozen stages run once per photo and view, their
+    activations are cached, and each epoch shows every training photo in one of its views, drawn
+    at random (augmentation in training only; evaluation sees the plain photo)."""
+
+    def __init__(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor,
+                 splits: list[str], device: torch.device, seed: int):
+        super().__init__(model, "image", {"activations": views[0]}, labels, splits, device)
+        self.network = LastStagePart(model)
+        self.train_views = [views[0][self.split_index["train"]], *views[1:]]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def batches(self, split: str, batch_size: int, order: list[int] | None = None,
+                train: bool = False):
+        if not train or split != "train":
+            yield from super().batches(split, batch_size, order)
+            return
+        positions = torch.tensor(order if order is not None else range(self.size("train")), dtype=torch.long)
+        views = torch.randint(len(self.train_views), (len(positions),), generator=self.generator)
+        for start in range(0, len(positions), batch_size):
+            rows, chosen = positions[start:start + batch_size], views[start:start + batch_size]
+            activations = torch.stack([self.train_views[view][row] for view, row in
+                                       zip(chosen.tolist(), rows.tolist(), strict=True)])
+            labels = self.labels[self.split_index["train"][rows]]
+            yield Batch((activations.to(self.device),), labels.to(self.device))
+
+    def _inputs(self, chosen: torch.Tensor) -> tuple:
+        return (self.tensors["activations"][chosen].to(self.device),)
+
+
+def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, cache_dir
+                    ) -> LastStageTask:
+    """Cached activations entering the last stage: every photo plain, and the training photos
+    in `cached_views - 1` more views (the mirror, then random crops)."""
+    if settings["cached_views"] < 1:
+        raise ValueError(f"--cached-views {settings['cached_views']}: must be at least 1")
+    samples = data.samples("image")
+    paths = [data.image_path(image_id) for image_id in samples["id"]]
+    train_paths = [path for path, split in zip(paths, samples["split"], strict=True) if split == "train"]
+    parts = _image_parts(model, settings, paths) | {"cut": "below last stage", "view": 0}
+    views = [cached(cache_dir, "activations", parts, lambda: compute_stage_inputs(
+        model, paths, settings["image_size"], device, settings["feature_batch_size"]))["activations"]]
+    for view in range(1, settings["cached_views"]):
+        view_parts = _image_parts(model, settings, train_paths) | {
+            "cut": "below last stage", "view": view, "seed": settings["seed"]}
+        views.append(cached(cache_dir, "activations", view_parts, lambda view=view: compute_stage_inputs(
+            model, train_paths, settings["image_size"], device, settings["feature_batch_size"],
+            view=view, seed=settings["seed"]))["activations"])
+    labels = torch.tensor(samples["label"].to_numpy(), dtype=torch.long)
+    return LastStageTask(model, views, labels, list(samples["split"]), device, settings["seed"])
 
 
 class RawSamples(Dataset):
@@ -226,10 +295,13 @@ def text_settings(settings: dict) -> TextSettings:
 
 
 def make_task(model: nn.Module, config, data: CleanData, device: torch.device):
-    """The frozen (cached features) or whole-model task a training configuration asks for."""
+    """The frozen (cached features), last-stage (cached activations) or whole-model task a
+    training configuration asks for."""
     settings = asdict(config)
+    cache = Path(config.cache_dir) if config.cache_dir else None
     if config.frozen:
-        cache = Path(config.cache_dir) if config.cache_dir else None
         return frozen_task(model, config.model, data, settings, device, cache)
+    if config.model == "image" and config.finetune == "last":
+        return last_stage_task(model, data, settings, device, cache)
     tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
     return RawTask(model, config.model, data, settings, device, tokenizer)
