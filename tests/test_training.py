@@ -173,6 +173,14 @@ def test_finetuning_the_last_stage_trains_only_it(trained, tmp_path):
     assert torch.equal(network._blocks[0]._depthwise_conv.weight, start._blocks[0]._depthwise_conv.weight)
     assert not torch.equal(network._blocks[-1]._project_conv.weight, start._blocks[-1]._project_conv.weight)
     assert not torch.equal(tuned.head[-1].weight, fresh.head[-1].weight)
+    # batch-norm statistics stay as pretrained by default, and follow the data with --bn-stats update
+    assert torch.equal(network._blocks[-1]._bn2.running_mean, start._blocks[-1]._bn2.running_mean)
+    updated, _ = load_checkpoint(train(replace(config, bn_stats="update",
+                                               checkpoint_dir=str(tmp_path / "update"))))
+    assert not torch.equal(updated.backbone.network._blocks[-1]._bn2.running_mean,
+                           start._blocks[-1]._bn2.running_mean)
+    with pytest.raises(ValueError, match="--bn-stats 'sometimes'"):
+        train(replace(config, bn_stats="sometimes", checkpoint_dir=str(tmp_path / "bad")))
 
 
 def test_backbones_split_at_the_last_stage_without_changing_their_answer():

@@ -23,6 +23,7 @@ TRAIN_OPTIONS = {
     "image_weights": "imagenet, none, or the path of a state dict",
     "image_size": "side of the square model input",
     "finetune": "image backbone: none (frozen, cached features), last (last stage) or all",
+    "bn_stats": "fine-tuning: batch-norm running statistics 'frozen' as pretrained (default) or 'update'",
     "cached_views": "--finetune last (image model): views of each training photo whose activations below "
                     "the last stage are cached (1: the photo, 2: and its mirror, more: random crops too)",
     "text_encoder": "minilm (shipped), a model folder, or a name in the local HF cache",

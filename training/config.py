@@ -23,6 +23,7 @@ class TrainConfig:
     image_weights: str = "imagenet"
     image_size: int = 224
     finetune: str = "none"  # image backbone: none (frozen, cached features) | last | all
+    bn_stats: str = "frozen"  # fine-tuning: batch-norm statistics frozen (as pretrained) or update
     cached_views: int = 2  # --finetune last of an image model: cached views of each training photo
     text_encoder: str = "minilm"
     max_length: int = 128

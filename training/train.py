@@ -123,11 +123,15 @@ def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per
 
 
 def _train_mode(model: nn.Module, config: TrainConfig) -> None:
-    """Dropout on; batch-norm statistics of frozen parts stay as pretrained."""
+    """Dropout on; batch-norm statistics stay as pretrained in frozen parts, and in trained
+    parts too unless --bn-stats update (a few thousand photos shift them away from what the
+    trained head expects faster than the head can follow)."""
+    if config.bn_stats not in ("frozen", "update"):
+        raise ValueError(f"--bn-stats {config.bn_stats!r}: choose frozen or update")
     model.train()
     for module in model.modules():
         frozen = not any(parameter.requires_grad for parameter in module.parameters())
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (frozen or config.bn_stats == "frozen"):
             module.eval()
 
 
