@@ -232,6 +232,7 @@ def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, m
     model, _ = load_checkpoint(tmp_path / "a" / "image" / "best.pt")
     data = CleanData.load(trained["data_dir"])
     task = make_task(model, config, data, torch.device("cpu"))
+    assert sorted(computed) == [0, 1, 2]  # the tuned model's lower stages are unchanged: cache hit
     train_photos = data.samples("image", "train")
     photo = load_model_image(data.image_path(train_photos["id"].iloc[0]), config.image_size)
     with torch.inference_mode():

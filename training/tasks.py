@@ -141,11 +141,15 @@ def _image_parts(image_model, settings: dict, paths: list[Path]) -> dict:
             "normalisation": [image_model.mean.flatten().tolist(), image_model.std.flatten().tolist()]}
 
 
-def state_digest(module: nn.Module) -> str:
-    """A digest of a module's weights: cached features follow the weights themselves (a
-    combined model over a fine-tuned branch must not reuse the frozen branch's features)."""
+def state_digest(module: nn.Module, leave_out: nn.Module | None = None) -> str:
+    """A digest of a module's weights (but those of `leave_out`, a part of it): cached features
+    follow the weights themselves (a combined model over a fine-tuned branch must not reuse the
+    frozen branch's features)."""
+    left_out = {id(t) for t in [*leave_out.parameters(), *leave_out.buffers()]} if leave_out else set()
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in left_out:
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
@@ -220,12 +224,15 @@ def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, c
     samples = data.samples("image")
     paths = [data.image_path(image_id) for image_id in samples["id"]]
     train_paths = [path for path, split in zip(paths, samples["split"], strict=True) if split == "train"]
-    parts = _image_parts(model, settings, paths) | {"cut": "below last stage", "view": 0}
+    # what enters the last stage does not depend on it: a fine-tuned model finds its cache
+    below = {"state": state_digest(model.backbone, leave_out=model.backbone.last_stage()),
+             "cut": "below last stage"}
+    parts = _image_parts(model, settings, paths) | below | {"view": 0}
     views = [cached(cache_dir, "activations", parts, lambda: compute_stage_inputs(
         model, paths, settings["image_size"], device, settings["feature_batch_size"]))["activations"]]
     for view in range(1, settings["cached_views"]):
-        view_parts = _image_parts(model, settings, train_paths) | {
-            "cut": "below last stage", "view": view, "seed": settings["seed"]}
+        view_parts = _image_parts(model, settings, train_paths) | below | {"view": view,
+                                                                           "seed": settings["seed"]}
         views.append(cached(cache_dir, "activations", view_parts, lambda view=view: compute_stage_inputs(
             model, train_paths, settings["image_size"], device, settings["feature_batch_size"],
             view=view, seed=settings["seed"]))["activations"])
