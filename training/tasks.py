@@ -128,16 +128,17 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
 
 def _image_features(image_model, data: CleanData, samples, settings: dict, device, cache_dir):
     paths = [data.image_path(image_id) for image_id in samples["id"]]
-    return cached(cache_dir, "image", _image_parts(image_model, settings, paths),
+    parts = _image_parts(image_model, settings, file_stamps(paths), state_digest(image_model.backbone))
+    return cached(cache_dir, "image", parts,
                   lambda: compute_image_features(image_model, paths, settings["image_size"], device,
                                                  settings["feature_batch_size"]))
 
 
-def _image_parts(image_model, settings: dict, paths: list[Path]) -> dict:
-    """What an image model's cached outputs for these photos depend on."""
+def _image_parts(image_model, settings: dict, stamps: list, state: str) -> dict:
+    """What an image model's cached outputs depend on: the photos' `stamps` (file_stamps) and
+    the `state` digest of the weights that compute them, among others."""
     return {"backbone": settings["image_backbone"], "weights": _weights_identity(settings),
-            "state": state_digest(image_model.backbone),
-            "image_size": settings["image_size"], "files": file_stamps(paths),
+            "state": state, "image_size": settings["image_size"], "files": stamps,
             "normalisation": [image_model.mean.flatten().tolist(), image_model.std.flatten().tolist()]}
 
 
@@ -194,7 +195,7 @@ class LastStageTask(FrozenTask):
                  splits: list[str], device: torch.device, seed: int):
         super().__init__(model, "image", {"activations": views[0]}, labels, splits, device)
         self.network = LastStagePart(model)
-        self.train_views = [views[0][self.split_index["train"]], *views[1:]]
+        self.train_views = views[1:]  # training photos only, in the split's order
         self.generator = torch.Generator().manual_seed(seed)
 
     def batches(self, split: str, batch_size: int, order: list[int] | None = None,
@@ -203,12 +204,14 @@ class LastStageTask(FrozenTask):
             yield from super().batches(split, batch_size, order)
             return
         positions = torch.tensor(order if order is not None else range(self.size("train")), dtype=torch.long)
-        views = torch.randint(len(self.train_views), (len(positions),), generator=self.generator)
+        views = torch.randint(1 + len(self.train_views), (len(positions),), generator=self.generator)
         for start in range(0, len(positions), batch_size):
             rows, chosen = positions[start:start + batch_size], views[start:start + batch_size]
-            activations = torch.stack([self.train_views[view][row] for view, row in
-                                       zip(chosen.tolist(), rows.tolist(), strict=True)])
-            labels = self.labels[self.split_index["train"][rows]]
+            samples = self.split_index["train"][rows]
+            activations = torch.stack([self.tensors["activations"][sample] if view == 0
+                                       else self.train_views[view - 1][row] for view, row, sample in
+                                       zip(chosen.tolist(), rows.tolist(), samples.tolist(), strict=True)])
+            labels = self.labels[samples]
             yield Batch((activations.to(self.device),), labels.to(self.device))
 
     def _inputs(self, chosen: torch.Tensor) -> tuple:
@@ -223,16 +226,18 @@ def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, c
         raise ValueError(f"--cached-views {settings['cached_views']}: must be at least 1")
     samples = data.samples("image")
     paths = [data.image_path(image_id) for image_id in samples["id"]]
-    train_paths = [path for path, split in zip(paths, samples["split"], strict=True) if split == "train"]
+    in_train = [split == "train" for split in samples["split"]]
+    train_paths = [path for path, train in zip(paths, in_train, strict=True) if train]
+    stamps = file_stamps(paths)
+    train_stamps = [stamp for stamp, train in zip(stamps, in_train, strict=True) if train]
     # what enters the last stage does not depend on it: a fine-tuned model finds its cache
-    below = {"state": state_digest(model.backbone, leave_out=model.backbone.last_stage()),
-             "cut": "below last stage"}
-    parts = _image_parts(model, settings, paths) | below | {"view": 0}
+    below = state_digest(model.backbone, leave_out=model.backbone.last_stage())
+    parts = _image_parts(model, settings, stamps, below) | {"cut": "below last stage", "view": 0}
     views = [cached(cache_dir, "activations", parts, lambda: compute_stage_inputs(
         model, paths, settings["image_size"], device, settings["feature_batch_size"]))["activations"]]
     for view in range(1, settings["cached_views"]):
-        view_parts = _image_parts(model, settings, train_paths) | below | {"view": view,
-                                                                           "seed": settings["seed"]}
+        view_parts = _image_parts(model, settings, train_stamps, below) | {
+            "cut": "below last stage", "view": view, "seed": settings["seed"]}
         views.append(cached(cache_dir, "activations", view_parts, lambda view=view: compute_stage_inputs(
             model, train_paths, settings["image_size"], device, settings["feature_batch_size"],
             view=view, seed=settings["seed"]))["activations"])
