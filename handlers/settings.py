@@ -36,6 +36,7 @@ class SettingsError(ValueError):
 class LexicalSettings:
     buckets: int
     max_chars: int
+    head_words: int = 0  # the first words (the name) also hashed as terms of their own
 
 
 @dataclass(frozen=True)

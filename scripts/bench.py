@@ -171,7 +171,7 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
             lexical = inputs.settings.text.lexical
             if lexical:
                 tensors += lexical_batch([free_text(inputs.text(index))], lexical.buckets,
-                                         lexical.max_chars)
+                                         lexical.max_chars, lexical.head_words)
         with torch.inference_mode():
             eager(*tensors)
 

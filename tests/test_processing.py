@@ -89,6 +89,18 @@ def test_lexical_ids_are_stable_hashed_n_grams():
     assert batch_ids.shape == batch_counts.shape and (batch_ids[0] == 0).sum() > 0
 
 
+def test_the_first_words_also_count_as_terms_of_their_own():
+    from handlers.processing import lexical_ids, lexical_terms
+
+    plain = lexical_terms("Dyson fan, see the Dyson logo")
+    headed = lexical_terms("Dyson fan, see the Dyson logo", head_words=2)
+    assert headed[:len(plain)] == plain  # the plain terms unchanged
+    extra = headed[len(plain):]
+    assert {"nw dyson", "nw fan", "nb dyson fan"} <= set(extra) and "nw logo" not in extra
+    assert lexical_ids("Dyson fan", 1000, head_words=2) != lexical_ids("Dyson fan", 1000)
+    assert lexical_terms("Dyson fan", head_words=0) == lexical_terms("Dyson fan")
+
+
 @pytest.mark.parametrize(("kind", "count"), [("image", 1), ("text", 4), ("combined", 5)])
 def test_model_inputs_follow_one_contract(kind, count):
     from handlers.processing import model_inputs

@@ -47,10 +47,13 @@ def test_training_is_deterministic_for_a_seed(trained, tmp_path):
 def test_feature_cache_is_reused_and_invalidated(trained, tmp_path, monkeypatch):
     from training import tasks
 
-    calls = []
-    original = tasks.compute_image_features
-    monkeypatch.setattr(tasks, "compute_image_features",
+    calls, stage_calls = [], []
+    original = tasks.compute_features_from_stage_inputs
+    monkeypatch.setattr(tasks, "compute_features_from_stage_inputs",
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original_stage = tasks.compute_stage_inputs
+    monkeypatch.setattr(tasks, "compute_stage_inputs",
+                        lambda *args, **kwargs: stage_calls.append(1) or original_stage(*args, **kwargs))
     config = trained["configs"]["image"]
     data = CleanData.load(trained["data_dir"])
     model = build_model(config, 13)
@@ -77,6 +80,8 @@ def test_feature_cache_is_reused_and_invalidated(trained, tmp_path, monkeypatch)
         model.backbone.network._conv_head.weight.mul_(1.5)
     third = frozen_task(model, "image", data, settings, device, tmp_path)
     assert len(calls) == 4 and not torch.equal(first.tensors["features"], third.tensors["features"])
+    # the head of the backbone is in its last stage: the photos were not decoded again for it
+    assert len(stage_calls) == 3
 
 
 def test_text_model_mixes_its_lexical_branch_with_a_weight_chosen_on_validation(trained):
@@ -247,6 +252,30 @@ def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, m
     assert torch.equal(cached.argmax(1), whole.argmax(1))
     with pytest.raises(ValueError, match="cached-views 0"):
         make_task(model, replace(config, cached_views=0), data, torch.device("cpu"))
+
+
+def test_frozen_features_are_the_last_stage_over_its_cached_inputs(trained, tmp_path, monkeypatch):
+    from training import tasks
+    from training.features import load_model_image
+    from training.tasks import make_task
+
+    computed = []
+    original = tasks.compute_stage_inputs
+    monkeypatch.setattr(tasks, "compute_stage_inputs",
+                        lambda *args, **kwargs: computed.append(kwargs.get("view", 0))
+                        or original(*args, **kwargs))
+    config = replace(trained["configs"]["image"], cache_dir=str(tmp_path / "cache"))
+    data = CleanData.load(trained["data_dir"])
+    model = build_model(config, 13)
+    frozen = make_task(model, config, data, torch.device("cpu"))
+    assert computed == [0]
+    samples = data.samples("image")
+    photos = torch.stack([load_model_image(data.image_path(i), config.image_size) for i in samples["id"][:8]])
+    with torch.inference_mode():
+        whole = model.features(photos)  # the full network in float32, as exported
+    assert torch.allclose(frozen.tensors["features"][:8], whole, atol=2e-2, rtol=2e-2)
+    make_task(model, replace(config, finetune="last", cached_views=2), data, torch.device("cpu"))
+    assert computed == [0, 1]  # fine-tuning the last stage reuses the plain photos' activations
 
 
 def test_int8_text_encoder_variant_stays_close(trained, tmp_path):

@@ -49,7 +49,7 @@ def atomic_save(obj, path: Path) -> None:
 
 def config_from(saved: dict) -> TrainConfig:
     """The configuration a checkpoint was trained with (older ones had no lexical branch)."""
-    return TrainConfig(**({"lexical_buckets": 0} | saved))
+    return TrainConfig(**({"lexical_buckets": 0, "lexical_head_words": 0} | saved))
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:

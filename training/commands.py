@@ -29,6 +29,7 @@ TRAIN_OPTIONS = {
     "text_encoder": "minilm (shipped), a model folder, or a name in the local HF cache",
     "max_length": "tokens kept of name + description",
     "lexical_buckets": "hashed n-gram buckets of the text model's lexical branch (0: no lexical branch)",
+    "lexical_head_words": "the lexical branch also hashes the first N words (the name) apart (0: off)",
     "lexical_lr": "AdamW learning rate of the lexical branch",
     "backbone_lr": "AdamW learning rate of a fine-tuned image backbone or text encoder",
     "warmup_epochs": "linear learning-rate warmup, in epochs (fractions allowed)",

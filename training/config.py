@@ -29,6 +29,7 @@ class TrainConfig:
     max_length: int = 128
     lexical_buckets: int = 262_144  # hashed word/character n-gram branch of the text model (0: off)
     lexical_max_chars: int = 5_000
+    lexical_head_words: int = 10  # the first words (the name) as their own n-grams too (0: off)
     lexical_lr: float = 2e-2  # the lexical branch starts at zero and its inputs are L2-normalised
     finetune_encoder: bool = False
     backbone_lr: float = 5e-5  # pretrained weights move slowly; the new head at --lr

@@ -236,7 +236,8 @@ def describe_training(config: TrainConfig) -> str:
             config.finetune, f"last stage fine-tuned on {config.cached_views} cached views of each photo")
         return f"{config.image_backbone} ({config.image_weights} weights), {mode}, {config.image_size}px"
     mode = "fine-tuned encoder" if config.finetune_encoder else "frozen encoder"
-    lexical = f" + hashed n-gram lexical branch ({config.lexical_buckets} buckets)" \
+    head = f", the first {config.lexical_head_words} words also apart" if config.lexical_head_words else ""
+    lexical = f" + hashed n-gram lexical branch ({config.lexical_buckets} buckets{head})" \
         if config.lexical_buckets else ""
     return f"{config.text_encoder} encoder, {mode}, 1-D CNN head, max {config.max_length} tokens{lexical}"
 

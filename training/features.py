@@ -45,16 +45,15 @@ def cached(cache_dir: Path | None, kind: str, parts: dict, compute) -> dict[str,
 
 
 @torch.inference_mode()
-def compute_image_features(model, paths: Sequence[Path], image_size: int, device: torch.device,
-                           batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """Backbone features [N, F] of the photos at `paths`, in eval mode without augmentation."""
+def compute_features_from_stage_inputs(model, activations: torch.Tensor, device: torch.device,
+                                       batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Backbone features [N, F] from the activations entering the last stage [N, C, h, w]
+    (compute_stage_inputs of the plain photos): the frozen features of the same photos."""
     model.eval().to(device)
-    chunks = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="image features", unit="batch",
-                      disable=None):
-        batch = torch.stack([load_model_image(path, image_size)
-                             for path in paths[start:start + batch_size]])
-        chunks.append(model.features(batch.to(device)).float().cpu())
+    chunks = [model.backbone.from_last_stage(activations[start:start + batch_size].to(device).float())
+              .float().cpu()
+              for start in tqdm(range(0, len(activations), batch_size), desc="image features",
+                                unit="batch", disable=None)]
     return {"features": torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim)}
 
 

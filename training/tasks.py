@@ -20,8 +20,8 @@ from handlers.settings import LexicalSettings, TextSettings
 from training.data import CleanData
 from training.features import (
     cached,
+    compute_features_from_stage_inputs,
     compute_hidden_states,
-    compute_image_features,
     compute_stage_inputs,
     file_stamps,
     load_model_image,
@@ -117,7 +117,8 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
         products = data.products
         tensors.update(_hidden_states(text_model, products, settings, device, cache_dir))
         if text_model.lexical is not None:
-            tensors["lexical"] = [lexical_ids(text, text_model.lexical.buckets, settings["lexical_max_chars"])
+            tensors["lexical"] = [lexical_ids(text, text_model.lexical.buckets, settings["lexical_max_chars"],
+                                              settings["lexical_head_words"])
                                   for text in products["text"]]
         if kind == "combined":
             row_of = {product_id: row for row, product_id in enumerate(products["id"])}
@@ -127,11 +128,33 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
 
 
 def _image_features(image_model, data: CleanData, samples, settings: dict, device, cache_dir):
+    """Frozen features of the photos, derived from the cached activations entering the last stage
+    (what a last-stage fine-tuning of the same backbone reuses: the photos are decoded and the
+    stages below run once for both)."""
     paths = [data.image_path(image_id) for image_id in samples["id"]]
-    parts = _image_parts(image_model, settings, file_stamps(paths), state_digest(image_model.backbone))
-    return cached(cache_dir, "image", parts,
-                  lambda: compute_image_features(image_model, paths, settings["image_size"], device,
-                                                 settings["feature_batch_size"]))
+    stamps = file_stamps(paths)
+    parts = _image_parts(image_model, settings, stamps, state_digest(image_model.backbone))
+    parts["computed"] = "last stage over float16 stage inputs"
+
+    def compute():
+        inputs = _stage_inputs(image_model, paths, stamps, settings, device, cache_dir)
+        return compute_features_from_stage_inputs(image_model, inputs, device,
+                                                  settings["feature_batch_size"])
+
+    return cached(cache_dir, "image", parts, compute)
+
+
+def _stage_inputs(image_model, paths: list[Path], stamps: list, settings: dict, device, cache_dir,
+                  view: int = 0) -> torch.Tensor:
+    """Cached activations entering the last stage of the photos at `paths`, in view `view`."""
+    # what enters the last stage does not depend on it: a fine-tuned model finds its cache
+    below = state_digest(image_model.backbone, leave_out=image_model.backbone.last_stage())
+    parts = _image_parts(image_model, settings, stamps, below) | {"cut": "below last stage", "view": view}
+    if view > 0:
+        parts["seed"] = settings["seed"]
+    return cached(cache_dir, "activations", parts, lambda: compute_stage_inputs(
+        image_model, paths, settings["image_size"], device, settings["feature_batch_size"],
+        view=view, seed=settings["seed"]))["activations"]
 
 
 def _image_parts(image_model, settings: dict, stamps: list, state: str) -> dict:
@@ -230,17 +253,9 @@ def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, c
     train_paths = [path for path, train in zip(paths, in_train, strict=True) if train]
     stamps = file_stamps(paths)
     train_stamps = [stamp for stamp, train in zip(stamps, in_train, strict=True) if train]
-    # what enters the last stage does not depend on it: a fine-tuned model finds its cache
-    below = state_digest(model.backbone, leave_out=model.backbone.last_stage())
-    parts = _image_parts(model, settings, stamps, below) | {"cut": "below last stage", "view": 0}
-    views = [cached(cache_dir, "activations", parts, lambda: compute_stage_inputs(
-        model, paths, settings["image_size"], device, settings["feature_batch_size"]))["activations"]]
-    for view in range(1, settings["cached_views"]):
-        view_parts = _image_parts(model, settings, train_stamps, below) | {
-            "cut": "below last stage", "view": view, "seed": settings["seed"]}
-        views.append(cached(cache_dir, "activations", view_parts, lambda view=view: compute_stage_inputs(
-            model, train_paths, settings["image_size"], device, settings["feature_batch_size"],
-            view=view, seed=settings["seed"]))["activations"])
+    views = [_stage_inputs(model, paths, stamps, settings, device, cache_dir)]
+    views += [_stage_inputs(model, train_paths, train_stamps, settings, device, cache_dir, view)
+              for view in range(1, settings["cached_views"])]
     labels = torch.tensor(samples["label"].to_numpy(), dtype=torch.long)
     return LastStageTask(model, views, labels, list(samples["split"]), device, settings["seed"])
 
@@ -302,7 +317,8 @@ class RawTask:
 def text_settings(settings: dict) -> TextSettings:
     """The text part of preprocessing.json, from a training configuration."""
     buckets = settings.get("lexical_buckets") or 0
-    lexical = LexicalSettings(buckets, settings["lexical_max_chars"]) if buckets else None
+    lexical = LexicalSettings(buckets, settings["lexical_max_chars"],
+                              settings.get("lexical_head_words", 0)) if buckets else None
     return TextSettings(settings["max_length"], lexical, settings.get("text_encoder", "minilm"))
 
 

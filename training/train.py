@@ -52,7 +52,8 @@ def _combined_branches(config: TrainConfig) -> nn.Module:
     config.branches = {"image": image_checkpoint["config"], "text": text_checkpoint["config"]}
     for name in ("image_backbone", "image_weights", "image_size"):
         setattr(config, name, config.branches["image"][name])
-    for name in ("text_encoder", "max_length", "lexical_buckets", "lexical_max_chars"):
+    for name in ("text_encoder", "max_length", "lexical_buckets", "lexical_max_chars",
+                 "lexical_head_words"):
         setattr(config, name, config.branches["text"].get(name, 0))
     model = CombinedClassifier(image, text, len(image_checkpoint["index_to_name"]))
     model.init_fusion_from_heads()
@@ -258,7 +259,8 @@ def fit_lexical_idf(model: nn.Module, config: TrainConfig, data: CleanData) -> N
     from handlers.processing import lexical_ids
 
     train_texts = data.samples("text", "train")["text"]
-    model.lexical.fit_idf([lexical_ids(text, config.lexical_buckets, config.lexical_max_chars)[0]
+    model.lexical.fit_idf([lexical_ids(text, config.lexical_buckets, config.lexical_max_chars,
+                                       config.lexical_head_words)[0]
                            for text in train_texts])
 
 
