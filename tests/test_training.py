@@ -216,16 +216,23 @@ def test_photo_views_are_the_photo_its_mirror_and_repeatable_crops():
     assert not torch.equal(crops[0], photo_view(photo, 2, torch.Generator().manual_seed(8)))
 
 
-def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, monkeypatch):
+def views_computed(monkeypatch) -> list[int]:
+    """The views whose last-stage inputs are computed (not read from the cache), in order."""
     from training import tasks
-    from training.features import load_model_image, photo_view
-    from training.tasks import make_task
 
     computed = []
     original = tasks.compute_stage_inputs
     monkeypatch.setattr(tasks, "compute_stage_inputs",
                         lambda *args, **kwargs: computed.append(kwargs.get("view", 0))
                         or original(*args, **kwargs))
+    return computed
+
+
+def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, monkeypatch):
+    from training.features import load_model_image, photo_view
+    from training.tasks import make_task
+
+    computed = views_computed(monkeypatch)
     config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path / "a"), epochs=2,
                      finetune="last", cached_views=3, cache_dir=str(tmp_path / "cache"))
     first = torch.load(train(config), weights_only=False)
@@ -255,15 +262,10 @@ def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, m
 
 
 def test_frozen_features_are_the_last_stage_over_its_cached_inputs(trained, tmp_path, monkeypatch):
-    from training import tasks
     from training.features import load_model_image
     from training.tasks import make_task
 
-    computed = []
-    original = tasks.compute_stage_inputs
-    monkeypatch.setattr(tasks, "compute_stage_inputs",
-                        lambda *args, **kwargs: computed.append(kwargs.get("view", 0))
-                        or original(*args, **kwargs))
+    computed = views_computed(monkeypatch)
     config = replace(trained["configs"]["image"], cache_dir=str(tmp_path / "cache"))
     data = CleanData.load(trained["data_dir"])
     model = build_model(config, 13)
