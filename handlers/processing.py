@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from handlers.model_kinds import MODEL_NEEDS
-from handlers.settings import PAD_COLOUR, TextSettings
+from handlers.settings import PAD_COLOUR, LexicalSettings, TextSettings
 
 # Photos beyond this many pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -234,16 +234,16 @@ def describe_probabilities(probabilities: Iterable[float], index_to_name: dict[s
 
 # ---------------------------------------------------------------- lexical features
 _WORDS = re.compile(r"\w+")
-LEXICAL_MAX_CHARS = 5_000
 CHAR_NGRAMS = (2, 5)
 
 
-def lexical_terms(text: str, max_chars: int = LEXICAL_MAX_CHARS, head_words: int = 0) -> list[str]:
+def lexical_terms(text: str, settings: LexicalSettings) -> list[str]:
     """Word 1-2-grams and character 2-5-grams of each word (with its boundaries), lower case:
     what carries brand and model names ("ps4", "kallax") that a sentence encoder blurs. The
-    first `head_words` words (the listing's name comes first) also count as their own terms,
-    apart from the same words further down the description."""
-    words = _WORDS.findall(text[:max_chars].lower())
+    first `settings.head_words` words (the listing's name comes first) also count as their own
+    terms, apart from the same words further down the description."""
+    words = _WORDS.findall(text[:settings.max_chars].lower())
+    head_words = settings.head_words
     head = ["n" + term for term in _word_terms(words[:head_words])] if head_words > 0 else []
     return _word_terms(words) + head
 
@@ -259,21 +259,19 @@ def _word_terms(words: list[str]) -> list[str]:
     return terms
 
 
-def lexical_ids(text: str, buckets: int, max_chars: int = LEXICAL_MAX_CHARS,
-                head_words: int = 0) -> tuple[list[int], list[float]]:
+def lexical_ids(text: str, settings: LexicalSettings) -> tuple[list[int], list[float]]:
     """Hashed term ids (1..buckets-1; 0 pads) and how often each occurs in the text."""
     counts: dict[int, int] = {}
-    for term in lexical_terms(text, max_chars, head_words):
-        bucket = zlib.crc32(term.encode("utf-8")) % (buckets - 1) + 1
+    for term in lexical_terms(text, settings):
+        bucket = zlib.crc32(term.encode("utf-8")) % (settings.buckets - 1) + 1
         counts[bucket] = counts.get(bucket, 0) + 1
     ids = sorted(counts)
     return ids, [float(counts[i]) for i in ids]
 
 
-def lexical_batch(texts: Sequence[str], buckets: int, max_chars: int = LEXICAL_MAX_CHARS,
-                  head_words: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def lexical_batch(texts: Sequence[str], settings: LexicalSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Term ids [B, L] and counts [B, L] of a batch, padded with id 0 to its longest text."""
-    return pad_lexical([lexical_ids(text, buckets, max_chars, head_words) for text in texts])
+    return pad_lexical([lexical_ids(text, settings) for text in texts])
 
 
 def pad_lexical(pairs: Sequence[tuple[list[int], list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,8 +292,7 @@ def text_inputs(tokenizer, texts: Sequence[str], settings: TextSettings) -> list
     """Token ids and mask, then (when the model has a lexical branch) term ids and counts."""
     inputs = list(tokenize(tokenizer, texts, settings.max_length))
     if settings.lexical:
-        lexical = settings.lexical
-        inputs += lexical_batch(texts, lexical.buckets, lexical.max_chars, lexical.head_words)
+        inputs += lexical_batch(texts, settings.lexical)
     return inputs
 
 

@@ -170,8 +170,7 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
             tensors += [encoded["input_ids"], encoded["attention_mask"]]
             lexical = inputs.settings.text.lexical
             if lexical:
-                tensors += lexical_batch([free_text(inputs.text(index))], lexical.buckets,
-                                         lexical.max_chars, lexical.head_words)
+                tensors += lexical_batch([free_text(inputs.text(index))], lexical)
         with torch.inference_mode():
             eager(*tensors)
 

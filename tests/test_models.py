@@ -110,17 +110,19 @@ def test_shipped_efficientnet_weights_load_strictly(name):
 
 def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
     from handlers.processing import lexical_batch, lexical_ids
+    from handlers.settings import LexicalSettings
     from training.models import LexicalClassifier
 
     torch.manual_seed(0)
     lexical = LexicalClassifier(1024, 13)
     torch.nn.init.normal_(lexical.bag.weight)
+    settings = LexicalSettings(buckets=1024, max_chars=5_000)
     texts = ["ps4 pro with two pads", "ikea kallax shelf unit, white"]
-    lexical.fit_idf([lexical_ids(text, 1024)[0] for text in texts + ["ps4 games"]])
-    ids, counts = lexical_batch(texts, 1024)
-    alone = lexical(*lexical_batch(texts[:1], 1024))
+    lexical.fit_idf([lexical_ids(text, settings)[0] for text in texts + ["ps4 games"]])
+    ids, counts = lexical_batch(texts, settings)
+    alone = lexical(*lexical_batch(texts[:1], settings))
     assert torch.allclose(lexical(ids, counts)[:1], alone, atol=1e-6)  # padded in a longer batch
-    shared, own = lexical_ids("ps4", 1024)[0][0], lexical_ids("kallax", 1024)[0][0]
+    shared, own = lexical_ids("ps4", settings)[0][0], lexical_ids("kallax", settings)[0][0]
     assert lexical.idf[own] > lexical.idf[shared]
 
 

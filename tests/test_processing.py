@@ -78,27 +78,29 @@ def test_describe_probabilities_orders_and_maps_names():
 def test_lexical_ids_are_stable_hashed_n_grams():
     from handlers.processing import lexical_batch, lexical_ids, lexical_terms
 
-    terms = lexical_terms("PS4 Pro")
+    settings = LexicalSettings(buckets=1000, max_chars=5_000)
+    terms = lexical_terms("PS4 Pro", settings)
     assert {"w ps4", "w pro", "b ps4 pro", "c  p", "c ps4 "} <= set(terms)
-    ids, counts = lexical_ids("kettle kettle toaster", 1000)
+    ids, counts = lexical_ids("kettle kettle toaster", settings)
     assert ids == sorted(set(ids)) and all(1 <= i < 1000 for i in ids)
-    assert lexical_ids("kettle kettle toaster", 1000) == (ids, counts)  # no per-process hash seed
+    assert lexical_ids("kettle kettle toaster", settings) == (ids, counts)  # no per-process hash seed
     assert max(counts) == 2 and len(counts) == len(ids)
-    assert lexical_ids("a" * 10 + " tail", 1000, max_chars=5) == lexical_ids("aaaaa", 1000)
-    batch_ids, batch_counts = lexical_batch(["kettle", "kettle kettle toaster"], 1000)
+    cut = LexicalSettings(buckets=1000, max_chars=5)
+    assert lexical_ids("a" * 10 + " tail", cut) == lexical_ids("aaaaa", settings)
+    batch_ids, batch_counts = lexical_batch(["kettle", "kettle kettle toaster"], settings)
     assert batch_ids.shape == batch_counts.shape and (batch_ids[0] == 0).sum() > 0
 
 
 def test_the_first_words_also_count_as_terms_of_their_own():
     from handlers.processing import lexical_ids, lexical_terms
 
-    plain = lexical_terms("Dyson fan, see the Dyson logo")
-    headed = lexical_terms("Dyson fan, see the Dyson logo", head_words=2)
+    plain_settings, headed_settings = LexicalSettings(1000, 5_000), LexicalSettings(1000, 5_000, head_words=2)
+    plain = lexical_terms("Dyson fan, see the Dyson logo", plain_settings)
+    headed = lexical_terms("Dyson fan, see the Dyson logo", headed_settings)
     assert headed[:len(plain)] == plain  # the plain terms unchanged
     extra = headed[len(plain):]
     assert {"nw dyson", "nw fan", "nb dyson fan"} <= set(extra) and "nw logo" not in extra
-    assert lexical_ids("Dyson fan", 1000, head_words=2) != lexical_ids("Dyson fan", 1000)
-    assert lexical_terms("Dyson fan", head_words=0) == lexical_terms("Dyson fan")
+    assert lexical_ids("Dyson fan", headed_settings) != lexical_ids("Dyson fan", plain_settings)
 
 
 @pytest.mark.parametrize(("kind", "count"), [("image", 1), ("text", 4), ("combined", 5)])

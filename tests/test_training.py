@@ -467,3 +467,63 @@ def test_complementarity_counts_what_the_photo_adds_to_the_text(tmp_path):
     assert "Of the 4 test listings with photos, the text model gets 2 wrong" in line
     assert "the image model gets 1 of those right" in line
     assert "right on 0.750 of them" in line and "(the combined model: 0.750)" in line
+
+
+def test_cross_fitting_answers_each_training_listing_from_a_copy_that_did_not_train_on_it(
+        trained, monkeypatch):
+    import numpy as np
+
+    from training import cross_fit
+
+    data = CleanData.load(trained["data_dir"])
+    trained_on = []
+    original = cross_fit.train_on_positions
+
+    def recording(task, config, positions, epochs, seed):
+        trained_on.append(set(positions))
+        original(task, config, positions, epochs, seed)
+
+    monkeypatch.setattr(cross_fit, "train_on_positions", recording)
+    for kind in ("text", "image"):
+        trained_on.clear()
+        result = cross_fit.out_of_fold(trained["paths"][kind], data, 3, trained["configs"][kind].cache_dir)
+        samples = data.samples(kind, "train")
+        fold = result["fold"]
+        assert {len(set(fold[samples["product_id"] == p])) for p in samples["product_id"]} == {1}
+        assert [positions == set(np.flatnonzero(fold != k)) for k, positions in enumerate(trained_on)] \
+            == [True] * 3  # each copy trained on the other folds only
+        for answers in result["train"]:  # every training sample answered, as log-probabilities
+            assert answers.shape[0] == len(samples)
+            assert torch.allclose(answers.exp().sum(1), torch.ones(len(samples)), atol=1e-4)
+        assert len(result["val"]) == len(result["train"]) == (2 if kind == "text" else 1)
+
+
+def test_cross_fit_command_reports_what_fusion_gains_on_validation(trained, tmp_path):
+    out = tmp_path / "cross_fit.json"
+    command = [sys.executable, "-m", "training", "cross-fit", "--data-dir", str(trained["data_dir"]),
+               "--checkpoint-dir", str(trained["work"] / "checkpoints")]
+    done = subprocess.run([*command, "--folds", "2", "--cache-dir", trained["configs"]["text"].cache_dir,
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    data = CleanData.load(trained["data_dir"])
+    with_photos = data.samples("image", "val")["product_id"].nunique()
+    assert result["listings"]["val"] == with_photos and result["folds"] == 2
+    figures = [*result["text_model"].values(), *result["image_model"].values(),
+               result["late_fusion"]["val"], *result["stacker"]["val_by_l2"].values()]
+    assert all(0.0 <= value <= 1.0 for value in figures)
+    refused = subprocess.run([*command, "--folds", "1"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--folds 1" in refused.stderr
+
+
+def test_the_stacker_learns_which_branch_to_trust():
+    from training.cross_fit import fit_stacker
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (300,))
+    right = torch.nn.functional.one_hot(labels, 3).float() * 4 - 2  # a branch that is always right
+    noise = torch.randn(300, 3)  # and one that guesses
+    layer = fit_stacker(torch.cat([noise, right], 1), labels, 1e-3, 3)
+    with torch.no_grad():
+        assert layer(torch.cat([noise, right], 1)).argmax(1).eq(labels).all()
+        assert layer.weight[:, 3:].abs().sum() > layer.weight[:, :3].abs().sum()

@@ -1,4 +1,4 @@
-"""`python -m training <command>`: sample, clean, check, split, train, evaluate, export."""
+"""`python -m training <command>`: sample, clean, check, split, train, evaluate, export, cross-fit."""
 
 from __future__ import annotations
 

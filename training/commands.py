@@ -100,6 +100,16 @@ def _export(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
+def _cross_fit(args: argparse.Namespace) -> None:
+    from training.cross_fit import cross_fit
+
+    folder = Path(args.checkpoint_dir)
+    result = cross_fit(args.data_dir, args.text_checkpoint or folder / "text" / "best.pt",
+                       args.image_checkpoint or folder / "image" / "best.pt", args.folds, args.cache_dir,
+                       args.out)
+    print(json.dumps(result, indent=2))
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train the image, text or combined model")
     train.add_argument("--model", choices=MODEL_KINDS, required=True)
@@ -134,3 +144,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                  help="also quantise the text encoder to int8 (into <model>_int8/; "
                                       "reports the test accuracy before and after)")
         command.set_defaults(run=run)
+
+    cross = commands.add_parser("cross-fit", help="out-of-fold answers of the text and frozen image "
+                                "models on train, and what fusing them gains on validation")
+    cross.add_argument("--data-dir", required=True, help="cleaned and split folder")
+    cross.add_argument("--checkpoint-dir", default="checkpoints")
+    cross.add_argument("--text-checkpoint", help="default: <checkpoint-dir>/text/best.pt")
+    cross.add_argument("--image-checkpoint",
+                       help="a frozen-backbone run (default: <checkpoint-dir>/image/best.pt)")
+    cross.add_argument("--folds", type=int, default=5)
+    cross.add_argument("--cache-dir", default="cache/features", help="where frozen features are cached")
+    cross.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    cross.set_defaults(run=_cross_fit)

@@ -117,9 +117,8 @@ def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
         products = data.products
         tensors.update(_hidden_states(text_model, products, settings, device, cache_dir))
         if text_model.lexical is not None:
-            tensors["lexical"] = [lexical_ids(text, text_model.lexical.buckets, settings["lexical_max_chars"],
-                                              settings["lexical_head_words"])
-                                  for text in products["text"]]
+            lexical = text_settings(settings).lexical
+            tensors["lexical"] = [lexical_ids(text, lexical) for text in products["text"]]
         if kind == "combined":
             row_of = {product_id: row for row, product_id in enumerate(products["id"])}
             tensors["product_row"] = torch.tensor([row_of[p] for p in samples["product_id"]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from training.distributed import (
     wrap,
 )
 from training.models import CombinedClassifier
-from training.tasks import make_task
+from training.tasks import make_task, text_settings
 
 CPU = torch.device("cpu")
 
@@ -231,6 +232,22 @@ def _fit(model, task, optimizer, scheduler, config: TrainConfig, data: CleanData
     return best_path
 
 
+def train_on_positions(task, config: TrainConfig, positions: list[int], epochs: int, seed: int) -> None:
+    """Train `task.model` on these positions of the training split for a fixed number of epochs,
+    in one process, without validation or checkpoints (cross-fitting)."""
+    model = task.model
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = lr_schedule(optimizer, config, math.ceil(len(positions) / config.batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        _train_mode(model, config)
+        order = [positions[i] for i in torch.randperm(len(positions), generator=generator).tolist()]
+        run_epoch(task, "train", config.batch_size, order, optimizer=optimizer, scheduler=scheduler,
+                  grad_clip=config.grad_clip)
+    model.eval()
+
+
 def start_from(model: nn.Module, path: Path, config: TrainConfig) -> None:
     """Load another run's weights strictly (same architecture), e.g. fine-tuning from the
     frozen run's trained head instead of a random one."""
@@ -258,10 +275,8 @@ def fit_lexical_idf(model: nn.Module, config: TrainConfig, data: CleanData) -> N
         return
     from handlers.processing import lexical_ids
 
-    train_texts = data.samples("text", "train")["text"]
-    model.lexical.fit_idf([lexical_ids(text, config.lexical_buckets, config.lexical_max_chars,
-                                       config.lexical_head_words)[0]
-                           for text in train_texts])
+    lexical = text_settings(asdict(config)).lexical
+    model.lexical.fit_idf([lexical_ids(text, lexical)[0] for text in data.samples("text", "train")["text"]])
 
 
 MIX_GRID = [step / 20 for step in range(21)]
