@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from training.calibration import pool_by_listing, split_outputs
 from training.checkpoints import build_model, config_from, load_checkpoint
 from training.data import CleanData
-from training.tasks import make_task, text_settings
-from training.train import seed_everything, train_on_positions
+from training.tasks import TrainablePart, make_task
+from training.train import fit_lexical_idf, seed_everything, train_on_positions
 
 WEIGHT_GRID = [step / 10 for step in range(11)]
 L2_GRID = [1e-4, 1e-3, 1e-2, 1e-1]
@@ -33,13 +34,12 @@ def product_folds(products: list, folds: int, seed: int) -> np.ndarray:
     return np.array([fold_of[product] for product in products])
 
 
-@torch.no_grad()
-def branch_log_probabilities(task, split: str, order: list[int] | None = None) -> list[torch.Tensor]:
+def branch_log_probabilities(task, split: str, batch_size: int, order: list[int] | None = None
+                             ) -> list[torch.Tensor]:
     """Each branch's log-probabilities over `split` (in `order`: positions in the split)."""
     task.model.eval()
-    outputs = [[torch.log_softmax(o.float(), 1).cpu() for o in task.network(*batch.inputs)]
-               for batch in task.batches(split, 256, order)]
-    return [torch.cat([output[i] for output in outputs]) for i in range(len(outputs[0]))]
+    branches, _ = split_outputs(task, split, batch_size, order)
+    return [torch.log_softmax(logits, 1) for logits in branches]
 
 
 def out_of_fold(checkpoint_path: Path, data: CleanData, folds: int, cache_dir: str | None) -> dict:
@@ -53,16 +53,16 @@ def out_of_fold(checkpoint_path: Path, data: CleanData, folds: int, cache_dir: s
     task = make_task(full, config, data, device)
     samples = data.samples(config.model, "train")
     fold = product_folds(list(samples["product_id"]), folds, config.seed)
-    result = {"val": branch_log_probabilities(task, "val"), "fold": fold}
+    result = {"val": branch_log_probabilities(task, "val", config.batch_size), "fold": fold}
     answers: list[torch.Tensor] | None = None
     for k in tqdm(range(folds), desc=f"cross-fitting {config.model}", unit="fold"):
         seed_everything(config.seed + k)
         model = _fresh_trainable_copy(full, config, data, samples["text"][fold != k])
-        task.model, task.network = model, type(task.network)(model, config.model)
+        task.model, task.network = model, TrainablePart(model, config.model)
         train_on_positions(task, config, np.flatnonzero(fold != k).tolist(), checkpoint["best_epoch"],
                            config.seed + k)
         held = np.flatnonzero(fold == k).tolist()
-        held_answers = branch_log_probabilities(task, "train", held)
+        held_answers = branch_log_probabilities(task, "train", config.batch_size, held)
         if answers is None:
             answers = [torch.zeros(len(samples), a.shape[1]) for a in held_answers]
         for column, part in zip(answers, held_answers, strict=True):
@@ -73,31 +73,23 @@ def out_of_fold(checkpoint_path: Path, data: CleanData, folds: int, cache_dir: s
 
 def _fresh_trainable_copy(full, config, data: CleanData, fit_texts) -> torch.nn.Module:
     """A new trainable part (head, lexical branch) around the full model's frozen encoder."""
-    from handlers.processing import lexical_ids
-
     model = build_model(config, data.num_classes, pretrained=False)
     if config.model == "image":
         model.backbone = full.backbone
         return model
     model.encoder = full.encoder
-    if model.lexical is not None:  # idf of the texts this copy trains on
-        lexical = text_settings(vars(config)).lexical
-        model.lexical.fit_idf([lexical_ids(text, lexical)[0] for text in fit_texts])
+    fit_lexical_idf(model, config, fit_texts)  # the idf of the texts this copy trains on
     return model
 
 
 def listing_table(data: CleanData, text: dict, image: dict, split: str) -> dict[str, torch.Tensor]:
     """Per listing with photos: the image answer pooled over its photos (mean log-probability),
     the text model's branches, the label."""
-    image_products = np.array(data.samples("image", split)["product_id"])
-    text_samples = data.samples("text", split)
-    row_of = {product: row for row, product in enumerate(text_samples["product_id"])}
-    products = list(dict.fromkeys(image_products.tolist()))
-    photos = image[split][0]
-    pooled = torch.stack([photos[torch.from_numpy(np.flatnonzero(image_products == p))].mean(0)
-                          for p in products])
+    photos = data.samples("image", split)
+    products, pooled, labels = pool_by_listing(image[split][0], torch.tensor(photos["label"].to_numpy()),
+                                               photos["product_id"])
+    row_of = {product: row for row, product in enumerate(data.samples("text", split)["product_id"])}
     rows = torch.tensor([row_of[p] for p in products])
-    labels = torch.tensor(text_samples["label"].to_numpy())[rows]
     return {"image": pooled, "text": [branch[rows] for branch in text[split]], "label": labels}
 
 

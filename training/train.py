@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from training.calibration import split_outputs
 from training.checkpoints import (
     atomic_save,
     build_model,
@@ -176,7 +177,7 @@ def train(config: TrainConfig) -> Path:
         with cluster.main_first():  # rank 0 fills the feature cache, the others read it
             model = _combined_branches(config) if config.model == "combined" else \
                 build_model(config, data.num_classes)
-            fit_lexical_idf(model, config, data)
+            fit_lexical_idf(model, config, data.samples("text", "train")["text"])
             if config.init_from:
                 start_from(model, Path(config.init_from), config)
             model.to(device)
@@ -269,14 +270,14 @@ def has_lexical(model: nn.Module) -> bool:
     return getattr(text, "lexical", None) is not None
 
 
-def fit_lexical_idf(model: nn.Module, config: TrainConfig, data: CleanData) -> None:
-    """The lexical branch's idf, from the training split's products."""
+def fit_lexical_idf(model: nn.Module, config: TrainConfig, texts) -> None:
+    """The lexical branch's idf, from the texts it trains on (the training split's products)."""
     if config.model != "text" or model.lexical is None:
         return
     from handlers.processing import lexical_ids
 
     lexical = text_settings(asdict(config)).lexical
-    model.lexical.fit_idf([lexical_ids(text, lexical)[0] for text in data.samples("text", "train")["text"]])
+    model.lexical.fit_idf([lexical_ids(text, lexical)[0] for text in texts])
 
 
 MIX_GRID = [step / 20 for step in range(21)]
@@ -289,12 +290,8 @@ def choose_mix(best_path: Path, task, config: TrainConfig) -> float:
     checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
     task.model.load_state_dict(checkpoint["state_dict"], strict=True)
     task.model.eval()
-    outputs, labels = [], []
-    for batch in task.batches("val", config.batch_size):
-        outputs.append([torch.log_softmax(o.float(), 1).cpu() for o in task.network(*batch.inputs)])
-        labels.append(batch.labels.cpu())
-    first, second = (torch.cat([o[i] for o in outputs]) for i in (0, 1))
-    labels = torch.cat(labels)
+    branches, labels = split_outputs(task, "val", config.batch_size)
+    first, second = (torch.log_softmax(logits, 1) for logits in branches)
     scores = [((1 - w) * first + w * second).argmax(1).eq(labels).float().mean().item() for w in MIX_GRID]
     best = MIX_GRID[max(range(len(MIX_GRID)), key=lambda i: (scores[i], -abs(MIX_GRID[i] - 0.5)))]
     task.model.mix.copy_(torch.tensor([1 - best, best]))
