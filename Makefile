@@ -10,7 +10,8 @@ DEMO_DIR ?= data/demo
 NPROC ?= 2
 MODEL ?= image
 
-.PHONY: install kserve-venv demo test bench soak lint check-java clean-demo train-ddp sample-data train-real
+.PHONY: install kserve-venv nginx demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
+	budget hostile-mix
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; Python 3.11 is required" >&2; exit 1; }
@@ -32,13 +33,20 @@ $(KSERVE_STAMP): deploy/kserve/wrapper/requirements.txt
 
 kserve-venv: $(KSERVE_STAMP)
 
+# nginx for the reverse proxy (scripts/proxy.py) and its tests, from Debian's packages where this
+# runs as root; elsewhere tests/test_proxy.py is skipped and says why.
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } || \
+		echo "warning: nginx is not installed (apt-get install nginx-light); the proxy tests will be skipped" >&2
+
 check-java:
 	@command -v java >/dev/null || { echo "error: java not found; TorchServe needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
 demo: install
 	SAMPLE_PRODUCTS=$(SAMPLE_PRODUCTS) DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash scripts/demo
 
-test: install kserve-venv
+test: install kserve-venv nginx
 	$(PY) -m pytest
 
 # Data-parallel training with torchrun on this machine's sample data (gloo on CPU, nccl on GPUs).
@@ -63,6 +71,14 @@ bench: install
 
 soak: install
 	$(PY) scripts/soak.py --minutes $(or $(SOAK_MINUTES),10)
+
+# The work budget measured: the largest admitted requests, one core, alone and four to a batch.
+budget: install
+	$(PY) -m scripts.budget_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
+
+# The outside test's mixed run: 16 ordinary clients and every hostile request among them.
+hostile-mix: install
+	$(PY) -m scripts.hostile_mix --artifacts-dir $(or $(ARTIFACTS),artifacts) --minutes $(or $(MINUTES),3)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -13,16 +13,20 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.budget import Cost, WorkBudget, admit, batch_full, check_request
 from handlers.payloads import DEFAULT_MAX_PHOTOS, Listing
 from handlers.processing import (
     DEFAULT_MAX_PIXELS,
     InputError,
     ascii_message,
     describe_probabilities,
+    fit_to_square,
+    image_to_tensor,
     listing_probabilities,
-    model_image_from_bytes,
+    load_photo,
     model_inputs,
     needs_review,
+    open_photo,
     pool_photos,
     text_inputs,
 )
@@ -38,6 +42,9 @@ GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTE
               415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
 # HTTP/1.1 requests always carry these after TorchServe's aggregator; gRPC requests carry none.
 HTTP_ONLY_HEADERS = ("host", "content-length", "transfer-encoding")
+# Photo rows per forward pass: a batch's rows run in chunks of this many, so that a worker's
+# memory does not grow with the batch (activations of 64 photos at once cost gigabytes).
+DEFAULT_ROWS_PER_FORWARD = 16
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -93,6 +100,8 @@ class ListingHandler(BaseHandler):
         options = (getattr(self, "model_yaml_config", None) or {}).get("handler", {}) or {}
         self.max_pixels = int(options.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         self.max_photos = int(options.get("max_photos", DEFAULT_MAX_PHOTOS))
+        self.budget = WorkBudget.from_options(options)
+        self.rows_per_forward = int(options.get("rows_per_forward", DEFAULT_ROWS_PER_FORWARD))
         self.autocast = self.device.type == "cuda" and bool(options.get("autocast", True))
         self.model = optimise_for_device(self.model, self.device,
                                          bool(options.get("optimize_for_inference", False)))
@@ -118,7 +127,8 @@ class ListingHandler(BaseHandler):
     def handle(self, data: list, context) -> list:
         started = time.perf_counter()
         self.context = context
-        requests = [self.parse(index, request) for index, request in enumerate(data)]
+        requests = self.admit([self.parse(index, request) for index, request in enumerate(data)])
+        requests = [self.decode(index, request) for index, request in enumerate(requests)]
         valid = [request for request in requests if isinstance(request, Envelope)]
         items = [item for request in valid for item in request.items]
         probabilities = self.inference(items) if items else None
@@ -137,34 +147,81 @@ class ListingHandler(BaseHandler):
             metrics.add_metric(name, value, unit="count", metric_type=MetricTypes.GAUGE)
 
     def parse(self, index: int, request: dict):
-        """One request -> an Envelope whose `items` are prepared listings, or the exception
-        explaining why not."""
+        """One request -> an Envelope whose `items` are its listings with their photos' headers
+        read (not decoded) and its cost checked against the budget, or the exception explaining
+        why not."""
+        return self.guarded(index, "parsing", lambda: self.read(index, request))
+
+    def read(self, index: int, request: dict) -> Envelope:
+        content_type = self.request_headers(index).get("content-type")
+        envelope = read_request(request, content_type, self.needs, len(self.index_to_name),
+                                self.max_photos, self.answers_text_only)
+        if "image" in self.needs:  # the count first, before a single header is read
+            check_request(Cost(sum(len(listing.images) for listing in envelope.listings)), self.budget)
+        envelope.items = [self.open(listing) for listing in envelope.listings]
+        envelope.cost = sum((Cost(len(item["photos"]), sum(p.width * p.height for p, _ in item["photos"]))
+                             for item in envelope.items), Cost())
+        check_request(envelope.cost, self.budget)
+        return envelope
+
+    def admit(self, requests: list) -> list:
+        """The batch within its work budget: requests that do not fit beside their cheaper
+        batch-mates are refused (503, retry) before any photo is decoded."""
+        envelopes = [request for request in requests if isinstance(request, Envelope)]
+        admitted = admit([envelope.cost for envelope in envelopes], self.budget)
+        refused = {id(e) for e, ok in zip(envelopes, admitted, strict=True) if not ok}
+        return [batch_full(request.cost, self.budget) if id(request) in refused else request
+                for request in requests]
+
+    def decode(self, index: int, request):
+        """An admitted request with its photos decoded into model inputs."""
+        if not isinstance(request, Envelope):
+            return request
+
+        def decode_all() -> Envelope:
+            for item in request.items:
+                item["images"] = [self.photo(item, position) for position in range(len(item["photos"]))]
+                item["photos"] = None
+            return request
+
+        return self.guarded(index, "decoding", decode_all)
+
+    @staticmethod
+    def guarded(index: int, stage: str, work):
+        """`work()`, or the exception that explains why one request of the batch failed: it
+        must not fail the others."""
         try:
-            content_type = self.request_headers(index).get("content-type")
-            envelope = read_request(request, content_type, self.needs, len(self.index_to_name),
-                                    self.max_photos, self.answers_text_only)
-            envelope.items = [self.prepare(listing) for listing in envelope.listings]
-            return envelope
+            return work()
         except InputError as error:
             return error
-        except Exception as error:  # one broken request must not fail the batch
-            logger.error("request %d of the batch failed in preprocessing: %s", index,
-                         type(error).__name__)
+        except Exception as error:
+            logger.error("request %d of the batch failed in %s: %s", index, stage, type(error).__name__)
             return error
 
-    def prepare(self, listing: Listing) -> dict:
-        item: dict = {"listing": listing, "text": listing.text, "images": []}
+    def open(self, listing: Listing) -> dict:
+        """A listing's photos as headers, in the order of their bytes (so that the order they
+        were sent in changes nothing), each with its position as sent."""
+        item: dict = {"listing": listing, "text": listing.text, "images": [], "photos": []}
         if "image" in self.needs:
-            # in the order of their bytes, so that the order they were sent in changes nothing
             order = sorted(range(len(listing.images)), key=listing.images.__getitem__)
-            item["images"] = [self.photo(listing.images, position) for position in order]
+            item["photos"] = [(self.labelled(listing, position, lambda data: open_photo(
+                data, self.max_pixels, self.budget.scans_per_photo)), position) for position in order]
         return item
 
-    def photo(self, photos: list[bytes], position: int) -> torch.Tensor:
+    def photo(self, item: dict, index: int) -> torch.Tensor:
+        header, position = item["photos"][index]
+        listing: Listing = item["listing"]
+        size = self.settings.image.size
+        picture = self.labelled(listing, position, lambda data: load_photo(header, data, size))
+        return image_to_tensor(fit_to_square(picture, size))
+
+    @staticmethod
+    def labelled(listing: Listing, position: int, work):
+        """`work(photo bytes)`, its refusal naming the photo."""
         try:
-            return model_image_from_bytes(photos[position], self.settings.image.size, self.max_pixels)
+            return work(listing.images[position])
         except InputError as error:
-            raise type(error)(f"photo {position + 1} of {len(photos)}: {error}") from error
+            raise type(error)(f"photo {position + 1} of {len(listing.images)}: {error}") from error
 
     def collate(self, items: list[dict]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The model inputs (on the CPU), one row per photo (per listing for the text model), and
@@ -183,6 +240,12 @@ class ListingHandler(BaseHandler):
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
             return method(*(tensor.to(self.device) for tensor in inputs)).float().cpu()
 
+    def run_in_chunks(self, method, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`run` over at most `rows_per_forward` rows at a time; the rows are independent."""
+        rows, step = len(inputs[0]), self.rows_per_forward
+        return torch.cat([self.run(method, tuple(tensor[start:start + step] for tensor in inputs))
+                          for start in range(0, rows, step)])
+
     def inference(self, items: list[dict]) -> torch.Tensor:
         """One row of probabilities per listing: its photos' answers pooled, then the temperature
         fitted on the validation listings."""
@@ -191,12 +254,12 @@ class ListingHandler(BaseHandler):
         if with_rows:
             chosen = [items[i] for i in with_rows]
             inputs, listing_of_row = self.collate(chosen)
-            pooled = pool_photos(self.run(self.model, inputs), listing_of_row, len(chosen))
+            pooled = pool_photos(self.run_in_chunks(self.model, inputs), listing_of_row, len(chosen))
             probabilities[with_rows] = listing_probabilities(pooled, self.settings.temperature)
         text_only = sorted(set(range(len(items))) - set(with_rows))
         if text_only:
             inputs = text_inputs(self.tokenizer, [items[i]["text"] for i in text_only], self.settings.text)
-            logits = self.run(self.model.text_only, inputs)
+            logits = self.run_in_chunks(self.model.text_only, inputs)
             probabilities[text_only] = listing_probabilities(torch.log_softmax(logits, 1),
                                                              self.settings.text_only_temperature)
         return probabilities
@@ -255,7 +318,9 @@ class ListingHandler(BaseHandler):
         """The status line carries only the standard reason phrase (ASCII, short: TorchServe
         frames it by characters but sends bytes); the JSON body says what was wrong."""
         code = error.status if isinstance(error, InputError) else 500
-        message = str(error) if 400 <= code < 500 else f"internal error: {type(error).__name__}"
+        message = str(error) if isinstance(error, InputError) else f"internal error: {type(error).__name__}"
         message = ascii_message(message, MAX_ERROR_CHARS)
         self.context.set_response_status(code, HTTPStatus(code).phrase, index)
+        if code == HTTPStatus.SERVICE_UNAVAILABLE:
+            self.context.set_response_header(index, "Retry-After", "1")
         return {"error": message, "status": code, "grpc_code": GRPC_CODES.get(code, "UNKNOWN")}

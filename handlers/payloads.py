@@ -78,12 +78,14 @@ def parse_fields(fields: dict, needs: frozenset[str], num_classes: int,
     return listing
 
 
-def _check_content_type(content_type: str) -> None:
+def _check_content_type(content_type: str) -> str:
+    """The media type, lower case ("" for none), or UnsupportedMediaType."""
     media = content_type.split(";")[0].strip().lower()
     if media and media not in ACCEPTED_TYPES and not media.startswith(("image/", "text/")):
         raise UnsupportedMediaType(
             f"unsupported content type {quote(media)}; send image/*, application/octet-stream, "
             "text/plain, application/json or multipart/form-data")
+    return media
 
 
 def read_fields(request: dict, content_type: str | None,
@@ -92,22 +94,38 @@ def read_fields(request: dict, content_type: str | None,
     {'image': bytes} / {'text': bytes} for a raw body (always the photo for a photo-only model)."""
     if not isinstance(request, dict):
         raise InputError("malformed request")
-    content_type = content_type or ""
-    _check_content_type(content_type)
+    media = _check_content_type(content_type or "")
     parts = {key: value for key, value in request.items() if key not in BODY_KEYS}
+    body_keys = [key for key in BODY_KEYS if key in request]
+    if parts and body_keys:
+        # TorchServe hands the handler the query string's parameters beside the body, and they
+        # used to replace it: a request is read from its body alone.
+        raise InputError(f"inputs in the URL's query string are not accepted ({quote_all(parts)}); "
+                         "send every field in the body")
     if parts:  # multipart form parts, or a gRPC input map
         return parts
-    body = next((request[key] for key in BODY_KEYS if request.get(key) is not None), None)
+    body = next((request[key] for key in body_keys if request.get(key) is not None), None)
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise InputError("empty request body")
     if not isinstance(body, (bytes, bytearray, str)):  # JSON the server already decoded
         return _json_object(body)
     if isinstance(body, str):
         body = body.encode("utf-8")
-    body = bytes(body)
-    if "json" in content_type or body.lstrip()[:1] in (b"{", b"["):
+    return _raw_body_fields(bytes(body), media, needs)
+
+
+def _raw_body_fields(body: bytes, media: str, needs: frozenset[str]) -> dict:
+    """A body that is not multipart: the content type decides what it is ("[NEW] PS5" sent as
+    text/plain is a title, not JSON); only a body without one (or octet-stream) is sniffed."""
+    if media.endswith(("/json", "+json")):
         return _json_object(_load_json(body))
-    if body.startswith(IMAGE_SIGNATURES) or content_type.startswith("image/") or needs == {"image"}:
+    if media.startswith("text/"):
+        return {"text": body}
+    if media.startswith("image/"):
+        return {"image": body}
+    if body.lstrip()[:1] in (b"{", b"["):
+        return _json_object(_load_json(body))
+    if body.startswith(IMAGE_SIGNATURES) or needs == {"image"}:
         return {"image": body}
     return {"text": body}
 
@@ -121,6 +139,8 @@ def _load_json(body: bytes):
         raise InputError("JSON body is nested too deeply") from error
     except json.JSONDecodeError as error:
         raise InputError(f"body is not valid JSON: {error.msg} at position {error.pos}") from error
+    except ValueError as error:  # e.g. an integer of more than 4,300 digits
+        raise InputError("body is not valid JSON: a number in it is too long") from error
 
 
 def _json_object(value) -> dict:
@@ -178,8 +198,10 @@ def _image(value) -> bytes:
         if not decoded:
             raise InputError("not valid base64")
         return decoded
-    if isinstance(value, dict) and set(value) == {"b64"}:  # KServe v1's mark for binary values
-        return _image(value["b64"])
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        return _image(value["b64"])  # KServe v1's mark for binary values, one level deep
+    if isinstance(value, dict):
+        raise InputError("a photo object must be {\"b64\": base64 text}")
     raise InputError(f"a photo must be base64 text or bytes, not {type(value).__name__}")
 
 

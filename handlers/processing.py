@@ -34,13 +34,27 @@ _SPACES = re.compile(r"\s+")
 
 
 class InputError(ValueError):
-    """A request or data item that cannot be processed; the message says why."""
+    """A request or data item that cannot be processed; the message says why, in words safe to
+    send back (see quote)."""
 
     status = 400
 
 
 class UnsupportedMediaType(InputError):
     status = 415
+
+
+class OverBudget(InputError):
+    """A request that asks for more work than one request may cost."""
+
+    status = 413
+
+
+class BatchBudgetSpent(InputError):
+    """A request that fits the budget alone, but not beside the cheaper requests of its batch:
+    try again (the worker's time for this batch is spoken for)."""
+
+    status = 503
 
 
 def quote(value, limit: int = QUOTE_CHARS) -> str:
@@ -66,30 +80,68 @@ def quote_all(values, count: int = 5) -> str:
 
 
 # ---------------------------------------------------------------- images
-def decode_image(data: bytes, draft_size: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to an upright RGB picture, refusing bombs and broken files.
+# The formats a marketplace photo arrives in; Pillow's other plugins (PSD, ICO, TGA, PCX, PPM,
+# SGI, IM, EPS through Ghostscript, ...) never see a request's bytes. MPO (phones' JPEGs) is read
+# by the JPEG plugin.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+PHOTO_FORMAT_NAMES = "JPEG, PNG, WebP or GIF"
+_START_OF_SCAN = b"\xff\xda"
 
-    With `draft_size`, JPEGs are decoded at the smallest DCT scale that still
-    covers `draft_size` on the longer side, which is cheaper and feeds the same
-    model input size.
-    """
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans a JPEG's bytes hold: an upper bound read without decoding (a marker that
+    the entropy-coded data cannot contain, so only an embedded thumbnail adds to it). Each scan
+    of a progressive JPEG costs a pass over every block of the picture."""
+    return data.count(_START_OF_SCAN)
+
+
+def open_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_scans: int | None = None) -> Image.Image:
+    """A photo's header, read without decoding it: refuses formats other than PHOTO_FORMATS by
+    name, more than `max_pixels`, and JPEGs of more than `max_scans` scans."""
     if not data:
         raise InputError("empty image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError("image too large: over the decompression-bomb limit") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"not a readable image: {_unreadable_reason(data, error)}") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError(f"image too large: {width}x{height} pixels (limit {max_pixels})")
+    if max_scans is not None and image.format in ("JPEG", "MPO"):
+        scans = jpeg_scans(data)
+        if scans > max_scans:
+            raise InputError(f"a JPEG of {scans} scans; at most {max_scans} are decoded")
+    return image
+
+
+def decode_image(data: bytes, draft_size: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_scans: int | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB picture, refusing bombs, broken files and formats
+    other than PHOTO_FORMATS (see open_photo).
+
+    With `draft_size`, JPEGs are decoded at the smallest DCT scale that still
+    covers `draft_size` on the longer side, which is cheaper and feeds the same
+    model input size.
+    """
+    return load_photo(open_photo(data, max_pixels, max_scans), data, draft_size)
+
+
+def load_photo(image: Image.Image, data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode a photo that open_photo accepted (`data` its bytes, for the error message)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             width, height = image.size
-            if width * height > max_pixels:
-                raise InputError(f"image too large: {width}x{height} pixels (limit {max_pixels})")
-            if draft_size and image.format == "JPEG":
+            if draft_size and image.format in ("JPEG", "MPO"):
                 scale = draft_size / max(width, height)
                 if scale < 1:
                     image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
             image.load()
-    except InputError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError("image too large: over the decompression-bomb limit") from error
     except (OSError, SyntaxError, ValueError) as error:
@@ -97,19 +149,50 @@ def decode_image(data: bytes, draft_size: int | None = None,
     return to_rgb(image)
 
 
-_DOCUMENT_SIGNATURES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a ZIP archive",
-                        b"<svg": "an SVG drawing", b"<?xml": "an XML document"}
+# Other files people send instead of a photo, named in the refusal: (signature, offset, what).
+_NOT_PHOTOS = (
+    (b"%PDF", 0, "a PDF document"), (b"PK\x03\x04", 0, "a ZIP archive"), (b"<svg", 0, "an SVG drawing"),
+    (b"<?xml", 0, "an XML document"), (b"8BPS", 0, "a Photoshop (PSD) file"),
+    (b"%!PS", 0, "a PostScript (EPS) file"), (b"\xc5\xd0\xd3\xc6", 0, "a PostScript (EPS) file"),
+    (b"\x00\x00\x01\x00", 0, "a Windows icon (ICO)"), (b"\x00\x00\x02\x00", 0, "a Windows cursor (CUR)"),
+    (b"II*\x00", 0, "a TIFF image"), (b"MM\x00*", 0, "a TIFF image"), (b"BM", 0, "a BMP image"),
+    (b"\x01\xda", 0, "an SGI image"), (b"Image type:", 0, "an IM image"), (b"qoif", 0, "a QOI image"),
+    (b"DDS ", 0, "a DDS texture"), (b"icns", 0, "an Apple icon (ICNS)"),
+    (b"\x00\x00\x00\x0cjP  ", 0, "a JPEG 2000 image"), (b"\xff\x4f\xff\x51", 0, "a JPEG 2000 image"),
+    (b"ftypavif", 4, "an AVIF image"), (b"ftypheic", 4, "a HEIC image"), (b"ftypheix", 4, "a HEIC image"),
+    (b"ftypmif1", 4, "a HEIF image"),
+)
+_NETPBM = re.compile(rb"P[1-7]\s")
+_PCX = re.compile(rb"\x0a[\x00-\x05][\x00\x01]")
+_TGA_FOOTER = b"TRUEVISION-XFILE.\x00"
+
+
+def _not_a_photo(data: bytes) -> str | None:
+    """What a file that is not one of PHOTO_FORMATS is, when its bytes say so."""
+    if data.endswith(_TGA_FOOTER):  # before the signatures: a TGA may begin like a cursor
+        return "a TGA image"
+    raw = data[:256]
+    starts = (raw, raw.lstrip().lower())  # text formats may begin with blanks, in any case
+    for signature, offset, what in _NOT_PHOTOS:
+        if any(start[offset:].startswith(signature) for start in starts):
+            return what
+    if _PCX.match(raw):
+        return "a PCX image"
+    if _NETPBM.match(raw):
+        return "a Netpbm (PPM/PGM/PBM) image"
+    return None
+
+
 _PIL_DETAIL = re.compile(r"<[^>]*\bat 0x[0-9a-fA-F]+>|'[^']*'")
 
 
 def _unreadable_reason(data: bytes, error: Exception) -> str:
     """Why decoding failed, in words that quote neither the request nor PIL's internals."""
-    start = data[:256].lstrip().lower()
-    for signature, what in _DOCUMENT_SIGNATURES.items():
-        if start.startswith(signature.lower()):
-            return f"{what}, not a photo; send JPEG, PNG, GIF, BMP, TIFF or WebP"
+    what = _not_a_photo(data)
+    if what:
+        return f"{what}, not a photo; send {PHOTO_FORMAT_NAMES}"
     if isinstance(error, Image.UnidentifiedImageError):
-        return "unrecognised image format; send JPEG, PNG, GIF, BMP, TIFF or WebP"
+        return f"unrecognised image format; send {PHOTO_FORMAT_NAMES}"
     detail = _PIL_DETAIL.sub("", str(error)).strip(" :")
     return quote(detail or type(error).__name__, 80).strip("'")
 
@@ -151,9 +234,9 @@ def model_image(image: Image.Image, size: int) -> torch.Tensor:
     return image_to_tensor(fit_to_square(to_rgb(image), size))
 
 
-def model_image_from_bytes(data: bytes, size: int,
-                           max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    return image_to_tensor(fit_to_square(decode_image(data, size, max_pixels), size))
+def model_image_from_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                           max_scans: int | None = None) -> torch.Tensor:
+    return image_to_tensor(fit_to_square(decode_image(data, size, max_pixels, max_scans), size))
 
 
 # ---------------------------------------------------------------- text

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from handlers.budget import Cost
 from handlers.payloads import DEFAULT_MAX_PHOTOS, Listing, parse_fields, read_fields
 from handlers.processing import InputError, quote, quote_all
 
@@ -28,14 +29,22 @@ class Envelope:
     listings: list[Listing] = field(default_factory=list)
     request_id: str | None = None
     items: list[dict] = field(default_factory=list)  # the listings prepared for the model
+    cost: Cost = field(default_factory=Cost)  # the work it asks for (handlers/budget.py)
 
 
 def read_request(request: dict, content_type: str | None, needs: frozenset[str], num_classes: int,
                  max_photos: int = DEFAULT_MAX_PHOTOS, text_only_allowed: bool = False) -> Envelope:
     """One request of a batch, in any of the three formats, or InputError saying what is wrong.
     A listing has 1 to `max_photos` photos (none at all when `text_only_allowed`)."""
+    try:
+        return _read_request(request, content_type, (needs, num_classes, max_photos, text_only_allowed))
+    except RecursionError as error:  # anything that walks a deeply nested value
+        raise InputError("the request is nested too deeply") from error
+
+
+def _read_request(request: dict, content_type: str | None, rules: tuple) -> Envelope:
+    needs, max_photos = rules[0], rules[2]
     body = read_fields(request, content_type, needs)
-    rules = (needs, num_classes, max_photos, text_only_allowed)
     if "instances" in body:
         rows, protocol, request_id = _v1_rows(body), V1, None
     elif "inputs" in body:

@@ -12,21 +12,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from handlers.budget import WorkBudget
 from handlers.model_kinds import MODEL_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
-HANDLER_FILES = ("__init__.py", "model_kinds.py", "settings.py", "processing.py", "payloads.py",
+HANDLER_FILES = ("__init__.py", "model_kinds.py", "settings.py", "processing.py", "budget.py", "payloads.py",
                  "protocols.py", "listing_handler.py")
 MODELS = MODEL_KINDS
 # Chosen by measurement (`make bench`, scripts/tune.py); docs/benchmark.md gives the figures.
 MODEL_CONFIG = {
     "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 10,
     "responseTimeout": 60, "deviceType": "gpu",
-    "handler": {"autocast": True, "max_image_pixels": 50_000_000},
+    # the work budget (handlers/budget.py) is written out so that each archive shows it
+    "handler": {"autocast": True, "max_image_pixels": 50_000_000} | asdict(WorkBudget()),
 }
 # Handler options that measured better for one model only (see handlers/listing_handler.py).
 MODEL_HANDLER_OPTIONS = {"image": {"optimize_for_inference": True},

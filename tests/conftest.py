@@ -89,7 +89,7 @@ def server(artifacts, tmp_path_factory):
     state = work / "state"
     try:
         info = serve.start(work / "config.properties", store, state, timeout=300)
-        yield {"properties": properties, "info": info, "state": state,
+        yield {"properties": properties, "info": info, "state": state, "config": work / "config.properties",
                "token": serve.read_key(state / "key_file.json"), "artifacts": artifacts}
     finally:
         serve.stop(state)

@@ -12,44 +12,16 @@ import pytest
 import requests
 
 from scripts import serve
+from scripts.hostile import round_one, triggers
 from scripts.predict import ClientError, grpc_predict, grpc_stubs
 from tests.helpers import TEXTS, as_vector, in_process, photo
 
 pytestmark = pytest.mark.serving
 
 STANDARD_PHRASES = {"Bad Request", "Unsupported Media Type", "Request Entity Too Large",
-                    "Payload Too Large"}
-
-
-def v2_text(shape: str, data: str) -> bytes:
-    head = '{"inputs": [{"name": "text", "shape": ' + shape + ', "datatype": "BYTES", "data": '
-    return (head + data + "}]}").encode()
-
-
-def deep_v2(depth: int) -> bytes:
-    return v2_text("[1]", "[" * depth + '"sofa"' + "]" * depth)
-
-
-def v2_many_empty(count: int) -> bytes:
-    return v2_text(f"[{count}]", "[" + ",".join(['""'] * count) + "]")
-
-
-# (model, body, content type) of each trigger the outside test found
-TRIGGERS = {
-    "non-ASCII JSON key": ("text", '{"é": 1}'.encode(), "application/json"),
-    "100 KB key": ("text", json.dumps({"k" * 100_000: 1}).encode(), "application/json"),
-    "7 MB key": ("text", json.dumps({"k" * 7_000_000: 1}).encode(), "application/json"),
-    "v1 non-ASCII key": ("text", '{"instances": [{"tëxt": "a"}]}'.encode(), "application/json"),
-    "v2 non-ASCII name": ("text", '{"inputs": [{"name": "tëxt", "shape": [1], "datatype": "BYTES",'
-                                  ' "data": ["a"]}]}'.encode(), "application/json"),
-    "v2 non-ASCII datatype": ("text", '{"inputs": [{"name": "text", "shape": [1], "datatype": '
-                                      '"BŸTES", "data": ["a"]}]}'.encode(), "application/json"),
-    "v2 5 M rows": ("text", v2_many_empty(5_000_000), "application/json"),
-    "v2 nested 900 deep": ("text", deep_v2(900), "application/json"),
-    "non-ASCII content type": ("text", b"sofa", "applic\xe4tion/x; charset=\xe9"),
-    "PDF to the image model": ("image", b"%PDF-1.7\n" + bytes(2000), "application/octet-stream"),
-    "SVG to the image model": ("image", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml"),
-}
+                    "Payload Too Large", "Service Unavailable"}
+TRIGGERS = {name: (t.model, t.body, t.content_type) for name, t in round_one().items()}
+ROUND_TWO = triggers()
 
 
 def workers(server) -> dict[str, list[int]]:
@@ -138,3 +110,67 @@ def test_handler_metrics_reach_the_metrics_endpoint(server):
                  if line.startswith(name) and 'ModelName="text"' in line]
         assert lines, name
         assert float(lines[0].rsplit(" ", 1)[1]) > 0, lines[0]
+
+
+# ---------------------------------------------------------------- round 2: work, not bytes
+def test_round_two_triggers_are_refused_inside_batches_whose_good_requests_succeed(server):
+    before = workers(server)
+    good = [("text", text.encode(), "text/plain") for text in TEXTS * 2] + \
+        [("image", photo(), "image/jpeg")] * 4
+    jobs = [(t.model, t.body, t.content_type) for t in ROUND_TWO.values()] + good
+    with ThreadPoolExecutor(8) as pool:  # in batches of up to 8, triggers and good requests mixed
+        responses = list(pool.map(lambda job: post(server, *job), jobs))
+    for (name, trigger), response in zip(ROUND_TWO.items(), responses, strict=False):
+        assert response.status_code in trigger.expected, (name, response.status_code, response.text[:200])
+        assert response.reason in STANDARD_PHRASES and response.json()["error"].isascii(), name
+    for (model, body, _), response in zip(good, responses[len(ROUND_TWO):], strict=True):
+        assert response.status_code == 200, response.text[:300]
+        expected = in_process(server["artifacts"], model, body if model == "image" else None,
+                              body.decode() if model == "text" else None)
+        assert (as_vector(response.json(), server["artifacts"], model) - expected).abs().max() <= 1e-4
+    assert workers(server) == before
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("progressive JPEG repeating one scan", "3010 scans; at most 32"),
+    ("3 KB of 7070x7070 WebPs, v1 5 x 10", "50 photos in one request; the work budget is 32"),
+    ("v1 32 listings x 10 ordinary photos", "320 photos in one request"),
+    ("5,000-digit top_k", "number in it is too long"),
+    ("v1 b64 nested 985 deep", "b64"),
+    ("PSD file to the image model", "Photoshop (PSD) file, not a photo"),
+    ("EPS file to the image model", "PostScript (EPS) file, not a photo"),
+])
+def test_round_two_refusals_name_what_was_wrong(server, name, says):
+    trigger = ROUND_TWO[name]
+    response = post(server, trigger.model, trigger.body, trigger.content_type)
+    assert says in response.json()["error"], response.text[:300]
+
+
+def test_a_title_that_begins_with_a_bracket_is_text(server):
+    title = "[NEW] PS5 console two pads"
+    response = post(server, "text", title.encode(), "text/plain")
+    assert response.status_code == 200, response.text[:200]
+    expected = in_process(server["artifacts"], "text", None, title)
+    assert (as_vector(response.json(), server["artifacts"], "text") - expected).abs().max() <= 1e-4
+
+
+def test_the_query_string_never_replaces_the_body(server):
+    url = f"{server['properties']['inference_address']}/predictions/text"
+    headers = {"Authorization": f"Bearer {server['token']}", "Content-Type": "text/plain"}
+    with_query = requests.post(url + "?text=Oak+sofa&top_k=13", data=b"PS5 console", headers=headers,
+                               timeout=60)
+    plain = requests.post(url, data=b"PS5 console", headers=headers, timeout=60)
+    # TorchServe 0.12 drops the query string before the handler; the proxy refuses it (test_proxy.py)
+    assert with_query.status_code == plain.status_code == 200
+    assert with_query.json() == plain.json() and len(plain.json()["top_k"]) == 3
+
+
+def test_a_part_without_a_usable_name_is_the_frontends_answer_and_harms_no_worker(server):
+    before = workers(server)
+    url = f"{server['properties']['inference_address']}/predictions/text"
+    response = requests.post(url, files={"\x00": (None, "PS5 console")}, timeout=60,
+                             headers={"Authorization": f"Bearer {server['token']}"})
+    # Netty's multipart decoder refuses the name before any worker sees the request: TorchServe
+    # 0.12 answers 500 with a JSON body (SECURITY.md, "frontend defects"); nothing runs.
+    assert response.json()["type"] == "ErrorDataDecoderException"
+    assert workers(server) == before
