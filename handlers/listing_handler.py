@@ -167,11 +167,13 @@ class ListingHandler(BaseHandler):
     def admit(self, requests: list) -> list:
         """The batch within its work budget: requests that do not fit beside their cheaper
         batch-mates are refused (503, retry) before any photo is decoded."""
-        envelopes = [request for request in requests if isinstance(request, Envelope)]
-        admitted = admit([envelope.cost for envelope in envelopes], self.budget)
-        refused = {id(e) for e, ok in zip(envelopes, admitted, strict=True) if not ok}
-        return [batch_full(request.cost, self.budget) if id(request) in refused else request
-                for request in requests]
+        positions = [index for index, request in enumerate(requests) if isinstance(request, Envelope)]
+        admitted = admit([requests[index].cost for index in positions], self.budget)
+        answered = list(requests)
+        for index, fits in zip(positions, admitted, strict=True):
+            if not fits:
+                answered[index] = batch_full(requests[index].cost, self.budget)
+        return answered
 
     def decode(self, index: int, request):
         """An admitted request with its photos decoded into model inputs."""

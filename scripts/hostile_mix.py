@@ -1,11 +1,13 @@
 """The mixed run of the outside hostile-input test: ordinary clients of all three models while
-one more client sends every hostile request (scripts/hostile.py) among them, against a fresh
-TorchServe with the shipped batching, workers and timeouts.
+one more client sends every hostile request (scripts/hostile.py) and the largest requests the
+work budget admits among them, against a fresh TorchServe with the shipped batching, workers and
+timeouts.
 
 Usage: python -m scripts.hostile_mix [--artifacts-dir artifacts] [--clients 16] [--minutes 3]
        [--out reports/hostile_mix]
-Passes when no ordinary request fails, every hostile one is refused with a 4xx (or a 503 to
-retry), and no worker was restarted. Writes hostile_mix.json; exits 1 when it did not pass.
+Passes when no ordinary request fails, every hostile one is refused with a 4xx and every largest
+admitted one answered (a 503 to retry allowed for both), and no worker was restarted. Writes
+hostile_mix.json and hostile_mix.md; exits 1 when it did not pass.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 
 import requests
 
+from handlers.budget import WorkBudget
 from handlers.model_kinds import MODEL_KINDS
 from scripts import serve
 from scripts.archive import MODEL_CONFIG
+from scripts.budget_bench import requests_for
 from scripts.harness import temporary_server
 from scripts.hostile import Trigger, round_one, triggers
 from scripts.load import make_request, post_payload
@@ -84,8 +88,15 @@ def hostile_client(base: str, token: str, corpus: dict[str, Trigger], until: flo
             tally.add_hostile(name, status, time.perf_counter() - started)
 
 
+def largest_admitted(budget: WorkBudget) -> dict[str, Trigger]:
+    """The dearest requests the budget lets through (scripts/budget_bench.py): answered, or 503
+    when a batch-mate took the batch's budget."""
+    return {f"largest admitted, {model}: {name}": Trigger(model, body, "application/json", frozenset({200}))
+            for model in MODEL_KINDS for name, body in requests_for(model, budget).items()}
+
+
 def run(artifacts: Path, clients: int, minutes: float) -> dict:
-    corpus = round_one() | triggers()
+    corpus = round_one() | triggers() | largest_admitted(WorkBudget.from_options(MODEL_CONFIG["handler"]))
     tally = Tally()
     with temporary_server(artifacts, list(MODEL_KINDS), MODEL_CONFIG) as (properties, state):
         token = serve.read_key(state / "key_file.json")
@@ -112,6 +123,21 @@ def run(artifacts: Path, clients: int, minutes: float) -> dict:
     }
 
 
+def markdown(result: dict) -> str:
+    lines = [f"{result['clients']} ordinary clients for {result['minutes']:g} min beside one hostile client; "
+             f"passed: {'yes' if passed(result) else 'NO'}.", "",
+             "| model | ordinary requests | failed | workers restarted |", "|---|---|---|---|"]
+    for model in MODEL_KINDS:
+        lines.append(f"| {model} | {result['good_per_model'].get(model, 0)} | "
+                     f"{result['good_failed_per_model'].get(model, 0)} | "
+                     f"{'yes' if result['workers_restarted'][model] else 'no'} |")
+    lines += ["", "| hostile request | answers | slowest (s) |", "|---|---|---|"]
+    for name, entry in sorted(result["hostile"].items()):
+        answers = ", ".join(f"{count} x {status}" for status, count in sorted(entry["statuses"].items()))
+        lines.append(f"| {name} | {answers} | {entry['max_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def passed(result: dict) -> bool:
     return result["good_failed"] == 0 and not result["hostile_answered_wrong"] and \
         not any(result["workers_restarted"].values())
@@ -132,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.artifacts_dir, args.clients, args.minutes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "hostile_mix.json").write_text(json.dumps(result, indent=2))
+    (args.out / "hostile_mix.md").write_text(markdown(result))
     summary = {key: result[key] for key in ("good_requests", "good_failed", "hostile_requests",
                                             "hostile_answered_wrong", "workers_restarted")}
     print(json.dumps(summary | {"passed": passed(result)}, indent=2))
