@@ -1,1 +1,2 @@
-"""TorchServe handlers and the pre/post-processing they share with training."""
+"""The TorchServe adapter: handlers that map the serving core (serving/) onto TorchServe's
+BaseHandler hooks."""

@@ -12,28 +12,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from handlers.budget import WorkBudget
-from handlers.model_kinds import MODEL_KINDS
+from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
+from serving.model_kinds import MODEL_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
-HANDLER_FILES = ("__init__.py", "model_kinds.py", "settings.py", "processing.py", "budget.py", "payloads.py",
-                 "protocols.py", "listing_handler.py")
+# What each archive carries besides the model: the TorchServe adapter and the serving core.
+PACKAGES = {"handlers": ("__init__.py", "listing_handler.py"),
+            "serving": ("__init__.py", "core.py", "model_kinds.py", "settings.py", "processing.py",
+                        "budget.py", "payloads.py", "protocols.py")}
 MODELS = MODEL_KINDS
-# Chosen by measurement (`make bench`, scripts/tune.py); docs/benchmark.md gives the figures.
-MODEL_CONFIG = {
-    "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 10,
-    "responseTimeout": 60, "deviceType": "gpu",
-    # the work budget (handlers/budget.py) is written out so that each archive shows it
-    "handler": {"autocast": True, "max_image_pixels": 50_000_000} | asdict(WorkBudget()),
-}
-# Handler options that measured better for one model only (see handlers/listing_handler.py).
-MODEL_HANDLER_OPTIONS = {"image": {"optimize_for_inference": True},
-                         "combined": {"optimize_for_inference": True}}
 # What the handlers need in the serving image; the KServe runtime image installs the same file.
 REQUIREMENTS_FILE = ROOT / "handlers" / "requirements.txt"
 
@@ -60,10 +51,12 @@ def check_inside(path: Path, root: Path) -> Path:
 
 
 def stage(model: str, artifacts: Path, folder: Path, model_config: dict) -> None:
-    """Lay out the extra files: handlers package, label and preprocessing JSON, tokenizer."""
-    (folder / "handlers").mkdir(parents=True)
-    for name in HANDLER_FILES:
-        shutil.copy2(ROOT / "handlers" / name, folder / "handlers" / name)
+    """Lay out the extra files: the handler and serving packages, label and preprocessing JSON,
+    tokenizer."""
+    for package, names in PACKAGES.items():
+        (folder / package).mkdir(parents=True)
+        for name in names:
+            shutil.copy2(ROOT / package / name, folder / package / name)
     for source in required_files(artifacts, model)[1:]:
         if source.is_dir():
             shutil.copytree(source, folder / source.name)

@@ -22,9 +22,14 @@ from pathlib import Path
 
 import torch
 
-from handlers.listing_handler import optimise_for_device
-from handlers.model_kinds import MODEL_KINDS
-from handlers.processing import (
+from scripts import serve
+from scripts.bench_report import BATCH_SIZES, CONCURRENCY, markdown, write_report
+from scripts.harness import served
+from scripts.load import make_request
+from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
+from serving.core import optimise_for_device
+from serving.model_kinds import MODEL_KINDS
+from serving.processing import (
     decode_image,
     fit_to_square,
     free_text,
@@ -33,12 +38,7 @@ from handlers.processing import (
     model_image_from_bytes,
     model_inputs,
 )
-from handlers.settings import ModelSettings
-from scripts import serve
-from scripts.archive import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
-from scripts.bench_report import BATCH_SIZES, CONCURRENCY, markdown, write_report
-from scripts.harness import served
-from scripts.load import make_request
+from serving.settings import ModelSettings
 
 ROOT = serve.ROOT
 

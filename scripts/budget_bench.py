@@ -19,15 +19,15 @@ from pathlib import Path
 
 import requests
 
-from handlers.budget import WorkBudget
-from handlers.model_kinds import MODEL_KINDS
-from handlers.payloads import DEFAULT_MAX_PHOTOS
-from handlers.processing import MAX_FIELD_CHARS
 from scripts import serve
-from scripts.archive import MODEL_CONFIG
 from scripts.harness import temporary_server
 from scripts.hostile import lossless_webp, progressive_jpeg, v1, v1_photos
 from scripts.load import sample_photo, sample_text
+from serving.budget import WorkBudget
+from serving.config import MODEL_CONFIG
+from serving.model_kinds import MODEL_KINDS
+from serving.payloads import DEFAULT_MAX_PHOTOS
+from serving.processing import MAX_FIELD_CHARS
 
 ROOT = serve.ROOT
 BATCH = 4  # MODEL_CONFIG's batchSize: four of the largest requests in one batch

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from handlers.model_kinds import MODEL_KINDS
 from scripts.predict import grpc_predict, rest_predict
 from scripts.serve import ROOT, read_key, read_properties
+from serving.model_kinds import MODEL_KINDS
 from training.data import CleanData
 
 

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import requests
 
-from handlers.budget import WorkBudget
-from handlers.model_kinds import MODEL_KINDS
 from scripts import serve
-from scripts.archive import MODEL_CONFIG
 from scripts.budget_bench import requests_for
 from scripts.harness import temporary_server
 from scripts.hostile import Trigger, round_one, triggers
 from scripts.load import make_request, post_payload
+from serving.budget import WorkBudget
+from serving.config import MODEL_CONFIG
+from serving.model_kinds import MODEL_KINDS
 
 ROOT = serve.ROOT
 RETRY = 503  # a batch's budget was spent: the request may be sent again

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from scripts import serve
-from scripts.archive import MODEL_CONFIG, MODELS, add_batching_options, batching_config
+from scripts.archive import MODELS, add_batching_options, batching_config
+from serving.config import MODEL_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storageUri's contents

@@ -19,8 +19,8 @@ from pathlib import Path
 import requests
 from PIL import Image, ImageDraw
 
-from handlers.model_kinds import MODEL_KINDS
 from scripts.serve import ROOT, read_key, read_properties
+from serving.model_kinds import MODEL_KINDS
 
 WORDS = ("sofa", "table", "chairs", "oak", "console", "ps5", "controller", "kettle", "drill", "bike",
          "helmet", "dress", "boots", "laptop", "monitor", "pram", "cot", "perfume", "guitar", "vinyl",

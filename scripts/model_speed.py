@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from handlers.processing import model_image_from_bytes, model_inputs
-from handlers.settings import ModelSettings
+from serving.processing import model_image_from_bytes, model_inputs
+from serving.settings import ModelSettings
 
 TEXT = "Sony PS4 Pro 1TB with two controllers and five games, boxed, collection only. " * 3
 BATCH = 4

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import requests
 
-from handlers.model_kinds import MODEL_KINDS
 from scripts.serve import ROOT, read_key, read_properties
+from serving.model_kinds import MODEL_KINDS
 
 
 class ClientError(RuntimeError):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import psutil
 
-from handlers.model_kinds import MODEL_KINDS
 from scripts import serve
 from scripts.load import make_request, post_payload
+from serving.model_kinds import MODEL_KINDS
 
 ROOT = serve.ROOT
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import requests
 
-from handlers.model_kinds import MODEL_KINDS
 from scripts import serve
-from scripts.archive import MODEL_CONFIG
 from scripts.harness import temporary_server
 from scripts.load import make_request, post_payload
+from serving.config import MODEL_CONFIG
+from serving.model_kinds import MODEL_KINDS
 
 ROOT = serve.ROOT
 MODELS = MODEL_KINDS

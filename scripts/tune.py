@@ -13,9 +13,9 @@ import statistics
 import warnings
 from pathlib import Path
 
-from handlers.model_kinds import MODEL_KINDS as MODELS
-from scripts.archive import MODEL_CONFIG
 from scripts.harness import ROOT, served
+from serving.config import MODEL_CONFIG
+from serving.model_kinds import MODEL_KINDS as MODELS
 
 
 def tune(artifacts: Path, workers: list[int], batch_sizes: list[int], repeats: int,

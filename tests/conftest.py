@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from scripts import serve
-from scripts.archive import MODEL_CONFIG, build_archive
+from scripts.archive import build_archive
+from serving.config import MODEL_CONFIG
 from tests.helpers import SERVER_BATCH_SIZE, FakeContext, write_test_config
 from training.cleaning import clean
 from training.sample import SampleConfig, generate

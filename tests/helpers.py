@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from handlers.processing import free_text, model_image_from_bytes, model_inputs
-from handlers.settings import ModelSettings
 from scripts import serve
+from serving.processing import free_text, model_image_from_bytes, model_inputs
+from serving.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "marketplace"
@@ -108,4 +108,4 @@ class FakeContext:
 
 def handler_dir(handler) -> Path:
     """The model folder an in-process handler was initialised from."""
-    return Path(handler.model_pt_path).parent
+    return handler.service.model_dir

@@ -3,7 +3,8 @@ import zipfile
 import pytest
 import yaml
 
-from scripts.archive import MODEL_CONFIG, ArchiveError, build_archive
+from scripts.archive import ArchiveError, build_archive
+from serving.config import MODEL_CONFIG
 
 
 def test_archive_holds_everything_the_handler_reads(artifacts):
@@ -11,9 +12,9 @@ def test_archive_holds_everything_the_handler_reads(artifacts):
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"model.pt", "text_handler.py", "handlers/listing_handler.py", "handlers/processing.py",
-            "handlers/payloads.py", "handlers/settings.py", "index_to_name.json", "preprocessing.json",
-            "requirements.txt",
+    assert {"model.pt", "text_handler.py", "handlers/listing_handler.py", "serving/core.py",
+            "serving/processing.py", "serving/payloads.py", "serving/settings.py", "serving/budget.py",
+            "index_to_name.json", "preprocessing.json", "requirements.txt",
             "tokenizer/tokenizer.json", "MAR-INF/MANIFEST.json"} <= names
     assert {key: config[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",
                                          "responseTimeout", "deviceType")} == {

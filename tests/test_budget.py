@@ -6,14 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 
-from handlers.budget import Cost, WorkBudget, admit, check_request
-from handlers.payloads import parse_request
-from handlers.processing import InputError, OverBudget, decode_image, jpeg_scans, open_photo
-from handlers.protocols import read_request
 from scripts.hostile import (
     encoded,
     lossless_webp,
@@ -24,6 +21,10 @@ from scripts.hostile import (
     triggers,
     v1_photos,
 )
+from serving.budget import Cost, WorkBudget, admit, check_request
+from serving.payloads import parse_request
+from serving.processing import InputError, OverBudget, decode_image, jpeg_scans, open_photo
+from serving.protocols import read_request
 from tests.helpers import FakeContext, handler_dir
 
 TEXT, IMAGE = frozenset({"text"}), frozenset({"image"})
@@ -56,7 +57,7 @@ def test_a_budget_that_admits_nothing_is_refused(options):
 
 
 def test_the_archive_config_carries_the_budget():
-    from scripts.archive import MODEL_CONFIG
+    from serving.config import MODEL_CONFIG
 
     assert WorkBudget.from_options(MODEL_CONFIG["handler"]) == WorkBudget()
 
@@ -135,12 +136,12 @@ def test_inputs_beside_the_body_are_refused_not_preferred():
 # ---------------------------------------------------------------- the handler keeps its batch
 def handle(handler, bodies: list[bytes], budget: WorkBudget | None = None) -> tuple[list, FakeContext]:
     context = FakeContext(handler_dir(handler), ["application/json"] * len(bodies))
-    saved = handler.budget
-    handler.budget = budget or handler.budget
+    saved = handler.service.options
+    handler.service.options = replace(saved, budget=budget or saved.budget)
     try:
         return handler.handle([{"body": body} for body in bodies], context), context
     finally:
-        handler.budget = saved
+        handler.service.options = saved
 
 
 def test_requests_over_budget_get_413_and_their_batch_mates_are_answered(handlers_in_process):
@@ -172,11 +173,12 @@ def test_the_answer_does_not_depend_on_the_chunk_size(handlers_in_process):
     body = json.dumps({"instances": [{"images": [base64.b64encode(ordinary_photo(i)).decode()
                                                   for i in range(5)], "text": "oak table"}] * 3}).encode()
     whole, _ = handle(handler, [body])
-    saved, handler.rows_per_forward = handler.rows_per_forward, 2
+    saved = handler.service.options
+    handler.service.options = replace(saved, rows_per_forward=2)
     try:
         chunked, _ = handle(handler, [body])
     finally:
-        handler.rows_per_forward = saved
+        handler.service.options = saved
     for a, b in zip(whole[0]["predictions"], chunked[0]["predictions"], strict=True):
         assert a["category"] == b["category"]
         assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) < 1e-5

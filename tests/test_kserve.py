@@ -15,9 +15,10 @@ import requests
 import yaml
 
 from scripts import serve
-from scripts.archive import MODEL_CONFIG, MODELS, build_archive
+from scripts.archive import MODELS, build_archive
 from scripts.kserve_storage import StorageError, lay_out, main
 from scripts.serve import free_port
+from serving.config import MODEL_CONFIG
 from tests.helpers import photo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import base64
 import pytest
 import torch
 
-from handlers.payloads import DEFAULT_MAX_PHOTOS
+from serving.payloads import DEFAULT_MAX_PHOTOS
 from tests.helpers import FakeContext, as_vector, handler_dir, in_process, photo
 
 COLOURS = [(30, 140, 60), (200, 20, 20), (20, 20, 200), (240, 240, 240), (90, 60, 10), (10, 200, 200),
@@ -121,7 +121,7 @@ def test_a_combined_listing_without_photos_is_answered_from_its_text(handlers_in
 
 def test_the_review_flag_follows_the_threshold_or_the_request(handlers_in_process):
     handler = handlers_in_process["text"]
-    threshold = handler.settings.review_threshold
+    threshold = handler.service.settings.review_threshold
     (answer,), _ = ask(handler, [{"body": {"text": TEXT}}])
     assert answer["needs_review"] == (threshold is None or answer["probability"] < threshold)
     (strict, lenient), _ = ask(handler, [{"body": {"text": TEXT, "min_confidence": 1.0}},
@@ -132,7 +132,7 @@ def test_the_review_flag_follows_the_threshold_or_the_request(handlers_in_proces
 
 
 def test_listing_probabilities_pool_log_probabilities():
-    from handlers.processing import listing_probabilities, pool_photos
+    from serving.processing import listing_probabilities, pool_photos
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
     pooled = pool_photos(logits, torch.tensor([0, 0, 1]), 2)

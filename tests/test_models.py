@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from handlers.processing import tokenize
-from handlers.settings import LexicalSettings, TextSettings
+from serving.processing import tokenize
+from serving.settings import LexicalSettings, TextSettings
 from training.backbones import WeightsError, build_backbone
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier, TextCNNHead
 from training.text_encoder import load_encoder
@@ -109,8 +109,8 @@ def test_shipped_efficientnet_weights_load_strictly(name):
 
 
 def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
-    from handlers.processing import lexical_batch, lexical_ids
-    from handlers.settings import LexicalSettings
+    from serving.processing import lexical_batch, lexical_ids
+    from serving.settings import LexicalSettings
     from training.models import LexicalClassifier
 
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
 
 
 def test_text_model_answers_a_mix_of_its_branches(minilm):
-    from handlers.processing import model_inputs
+    from serving.processing import model_inputs
 
     encoder, tokenizer = minilm
     text = TextClassifier(encoder, 13, lexical_buckets=512).eval()

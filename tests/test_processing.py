@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.processing import (
+from serving.processing import (
     InputError,
     decode_image,
     describe_probabilities,
@@ -13,7 +13,7 @@ from handlers.processing import (
     model_image_from_bytes,
     to_rgb,
 )
-from handlers.settings import LexicalSettings, TextSettings
+from serving.settings import LexicalSettings, TextSettings
 
 
 def _bytes(picture: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -76,7 +76,7 @@ def test_describe_probabilities_orders_and_maps_names():
 
 
 def test_lexical_ids_are_stable_hashed_n_grams():
-    from handlers.processing import lexical_batch, lexical_ids, lexical_terms
+    from serving.processing import lexical_batch, lexical_ids, lexical_terms
 
     settings = LexicalSettings(buckets=1000, max_chars=5_000)
     terms = lexical_terms("PS4 Pro", settings)
@@ -92,7 +92,7 @@ def test_lexical_ids_are_stable_hashed_n_grams():
 
 
 def test_the_first_words_also_count_as_terms_of_their_own():
-    from handlers.processing import lexical_ids, lexical_terms
+    from serving.processing import lexical_ids, lexical_terms
 
     plain_settings, headed_settings = LexicalSettings(1000, 5_000), LexicalSettings(1000, 5_000, head_words=2)
     plain = lexical_terms("Dyson fan, see the Dyson logo", plain_settings)
@@ -105,7 +105,7 @@ def test_the_first_words_also_count_as_terms_of_their_own():
 
 @pytest.mark.parametrize(("kind", "count"), [("image", 1), ("text", 4), ("combined", 5)])
 def test_model_inputs_follow_one_contract(kind, count):
-    from handlers.processing import model_inputs
+    from serving.processing import model_inputs
     from training.text_encoder import load_tokenizer
 
     images = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2

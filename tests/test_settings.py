@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from handlers.settings import (
+from serving.settings import (
     PAD_COLOUR,
     ImageSettings,
     LexicalSettings,

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from handlers.settings import ModelSettings
+from serving.settings import ModelSettings
 from training.data import CleanData
 from training.evaluate import evaluate
 from training.export import export
@@ -140,7 +140,7 @@ def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tm
             assert settings.image.size == 64
     scripted = torch.jit.load(str(tmp_path / "text" / "model.pt"), map_location="cpu")
     eager, _ = load_checkpoint(trained["paths"]["text"])
-    from handlers.processing import model_inputs
+    from serving.processing import model_inputs
     from training.text_encoder import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
@@ -281,7 +281,7 @@ def test_frozen_features_are_the_last_stage_over_its_cached_inputs(trained, tmp_
 
 
 def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
-    from handlers.processing import model_inputs
+    from serving.processing import model_inputs
     from training.text_encoder import load_tokenizer
 
     result = export(trained["paths"]["text"], trained["data_dir"], tmp_path, int8=True)
@@ -376,7 +376,7 @@ def test_temperature_scaling_lowers_the_validation_calibration_error(trained):
 def test_review_threshold_reaches_its_target_on_the_data_it_was_chosen_on(trained):
     import numpy as np
 
-    from handlers.processing import listing_probabilities
+    from serving.processing import listing_probabilities
     from training.calibration import coverage_at, listing_logits, review_threshold, validation_answers
 
     rng = np.random.default_rng(0)

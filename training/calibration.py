@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from handlers.processing import listing_probabilities, pool_photos
+from serving.processing import listing_probabilities, pool_photos
 
 ECE_BINS = 15
 DEFAULT_TARGET_PRECISION = 0.95  # of the listings filed without review

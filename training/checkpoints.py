@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from handlers.model_kinds import MODEL_KINDS
+from serving.model_kinds import MODEL_KINDS
 from training.backbones import build_backbone
 from training.config import TrainConfig
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier

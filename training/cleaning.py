@@ -13,7 +13,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from handlers.processing import (
+from serving.processing import (
     InputError,
     decode_image,
     fit_to_square,

@@ -8,7 +8,7 @@ import signal
 from dataclasses import fields
 from pathlib import Path
 
-from handlers.model_kinds import MODEL_KINDS
+from serving.model_kinds import MODEL_KINDS
 from training.config import TrainConfig
 
 TRAIN_OPTIONS = {

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from handlers.model_kinds import MODEL_KINDS
-from handlers.processing import listing_text
+from serving.model_kinds import MODEL_KINDS
+from serving.processing import listing_text
 from training.categories import name_to_index, read_index_to_name
 from training.cleaning import load_clean_images, load_clean_products
 from training.splits import read_splits

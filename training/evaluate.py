@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from handlers.processing import listing_probabilities
+from serving.processing import listing_probabilities
 from training.calibration import (
     DEFAULT_TARGET_PRECISION,
     coverage_at,
@@ -30,7 +30,7 @@ from training.tasks import make_task
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from handlers.model_kinds import MODEL_KINDS
+from serving.model_kinds import MODEL_KINDS
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> dict:

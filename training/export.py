@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from handlers.processing import model_inputs
-from handlers.settings import ImageSettings, ModelSettings
+from serving.processing import model_inputs
+from serving.settings import ImageSettings, ModelSettings
 from training.calibration import DEFAULT_TARGET_PRECISION, text_only_temperature, validation_answers
 from training.categories import write_index_to_name
 from training.checkpoints import config_from, load_checkpoint

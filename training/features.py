@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from handlers.processing import model_image, tokenize
+from serving.processing import model_image, tokenize
 
 
 def cache_key(parts: dict) -> str:

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from handlers.processing import lexical_ids, model_inputs, pad_lexical
-from handlers.settings import LexicalSettings, TextSettings
+from serving.processing import lexical_ids, model_inputs, pad_lexical
+from serving.settings import LexicalSettings, TextSettings
 from training.data import CleanData
 from training.features import (
     cached,

@@ -274,7 +274,7 @@ def fit_lexical_idf(model: nn.Module, config: TrainConfig, texts) -> None:
     """The lexical branch's idf, from the texts it trains on (the training split's products)."""
     if config.model != "text" or model.lexical is None:
         return
-    from handlers.processing import lexical_ids
+    from serving.processing import lexical_ids
 
     lexical = text_settings(asdict(config)).lexical
     model.lexical.fit_idf([lexical_ids(text, lexical)[0] for text in texts])

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from handlers.model_kinds import MODEL_NEEDS
-from handlers.settings import PAD_COLOUR, LexicalSettings, TextSettings
+from serving.model_kinds import MODEL_NEEDS
+from serving.settings import PAD_COLOUR, LexicalSettings, TextSettings
 
 # Photos beyond this many pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -382,7 +382,7 @@ def text_inputs(tokenizer, texts: Sequence[str], settings: TextSettings) -> list
 def model_inputs(kind: str, images: Sequence[torch.Tensor] | None, texts: Sequence[str] | None,
                  tokenizer=None, text_settings: TextSettings | None = None) -> tuple[torch.Tensor, ...]:
     """What every model of `kind` is called with, in order: uint8 images [B,3,H,W], then the
-    text inputs. Training, export, the handlers, the benchmark and the tests all use this."""
+    text inputs. Training, export, the serving core, the benchmark and the tests all use this."""
     needs = MODEL_NEEDS[kind]
     inputs: list[torch.Tensor] = []
     if "image" in needs:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from handlers.processing import BatchBudgetSpent, OverBudget
+from serving.processing import BatchBudgetSpent, OverBudget
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from handlers.budget import Cost
-from handlers.payloads import DEFAULT_MAX_PHOTOS, Listing, parse_fields, read_fields
-from handlers.processing import InputError, quote, quote_all
+from serving.budget import Cost
+from serving.payloads import DEFAULT_MAX_PHOTOS, Listing, parse_fields, read_fields
+from serving.processing import InputError, quote, quote_all
 
 PLAIN, V1, V2 = "plain", "v1", "v2"
 MAX_LISTINGS = 64  # per request; a bigger request would hold up everyone else's batch
@@ -29,7 +29,7 @@ class Envelope:
     listings: list[Listing] = field(default_factory=list)
     request_id: str | None = None
     items: list[dict] = field(default_factory=list)  # the listings prepared for the model
-    cost: Cost = field(default_factory=Cost)  # the work it asks for (handlers/budget.py)
+    cost: Cost = field(default_factory=Cost)  # the work it asks for (serving/budget.py)
 
 
 def read_request(request: dict, content_type: str | None, needs: frozenset[str], num_classes: int,

@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from handlers.processing import (
+from serving.processing import (
     InputError,
     UnsupportedMediaType,
     free_text,

@@ -1,5 +1,5 @@
 """What a model needs before and after it runs: written once at export as preprocessing.json,
-read back by the handlers, the benchmark and the tests. One frozen object, one file."""
+read back by the serving core, the benchmark and the tests. One frozen object, one file."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from handlers.model_kinds import MODEL_NEEDS
+from serving.model_kinds import MODEL_NEEDS
 
 SETTINGS_FILE = "preprocessing.json"
 PAD_COLOUR = (0, 0, 0)
-# Written for a person reading the file; what the code does is fixed by handlers/processing.py.
+# Written for a person reading the file; what the code does is fixed by serving/processing.py.
 NOTES = {
     "image": "uint8 [B,3,size,size] RGB: EXIF orientation applied, longer side fitted to size, "
              "padded to a centred square with pad_colour; mean/std are applied inside the model",
@@ -87,7 +87,7 @@ class ModelSettings:
 
     @property
     def inputs(self) -> list[str]:
-        """The model's positional inputs, in order (handlers.processing.model_inputs)."""
+        """The model's positional inputs, in order (serving.processing.model_inputs)."""
         names = ["images"] if self.image else []
         if self.text:
             names += ["input_ids", "attention_mask"]

@@ -1,0 +1,20 @@
+"""How the three models are served by default, whichever script builds or starts them: batching,
+workers, timeouts and the serving core's options (serving/core.py, ServingOptions). TorchServe
+reads them from each archive's model-config.yaml (scripts/archive.py writes them there)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from serving.budget import WorkBudget
+
+# Chosen by measurement (`make bench`, scripts/tune.py); docs/benchmark.md gives the figures.
+MODEL_CONFIG = {
+    "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 10,
+    "responseTimeout": 60, "deviceType": "gpu",
+    # the work budget (serving/budget.py) is written out so that each archive shows it
+    "handler": {"autocast": True, "max_image_pixels": 50_000_000} | asdict(WorkBudget()),
+}
+# Handler options that measured better for one model only (see serving/core.py, ServingOptions).
+MODEL_HANDLER_OPTIONS = {"image": {"optimize_for_inference": True},
+                         "combined": {"optimize_for_inference": True}}

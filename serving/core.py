@@ -1,0 +1,372 @@
+"""The serving core, free of any engine.
+
+Built from an exported model folder (`model.pt`, `preprocessing.json`, `index_to_name.json`,
+`tokenizer/`), a `ListingService` turns an engine's requests into listings or refusals, answers
+a batch of listings, and owns the limits and the error messages. Each engine's adapter maps its
+own lifecycle onto three steps, as TorchServe's BaseHandler and KServe's Model do:
+
+    batch = service.prepare(requests)   # parse, check the work budget, admit, decode photos
+    service.predict(batch)              # every listing of the batch through the model together
+    answers = service.answer(batch)     # one Answer (status, JSON body, headers) per request
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field, fields
+from http import HTTPStatus
+from pathlib import Path
+
+import torch
+
+from serving.budget import Cost, WorkBudget, admit, batch_full, check_request
+from serving.model_kinds import MODEL_NEEDS
+from serving.payloads import DEFAULT_MAX_PHOTOS, Listing
+from serving.processing import (
+    DEFAULT_MAX_PIXELS,
+    InputError,
+    ascii_message,
+    describe_probabilities,
+    fit_to_square,
+    image_to_tensor,
+    listing_probabilities,
+    load_photo,
+    model_inputs,
+    needs_review,
+    open_photo,
+    pool_photos,
+    text_inputs,
+)
+from serving.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
+from serving.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 1000
+# gRPC status names for the HTTP codes the core answers with, for clients of a gRPC API whose
+# engine cannot send a per-request status (TorchServe 0.12: see SECURITY.md).
+GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
+              415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+LABELS_FILE = "index_to_name.json"
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How one model is served; an engine reads them from its own configuration (TorchServe: the
+    `handler:` section of the archive's model-config.yaml)."""
+
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_photos: int = DEFAULT_MAX_PHOTOS
+    # Photo rows per forward pass: a batch's rows run in chunks of this many, so that a worker's
+    # memory does not grow with the batch (activations of 64 photos at once cost gigabytes).
+    rows_per_forward: int = 16
+    autocast: bool = True  # bf16 on CUDA
+    optimize_for_inference: bool = False  # TorchScript freezing and oneDNN kernels on CPU
+    threads: int = 0  # torch threads; 0: the engine decides
+    budget: WorkBudget = field(default_factory=WorkBudget)
+
+    @classmethod
+    def from_options(cls, options: dict) -> ServingOptions:
+        """Flat options (e.g. model-config.yaml's `handler:`); unknown keys belong to the engine."""
+        own = {option.name: type(getattr(cls(), option.name))(options[option.name])
+               for option in fields(cls) if option.name != "budget" and option.name in options}
+        return cls(**own, budget=WorkBudget.from_options(options))
+
+
+@dataclass
+class Request:
+    """One request as an engine received it: a body under "body" (or "data") or named parts
+    (multipart, a gRPC input map), and its content type ("" or None when it has none)."""
+
+    fields: dict
+    content_type: str | None = None
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """A batch on its way through the core: per request an Envelope or the exception refusing
+    it, then the probabilities of every listing of the admitted ones."""
+
+    requests: list
+    probabilities: torch.Tensor | None = None
+
+    @property
+    def items(self) -> list[dict]:
+        return [item for request in self.requests if isinstance(request, Envelope) for item in request.items]
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The container's CPU quota in cores (cgroup v2 cpu.max, or v1 cfs quota/period); None
+    when there is none. os.cpu_count() sees the node's cores, not the pod's limit."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").exists():
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            return None if quota <= 0 else quota / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def available_cores(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, capped by the cgroup quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(root)
+    return max(1, min(cores, math.ceil(limit))) if limit else cores
+
+
+def device_for(gpu_id: int | str | None) -> torch.device:
+    """The GPU an engine gave this worker, or the CPU where there is none."""
+    if gpu_id is not None and str(gpu_id) != "" and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def optimise_for_device(model, device: torch.device, enabled: bool):
+    """Freeze and apply optimize_for_inference (conv-BN folding, oneDNN kernels) on CPU.
+
+    Only on CPU: the oneDNN layout it chooses does not run on CUDA. Whether it pays is measured
+    per model by `make bench` (docs/benchmark.md); the archives turn it on where it did.
+    """
+    if not enabled or device.type != "cpu":
+        return model
+    methods = ["text_only"] if hasattr(model, "text_only") else []  # besides forward
+    frozen = torch.jit.freeze(model.eval(), preserved_attrs=methods)
+    return torch.jit.optimize_for_inference(frozen, other_methods=methods)
+
+
+def load_labels(model_dir: Path, num_classes: int) -> dict[str, str]:
+    """index_to_name.json, checked against the model's number of classes."""
+    path = Path(model_dir) / LABELS_FILE
+    labels = json.loads(path.read_text()) if path.exists() else {}
+    if len(labels) != num_classes or set(labels) != {str(i) for i in range(num_classes)}:
+        raise ValueError(f"{path} must name the model's {num_classes} classes")
+    return labels
+
+
+class ListingService:
+    """One exported model, served: batch-aware, every request parsed on its own, bad ones
+    refused with a status and an `error` body, the good ones through the model together."""
+
+    def __init__(self, model_dir: Path, options: ServingOptions | None = None,
+                 device: torch.device | None = None, model_name: str = "", model_version: str | None = None):
+        self.model_dir, self.options = Path(model_dir), options or ServingOptions()
+        self.device = device or torch.device("cpu")
+        self.settings = ModelSettings.load(self.model_dir)
+        self.needs = MODEL_NEEDS[self.settings.model]
+        self.index_to_name = load_labels(self.model_dir, self.settings.num_classes)
+        self.class_names = [self.index_to_name[str(i)] for i in range(self.settings.num_classes)]
+        self.model_name, self.model_version = model_name or self.model_dir.name, model_version
+        model = torch.jit.load(str(self.model_dir / "model.pt"), map_location=self.device).eval()
+        self.model = optimise_for_device(model, self.device, self.options.optimize_for_inference)
+        self.autocast = self.device.type == "cuda" and self.options.autocast
+        # a combined listing without photos is answered by the text branch, where exported
+        self.answers_text_only = self.settings.text_only_temperature is not None and \
+            hasattr(self.model, "text_only")
+        self.tokenizer = self.load_tokenizer() if "text" in self.needs else None
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+
+    @property
+    def budget(self) -> WorkBudget:
+        return self.options.budget
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.model_dir / self.settings.text.tokenizer),
+                                             local_files_only=True)
+
+    # ------------------------------------------------------------ the three steps
+    def handle(self, requests: list[Request]) -> list[Answer]:
+        batch = self.prepare(requests)
+        self.predict(batch)
+        return self.answer(batch)
+
+    def prepare(self, requests: list[Request]) -> Batch:
+        """Parse each request, check its work against the budget, admit the batch's cheapest
+        requests within the batch budget, then decode the admitted ones' photos."""
+        parsed = self.admit([self.guarded(index, "parsing", lambda r=request: self.read(r))
+                             for index, request in enumerate(requests)])
+        return Batch([self.decode(index, request) for index, request in enumerate(parsed)])
+
+    def predict(self, batch: Batch) -> Batch:
+        """One row of probabilities per listing of the admitted requests: its photos' answers
+        pooled, then the temperature fitted on the validation listings."""
+        items = batch.items
+        logger.info("batch_size=%d listings=%d", len(batch.requests), len(items))
+        batch.probabilities = self.listing_probabilities(items) if items else None
+        return batch
+
+    def answer(self, batch: Batch) -> list[Answer]:
+        """One Answer per request, in its own protocol; refusals get their status and a body."""
+        answers, start = [], 0
+        for request in batch.requests:
+            if isinstance(request, Exception):
+                answers.append(self.refusal(request))
+                continue
+            rows = batch.probabilities[start:start + len(request.items)]
+            start += len(request.items)
+            results = [self.describe(row, item) for row, item in zip(rows, request.items, strict=True)]
+            answers.append(Answer(200, self.format_response(request, results)))
+        return answers
+
+    # ------------------------------------------------------------ reading and admitting
+    def read(self, request: Request) -> Envelope:
+        envelope = read_request(request.fields, request.content_type, self.needs, len(self.index_to_name),
+                                self.options.max_photos, self.answers_text_only)
+        if "image" in self.needs:  # the count first, before a single header is read
+            check_request(Cost(sum(len(listing.images) for listing in envelope.listings)), self.budget)
+        envelope.items = [self.open(listing) for listing in envelope.listings]
+        envelope.cost = sum((Cost(len(item["photos"]), sum(p.width * p.height for p, _ in item["photos"]))
+                             for item in envelope.items), Cost())
+        check_request(envelope.cost, self.budget)
+        return envelope
+
+    def admit(self, requests: list) -> list:
+        """The batch within its work budget: requests that do not fit beside their cheaper
+        batch-mates are refused (503, retry) before any photo is decoded."""
+        positions = [index for index, request in enumerate(requests) if isinstance(request, Envelope)]
+        admitted = admit([requests[index].cost for index in positions], self.budget)
+        answered = list(requests)
+        for index, fits in zip(positions, admitted, strict=True):
+            if not fits:
+                answered[index] = batch_full(requests[index].cost, self.budget)
+        return answered
+
+    def decode(self, index: int, request):
+        """An admitted request with its photos decoded into model inputs."""
+        if not isinstance(request, Envelope):
+            return request
+
+        def decode_all() -> Envelope:
+            for item in request.items:
+                item["images"] = [self.photo(item, position) for position in range(len(item["photos"]))]
+                item["photos"] = None
+            return request
+
+        return self.guarded(index, "decoding", decode_all)
+
+    @staticmethod
+    def guarded(index: int, stage: str, work):
+        """`work()`, or the exception that explains why one request of the batch failed: it
+        must not fail the others."""
+        try:
+            return work()
+        except InputError as error:
+            return error
+        except Exception as error:
+            logger.error("request %d of the batch failed in %s: %s", index, stage, type(error).__name__)
+            return error
+
+    def open(self, listing: Listing) -> dict:
+        """A listing's photos as headers, in the order of their bytes (so that the order they
+        were sent in changes nothing), each with its position as sent."""
+        item: dict = {"listing": listing, "text": listing.text, "images": [], "photos": []}
+        if "image" in self.needs:
+            order = sorted(range(len(listing.images)), key=listing.images.__getitem__)
+            item["photos"] = [(self.labelled(listing, position, lambda data: open_photo(
+                data, self.options.max_image_pixels, self.budget.scans_per_photo)), position)
+                for position in order]
+        return item
+
+    def photo(self, item: dict, index: int) -> torch.Tensor:
+        header, position = item["photos"][index]
+        size = self.settings.image.size
+        picture = self.labelled(item["listing"], position, lambda data: load_photo(header, data, size))
+        return image_to_tensor(fit_to_square(picture, size))
+
+    @staticmethod
+    def labelled(listing: Listing, position: int, work):
+        """`work(photo bytes)`, its refusal naming the photo."""
+        try:
+            return work(listing.images[position])
+        except InputError as error:
+            raise type(error)(f"photo {position + 1} of {len(listing.images)}: {error}") from error
+
+    # ------------------------------------------------------------ the model
+    def collate(self, items: list[dict]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The model inputs (on the CPU), one row per photo (per listing for the text model), and
+        the listing each row belongs to."""
+        if "image" not in self.needs:
+            rows = [(index, None) for index in range(len(items))]
+        else:
+            rows = [(index, image) for index, item in enumerate(items) for image in item["images"]]
+        images = [image for _, image in rows] if "image" in self.needs else None
+        texts = [items[index]["text"] for index, _ in rows] if "text" in self.needs else None
+        inputs = model_inputs(self.settings.model, images, texts, self.tokenizer, self.settings.text)
+        return inputs, torch.tensor([i for i, _ in rows])
+
+    def run(self, method, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`method` of the TorchScript model on the worker's device; float32 logits on the CPU."""
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+            return method(*(tensor.to(self.device) for tensor in inputs)).float().cpu()
+
+    def run_in_chunks(self, method, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`run` over at most `rows_per_forward` rows at a time; the rows are independent."""
+        rows, step = len(inputs[0]), self.options.rows_per_forward
+        return torch.cat([self.run(method, tuple(tensor[start:start + step] for tensor in inputs))
+                          for start in range(0, rows, step)])
+
+    def listing_probabilities(self, items: list[dict]) -> torch.Tensor:
+        probabilities = torch.empty(len(items), self.settings.num_classes)
+        with_rows = [i for i, item in enumerate(items) if item["images"] or "image" not in self.needs]
+        if with_rows:
+            chosen = [items[i] for i in with_rows]
+            inputs, listing_of_row = self.collate(chosen)
+            pooled = pool_photos(self.run_in_chunks(self.model, inputs), listing_of_row, len(chosen))
+            probabilities[with_rows] = listing_probabilities(pooled, self.settings.temperature)
+        text_only = sorted(set(range(len(items))) - set(with_rows))
+        if text_only:
+            inputs = text_inputs(self.tokenizer, [items[i]["text"] for i in text_only], self.settings.text)
+            logits = self.run_in_chunks(self.model.text_only, inputs)
+            probabilities[text_only] = listing_probabilities(torch.log_softmax(logits, 1),
+                                                             self.settings.text_only_temperature)
+        return probabilities
+
+    # ------------------------------------------------------------ answers
+    def describe(self, row: torch.Tensor, item: dict) -> dict:
+        """The answer, whether to file it automatically, and what it was made from."""
+        listing: Listing = item["listing"]
+        answer = describe_probabilities(row.tolist(), self.index_to_name, listing.top_k)
+        threshold = listing.min_confidence if listing.min_confidence is not None \
+            else self.settings.review_threshold
+        answer["needs_review"] = needs_review(answer["probability"], threshold)
+        if "image" in self.needs:
+            answer["photos"] = len(item["images"])
+            if not item["images"]:
+                answer["answered_from"] = "text only"
+        return answer
+
+    def format_response(self, envelope: Envelope, results: list[dict]) -> dict:
+        if envelope.protocol == V1:
+            return v1_response(results)
+        if envelope.protocol == V2:
+            return v2_response(results, self.class_names, self.model_name, self.model_version,
+                               envelope.request_id)
+        return results[0]
+
+    @staticmethod
+    def refusal(error: Exception) -> Answer:
+        """A refusal's status and JSON body (`error`, `status`, `grpc_code`): the message is
+        ASCII, at most MAX_ERROR_CHARS, and quotes the request only through `quote`; an
+        unexpected failure says only its exception type."""
+        code = error.status if isinstance(error, InputError) else 500
+        message = str(error) if isinstance(error, InputError) else f"internal error: {type(error).__name__}"
+        body = {"error": ascii_message(message, MAX_ERROR_CHARS), "status": code,
+                "grpc_code": GRPC_CODES.get(code, "UNKNOWN")}
+        headers = {"Retry-After": "1"} if code == HTTPStatus.SERVICE_UNAVAILABLE else {}
+        return Answer(code, body, headers)
