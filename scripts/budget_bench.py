@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 
 from scripts import serve
-from scripts.harness import temporary_server
+from scripts.harness import missing_exports, temporary_server
 from scripts.hostile import lossless_webp, progressive_jpeg, v1, v1_photos
 from scripts.load import sample_photo, sample_text
 from serving.budget import WorkBudget
@@ -109,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "budget")
     parser.add_argument("--model", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS)
     args = parser.parse_args(argv)
-    missing = [m for m in args.model if not (args.artifacts_dir / m / "model.pt").exists()]
-    if missing:
-        print(f"error: {args.artifacts_dir} has no exported {', '.join(missing)} model "
-              "(run `make demo` or `python -m training export`)", file=sys.stderr)
+    error = missing_exports(args.artifacts_dir, args.model)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     budget = WorkBudget.from_options(MODEL_CONFIG["handler"])
     rows = [row for model in args.model for row in measure(model, args.artifacts_dir, budget)]

@@ -15,6 +15,15 @@ from scripts.load import make_request, run_load
 ROOT = serve.ROOT
 
 
+def missing_exports(artifacts: Path, models: list[str]) -> str | None:
+    """A one-line error naming the models `artifacts` has no export of, or None."""
+    missing = [model for model in models if not (artifacts / model / "model.pt").exists()]
+    if not missing:
+        return None
+    return (f"error: {artifacts} has no exported {', '.join(missing)} model "
+            "(run `make demo` or `python -m training export`)")
+
+
 @contextmanager
 def temporary_server(artifacts: Path, models: list[str], model_config: dict):
     """A TorchServe from the project's config.properties serving fresh archives of `models`;

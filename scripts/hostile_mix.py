@@ -26,7 +26,7 @@ import requests
 
 from scripts import serve
 from scripts.budget_bench import requests_for
-from scripts.harness import temporary_server
+from scripts.harness import missing_exports, temporary_server
 from scripts.hostile import Trigger, round_one, triggers
 from scripts.load import make_request, post_payload
 from serving.budget import WorkBudget
@@ -35,13 +35,6 @@ from serving.model_kinds import MODEL_KINDS
 
 ROOT = serve.ROOT
 RETRY = 503  # a batch's budget was spent: the request may be sent again
-
-
-def worker_pids(properties: dict, state: Path) -> dict[str, list[int]]:
-    headers = serve.auth_headers(state / "key_file.json", "management")
-    return {model: sorted(worker["pid"] for entry in requests.get(
-        f"{properties['management_address']}/models/{model}", headers=headers, timeout=30).json()
-        for worker in entry["workers"]) for model in MODEL_KINDS}
 
 
 class Tally:
@@ -101,14 +94,14 @@ def run(artifacts: Path, clients: int, minutes: float) -> dict:
     with temporary_server(artifacts, list(MODEL_KINDS), MODEL_CONFIG) as (properties, state):
         token = serve.read_key(state / "key_file.json")
         base = properties["inference_address"]
-        before = worker_pids(properties, state)
+        before = serve.worker_pids(properties, state / "key_file.json", list(MODEL_KINDS))
         until = time.monotonic() + minutes * 60
         with ThreadPoolExecutor(clients + 1) as pool:
             jobs = [pool.submit(good_client, base, token, seed, until, tally) for seed in range(clients)]
             jobs.append(pool.submit(hostile_client, base, token, corpus, until, tally))
             for job in jobs:
                 job.result()
-        after = worker_pids(properties, state)
+        after = serve.worker_pids(properties, state / "key_file.json", list(MODEL_KINDS))
     wrong = {name: dict(entry["statuses"]) for name, entry in tally.hostile.items()
              if set(entry["statuses"]) - set(corpus[name].expected) - {RETRY}}
     return {
@@ -150,10 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "hostile_mix")
     args = parser.parse_args(argv)
-    missing = [m for m in MODEL_KINDS if not (args.artifacts_dir / m / "model.pt").exists()]
-    if missing:
-        print(f"error: {args.artifacts_dir} has no exported {', '.join(missing)} model "
-              "(run `make demo` or `python -m training export`)", file=sys.stderr)
+    error = missing_exports(args.artifacts_dir, list(MODEL_KINDS))
+    if error:
+        print(error, file=sys.stderr)
         return 2
     result = run(args.artifacts_dir, args.clients, args.minutes)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,15 @@ def model_ready(properties: dict, key_file: Path | None, name: str) -> bool:
     return bool(workers) and all(worker.get("status") == "READY" for worker in workers)
 
 
+def worker_pids(properties: dict, key_file: Path | None, models: list[str]) -> dict[str, list[int]]:
+    """The process ids of each model's workers, from the management API: a restarted worker
+    shows as a changed list."""
+    headers = auth_headers(key_file, "management")
+    return {model: sorted(worker["pid"] for entry in requests.get(
+        f"{properties['management_address']}/models/{model}", headers=headers, timeout=30).json()
+        for worker in entry["workers"]) for model in models}
+
+
 def wait_ready(properties: dict, key_file: Path | None, timeout: float, state_dir: Path) -> None:
     deadline = time.monotonic() + timeout
     pending = model_names(properties)

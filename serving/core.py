@@ -207,7 +207,8 @@ class ListingService:
         """One row of probabilities per listing of the admitted requests: its photos' answers
         pooled, then the temperature fitted on the validation listings."""
         items = batch.items
-        logger.info("batch_size=%d listings=%d", len(batch.requests), len(items))
+        valid = sum(isinstance(request, Envelope) for request in batch.requests)
+        logger.info("batch_size=%d valid=%d listings=%d", len(batch.requests), valid, len(items))
         batch.probabilities = self.listing_probabilities(items) if items else None
         return batch
 

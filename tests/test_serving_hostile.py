@@ -25,11 +25,7 @@ ROUND_TWO = triggers()
 
 
 def workers(server) -> dict[str, list[int]]:
-    token = serve.read_key(server["state"] / "key_file.json", "management")
-    base = server["properties"]["management_address"]
-    return {model: sorted(w["pid"] for w in requests.get(
-        f"{base}/models/{model}", headers={"Authorization": f"Bearer {token}"},
-        timeout=10).json()[0]["workers"]) for model in ("image", "text")}
+    return serve.worker_pids(server["properties"], server["state"] / "key_file.json", ["image", "text"])
 
 
 def post(server, model: str, body: bytes, content_type: str | bytes) -> requests.Response:
