@@ -5,12 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KSERVE_VENV := .venv-kserve
 KSERVE_STAMP := $(KSERVE_VENV)/.installed
+ENGINE_VENV := .venv-engine
+ENGINE_STAMP := $(ENGINE_VENV)/.installed
 SAMPLE_PRODUCTS ?= 800
 DEMO_DIR ?= data/demo
 NPROC ?= 2
 MODEL ?= image
 
-.PHONY: install kserve-venv nginx demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
+.PHONY: install kserve-venv engine-venv nginx demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
 	budget hostile-mix
 
 $(STAMP): pyproject.toml
@@ -33,6 +35,15 @@ $(KSERVE_STAMP): deploy/kserve/wrapper/requirements.txt
 
 kserve-venv: $(KSERVE_STAMP)
 
+# The second engine (kserve_ray/: KServe's model server with Ray Serve batching) over the serving core.
+$(ENGINE_STAMP): kserve_ray/requirements.txt handlers/requirements.txt
+	$(PYTHON) -m venv $(ENGINE_VENV)
+	$(ENGINE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ENGINE_VENV)/bin/python -m pip install --quiet -r kserve_ray/requirements.txt -r handlers/requirements.txt
+	touch $(ENGINE_STAMP)
+
+engine-venv: $(ENGINE_STAMP)
+
 # nginx for the reverse proxy (scripts/proxy.py) and its tests, from Debian's packages where this
 # runs as root; elsewhere tests/test_proxy.py is skipped and says why.
 nginx:
@@ -46,7 +57,7 @@ check-java:
 demo: install
 	SAMPLE_PRODUCTS=$(SAMPLE_PRODUCTS) DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash scripts/demo
 
-test: install kserve-venv nginx
+test: install kserve-venv engine-venv nginx
 	$(PY) -m pytest
 
 # Data-parallel training with torchrun on this machine's sample data (gloo on CPU, nccl on GPUs).

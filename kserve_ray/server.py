@@ -1,0 +1,161 @@
+"""The second engine: KServe's model server (REST v1 and the Open Inference Protocol v2) in front
+of Ray Serve, whose replicas run the serving core (serving/core.py) and whose `@serve.batch` does
+the dynamic batching. No JVM and no TorchServe.
+
+Usage: python -m kserve_ray.server --artifacts-dir artifacts [--models image text combined]
+       [--http-port 8085] [--replicas 2] [--max-batch-size 4] [--batch-wait-ms 10] [--state-dir .serve/ray]
+Runs in .venv-engine (`make engine-venv`): KServe pins pandas < 3 and protobuf < 7, the project
+newer ones. REST binds to 127.0.0.1 only; Ray's own ports need its cluster token (SECURITY.md).
+Ready (`/v2/models/<m>/ready`) once every replica of the model has loaded it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_MESSAGE_CHARS = 1000
+# KServe's model repository API (load/unload without any authentication) and explanations
+HIDDEN_PREFIXES, HIDDEN_SUFFIXES = ("/v2/repository",), (":explain",)
+
+
+def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_size: int,
+                       batch_wait_s: float):
+    """A Ray Serve deployment of one exported model: each replica is a ListingService, and Ray
+    Serve gathers concurrent requests into batches of up to `max_batch_size`."""
+    from ray import serve
+
+    @serve.deployment(name=model_dir.name, num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=4 * max_batch_size)
+    class ListingDeployment:
+        def __init__(self):
+            import logging
+
+            from serving.core import ListingService, ServingOptions
+
+            logging.basicConfig(level=logging.INFO)  # the core's batch lines, in the replica's log
+
+            self.service = ListingService(model_dir, ServingOptions.from_options(options),
+                                          model_name=model_dir.name)
+
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)
+        async def answer(self, bodies: list) -> list[tuple[int, dict, dict]]:
+            from serving.core import Request
+
+            answers = self.service.handle([Request({"body": body}, "application/json") for body in bodies])
+            return [(answer.status, answer.body, answer.headers) for answer in answers]
+
+        async def __call__(self, body) -> tuple[int, dict, dict]:
+            return await self.answer(body)
+
+    return ListingDeployment
+
+
+def kserve_model(name: str, handle):
+    """KServe's view of one deployment: the request body goes to a replica as plain JSON, and a
+    refusal comes back as the core's status and message (never a Ray traceback)."""
+    from kserve.errors import InvalidInput, ServerNotReady
+    from kserve.metrics import PREDICT_HIST_TIME
+    from kserve.model import InferenceModel
+
+    class ListingModel(InferenceModel):
+        def __init__(self):
+            super().__init__(name)
+            self.ready = True  # serve.run returned: every replica has loaded the model
+
+        async def __call__(self, body, headers=None, verb=None):
+            if hasattr(body, "to_rest"):  # an Open Inference Protocol request KServe decoded
+                body, _ = body.to_rest()
+                if not isinstance(body, dict):
+                    raise InvalidInput("the binary tensor extension is not accepted: send BYTES inputs "
+                                       "as JSON strings (base64 for photos)")
+            with PREDICT_HIST_TIME.labels(model_name=name).time():  # KServe's own Prometheus histogram
+                status, answer, _ = await handle.remote(body)
+            if status == 503:
+                raise ServerNotReady(answer["error"])
+            if status != 200:
+                raise InvalidInput(answer["error"][:MAX_MESSAGE_CHARS])
+            return answer, {}
+
+        def load(self) -> bool:
+            return self.ready
+
+    return ListingModel()
+
+
+def loopback_rest_server():
+    """KServe's RESTServer, bound to 127.0.0.1 (KServe binds 0.0.0.0) and without the model
+    repository API (`/v2/repository/...`), which lets anyone who reaches the port unload a model:
+    the counterpart of TorchServe's enable_model_api=false."""
+    from kserve.protocol.rest.server import RESTServer
+
+    class LoopbackRESTServer(RESTServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.host = "127.0.0.1"
+
+        def _add_middlewares(self, app) -> None:
+            from fastapi.responses import JSONResponse
+
+            super()._add_middlewares(app)
+
+            @app.middleware("http")
+            async def hide_repository(request, call_next):
+                path = request.url.path
+                if path.startswith(HIDDEN_PREFIXES) or path.endswith(HIDDEN_SUFFIXES):
+                    return JSONResponse({"error": "not found"}, status_code=404)
+                return await call_next(request)
+
+    return LoopbackRESTServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
+    parser.add_argument("--models", nargs="+", default=["image", "text", "combined"])
+    parser.add_argument("--http-port", type=int, default=8085)
+    parser.add_argument("--replicas", type=int, default=2, help="replicas per model (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--batch-wait-ms", type=float, default=10)
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".serve" / "ray")
+    args = parser.parse_args(argv)
+    missing = [m for m in args.models if not (args.artifacts_dir / m / "model.pt").exists()]
+    if missing:
+        print(f"error: {args.artifacts_dir} has no exported {', '.join(missing)} model", file=sys.stderr)
+        return 2
+    sys.argv = sys.argv[:1]  # kserve parses the command line when imported; these are not its options
+    started = time.monotonic()
+    import kserve.model_server
+    import ray
+    from ray import serve
+
+    from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
+
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    # the replicas import serving/ from the project
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", _temp_dir=str(args.state_dir.resolve()))
+    serve.start(http_options={"location": "NoServer"})  # KServe's server takes the requests
+    threads = {"threads": max(1, (os.cpu_count() or 1) // args.replicas)}
+    models = []
+    for name in args.models:
+        folder = (args.artifacts_dir / name).resolve()
+        options = MODEL_CONFIG["handler"] | MODEL_HANDLER_OPTIONS.get(name, {}) | threads
+        deployment = listing_deployment(folder, options, args.replicas, args.max_batch_size,
+                                        args.batch_wait_ms / 1000)
+        handle = serve.run(deployment.bind(), name=name, route_prefix=None)
+        models.append(kserve_model(name, handle))
+    print(f"ready after {time.monotonic() - started:.1f} s: {', '.join(args.models)} on "
+          f"http://127.0.0.1:{args.http_port}", file=sys.stderr, flush=True)
+    kserve.model_server.RESTServer = loopback_rest_server()
+    kserve.model_server.ModelServer(http_port=args.http_port, enable_grpc=False).start(models)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The same behaviour on both engines: TorchServe (handlers/) and KServe's model server with Ray
+Serve batching (kserve_ray/), both over the serving core and the same exported folders. Run them
+alone with `pytest -m engines`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from scripts import serve
+from scripts.hostile import ordinary_photo, round_one, triggers
+from tests.helpers import ROOT, TEXTS, as_vector, in_process
+
+pytestmark = [pytest.mark.serving, pytest.mark.engines]
+ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
+READY_TIMEOUT = 300  # a bound on a hung start, not a measurement
+
+
+class Engine:
+    """How a test reaches one engine: v1 and v2 requests, and who serves them."""
+
+    def __init__(self, name: str, v1: str, v2: str, headers: dict, workers):
+        self.name, self.v1_url, self.v2_url, self.headers, self.workers = name, v1, v2, headers, workers
+
+    def post(self, url: str, body: bytes, content_type: str = "application/json") -> requests.Response:
+        headers = self.headers | {"Content-Type": content_type}
+        return requests.post(url, data=body, timeout=120, headers=headers)
+
+    def v1(self, model: str, body: bytes, content_type: str = "application/json") -> requests.Response:
+        return self.post(self.v1_url.format(model=model), body, content_type)
+
+    def v2(self, model: str, body: bytes) -> requests.Response:
+        return self.post(self.v2_url.format(model=model), body)
+
+
+def replica_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "ray::ServeReplica"], capture_output=True, text=True)
+    return sorted(int(pid) for pid in found.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def kserve_ray(artifacts):
+    if not ENGINE_PYTHON.exists():
+        pytest.skip("the second engine's environment is missing: make engine-venv (make test builds it)")
+    port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
+    log = (state / "engine.log").open("w")
+    command = [str(ENGINE_PYTHON), "-m", "kserve_ray.server", "--artifacts-dir", str(artifacts),
+               "--http-port", str(port), "--replicas", "1", "--state-dir", str(state / "ray")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if requests.get(f"{base}/v2/health/ready", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"the engine did not get ready: {(state / 'engine.log').read_text()[-2000:]}")
+        yield {"base": base, "port": port, "state": state, "process": process}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        subprocess.run([str(ENGINE_PYTHON.parent / "ray"), "stop", "--force"], capture_output=True)
+        log.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["torchserve", "kserve_ray"])
+def engine(request) -> Engine:
+    if request.param == "torchserve":
+        server = request.getfixturevalue("server")
+        url = server["properties"]["inference_address"] + "/predictions/{model}"
+        return Engine("torchserve", url, url, {"Authorization": f"Bearer {server['token']}"},
+                      lambda: serve.worker_pids(server["properties"], server["state"] / "key_file.json",
+                                                ["image", "text", "combined"]))
+    base = request.getfixturevalue("kserve_ray")["base"]
+    return Engine("kserve_ray", base + "/v1/models/{model}:predict", base + "/v2/models/{model}/infer", {},
+                  replica_pids)
+
+
+def b64(photo: bytes) -> str:
+    return base64.b64encode(photo).decode()
+
+
+PHOTOS = [ordinary_photo(seed) for seed in range(3)]
+LISTINGS = [  # model, photos, text
+    ("image", PHOTOS[:1], None), ("image", PHOTOS, None), ("text", [], TEXTS[0]),
+    ("combined", PHOTOS[:2], TEXTS[1]), ("combined", [], TEXTS[2]),
+]
+
+
+@pytest.mark.parametrize(("model", "photos", "text"), LISTINGS)
+def test_v1_answers_equal_the_torchscript_model(engine, artifacts, model, photos, text):
+    listing = {"images": [b64(p) for p in photos]} if model != "text" else {}
+    listing |= {"text": text} if text else {}
+    response = engine.v1(model, json.dumps({"instances": [listing, listing]}).encode())
+    assert response.status_code == 200, response.text[:300]
+    expected = in_process(artifacts, model, photos, text)
+    for answer in response.json()["predictions"]:
+        assert (as_vector(answer, artifacts, model) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("model", "photos", "text"), LISTINGS)
+def test_v2_answers_equal_the_torchscript_model(engine, artifacts, model, photos, text):
+    inputs = [{"name": "image", "shape": [1, len(photos)], "datatype": "BYTES",
+               "data": [b64(p) for p in photos]}] if photos else []
+    inputs += [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}] if text else []
+    response = engine.v2(model, json.dumps({"inputs": inputs}).encode())
+    assert response.status_code == 200, response.text[:300]
+    outputs = {output["name"]: output for output in response.json()["outputs"]}
+    names = json.loads((artifacts / model / "index_to_name.json").read_text())
+    classes = outputs["classes"]["data"]
+    served = [outputs["probabilities"]["data"][classes.index(names[str(i)])] for i in range(len(names))]
+    expected = in_process(artifacts, model, photos, text)
+    assert max(abs(a - b) for a, b in zip(served, expected.tolist(), strict=True)) <= 1e-5
+
+
+def test_hostile_requests_get_4xx_json_and_their_batch_mates_are_answered(engine, artifacts):
+    before = engine.workers()
+    hostile = [(t.model, t.body, t.content_type) for t in (round_one() | triggers()).values()]
+    listings = [("text", {"text": text}) for text in TEXTS] + [("image", {"image": b64(PHOTOS[0])})] * 2
+    good = [(model, json.dumps({"instances": [listing]}).encode(), "application/json")
+            for model, listing in listings]
+    jobs = hostile + good
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda job: engine.v1(*job), jobs))
+    for (_, body, _), response in zip(hostile, responses, strict=False):
+        assert 400 <= response.status_code < 500, (engine.name, body[:80], response.status_code,
+                                                   response.text[:200])
+        assert isinstance(response.json(), dict) and response.json().get("error"), response.text[:200]
+    for (model, body, _), response in zip(good, responses[len(hostile):], strict=True):
+        assert response.status_code == 200, response.text[:300]
+        listing = json.loads(body)["instances"][0]
+        photos = [base64.b64decode(listing["image"])] if "image" in listing else []
+        expected = in_process(artifacts, model, photos, listing.get("text"))
+        assert (as_vector(response.json()["predictions"][0], artifacts, model) - expected).abs().max() <= 1e-5
+    assert engine.workers() == before
+
+
+def test_the_second_engine_keeps_the_security_defaults(kserve_ray):
+    listening = [line for table in ("/proc/net/tcp", "/proc/net/tcp6")
+                 for line in Path(table).read_text().splitlines()[1:]]
+    port = f"{kserve_ray['port']:04X}"
+    addresses = {line.split()[1].rsplit(":", 1)[0] for line in listening
+                 if line.split()[1].endswith(":" + port) and line.split()[3] == "0A"}  # 0A: LISTEN
+    assert addresses == {"0100007F"}  # 127.0.0.1 only
+    base = kserve_ray["base"]
+    for path in ("/v2/repository/models/text/unload", "/v2/repository/models/text/load",
+                 "/v2/repository/index", "/v1/models/text:explain"):
+        assert requests.post(base + path, timeout=30).status_code in (404, 405), path
+    assert requests.get(f"{base}/v2/models/text/ready", timeout=30).json()["ready"] is True
+    requests.post(f"{base}/v1/models/text:predict", json={"instances": [{"text": "kettle"}]}, timeout=60)
+    metrics = requests.get(f"{base}/metrics", timeout=30).text
+    assert 'request_predict_seconds_count{model_name="text"}' in metrics
+
+
+def test_the_second_engine_batches_concurrent_requests(kserve_ray):
+    body = json.dumps({"instances": [{"text": "kettle"}]}).encode()
+    with ThreadPoolExecutor(16) as pool:
+        url = f"{kserve_ray['base']}/v1/models/text:predict"
+        codes = list(pool.map(lambda _: requests.post(url, data=body, timeout=120).status_code, range(48)))
+    assert set(codes) == {200}
+    logs = "".join(path.read_text(errors="replace")
+                   for path in (kserve_ray["state"] / "ray").rglob("worker-*") if path.is_file())
+    sizes = [int(size) for size in re.findall(r"batch_size=(\d+) valid", logs)]
+    assert sizes and max(sizes) > 1  # Ray Serve's @serve.batch gathered requests, not our code
