@@ -11,8 +11,9 @@ SAMPLE_PRODUCTS ?= 800
 DEMO_DIR ?= data/demo
 NPROC ?= 2
 MODEL ?= image
+ENGINE ?= torchserve
 
-.PHONY: install kserve-venv engine-venv nginx demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
+.PHONY: install kserve-venv engine-venv nginx serve stop bench-engines demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
 	budget hostile-mix
 
 $(STAMP): pyproject.toml
@@ -76,6 +77,17 @@ sample-data: install
 # The real run on a raw marketplace export (default ../shared/data/marketplace), outputs under */real/.
 train-real: install
 	PY=$(PY) bash scripts/train_real $(RAW_DIR)
+
+# One switch for the engine: make serve ENGINE=torchserve|kserve_ray (and make stop ENGINE=...).
+serve: install
+	$(PY) scripts/serve.py start --engine $(ENGINE)
+
+stop: install
+	$(PY) scripts/serve.py stop --engine $(ENGINE)
+
+# Both engines in one run on the same inputs (docs/engines.md).
+bench-engines: install engine-venv
+	$(PY) -m scripts.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
 bench: install
 	$(PY) scripts/bench.py

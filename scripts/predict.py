@@ -10,6 +10,7 @@ Addresses come from config.properties, the token from TorchServe's key file.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ import requests
 
 from scripts.serve import ROOT, read_key, read_properties
 from serving.model_kinds import MODEL_KINDS
+
+ENGINES = ("torchserve", "kserve_ray")
+KSERVE_RAY_URL = "http://127.0.0.1:8085"
 
 
 class ClientError(RuntimeError):
@@ -56,6 +60,23 @@ def rest_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, 
     if response.status_code >= 400:
         raise ClientError(f"HTTP {response.status_code}: {body.get('error') or body.get('message') or body}")
     return body
+
+
+def kserve_v1_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                      top_k: int, timeout: float = 60) -> dict:
+    """The same listing as a KServe v1 request, to the second engine (kserve_ray/server.py)."""
+    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
+    listing = fields | {"top_k": top_k} | ({"images": [base64.b64encode(p).decode() for p in photos]}
+                                           if photos else {})
+    url = f"{base_url}/v1/models/{model}:predict"
+    try:
+        response = requests.post(url, json={"instances": [listing]}, timeout=timeout)
+    except requests.ConnectionError as error:
+        raise ClientError(f"cannot reach {url}: is the engine running?") from error
+    body = _json(response.content)
+    if response.status_code >= 400:
+        raise ClientError(f"HTTP {response.status_code}: {body.get('error') or body}")
+    return body["predictions"][0]
 
 
 def grpc_stubs():
@@ -111,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="product name")
     parser.add_argument("--description", help="product description")
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
+    parser.add_argument("--engine", choices=ENGINES, default="torchserve",
+                        help="the engine serving the models (kserve_ray: REST v1 at --engine-url)")
+    parser.add_argument("--engine-url", default=KSERVE_RAY_URL)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--min-confidence", type=float,
                         help="file automatically at or above this probability (default: the "
@@ -125,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         fields = text_fields(args.text, args.name, args.description)
         if args.min_confidence is not None:
             fields["min_confidence"] = str(args.min_confidence)
-        if args.protocol == "rest":
+        if args.engine == "kserve_ray":
+            answer = kserve_v1_predict(args.engine_url, args.model, image, fields, args.top_k)
+        elif args.protocol == "rest":
             answer = rest_predict(properties["inference_address"], args.model, image, fields,
                                   args.top_k, token)
         else:

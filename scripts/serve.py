@@ -1,8 +1,12 @@
-"""Start, stop or check TorchServe with the project's config.properties.
+"""Start, stop or check an engine serving the models: TorchServe with the project's
+config.properties (the default), or the second engine, KServe's model server with Ray Serve
+(kserve_ray/server.py), from the exported folders.
 
-Usage: python scripts/serve.py start|stop|status [--config config.properties] [--model-store model_store]
-       [--state-dir .serve] [--timeout 180] [--disable-token-auth]
-The key file with the inference and management tokens is written to <state-dir>/key_file.json.
+Usage: python scripts/serve.py start|stop|status [--engine torchserve|kserve_ray] [--config config.properties]
+       [--model-store model_store] [--artifacts-dir artifacts] [--state-dir .serve] [--timeout 180]
+       [--disable-token-auth]
+TorchServe writes the key file with the inference and management tokens to <state-dir>/key_file.json;
+the second engine has no tokens (loopback only: SECURITY.md).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -183,6 +188,58 @@ def wait_ready(properties: dict, key_file: Path | None, timeout: float, state_di
                          + "\n".join(tail))
 
 
+ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
+KSERVE_RAY_PORT = 8085
+
+
+def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PORT, replicas: int = 2,
+                     timeout: float = 600, batch_size: int = 4, batch_wait_ms: float = 10) -> dict:
+    """Start the second engine in the background from the exported folders and wait until every
+    model is loaded (`/v2/health/ready`)."""
+    if not ENGINE_PYTHON.exists():
+        raise ServeError("the second engine's environment is missing: run `make engine-venv`")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = state_dir / "kserve_ray.log"
+    command = [str(ENGINE_PYTHON), "-m", "kserve_ray.server", "--artifacts-dir",
+               str(Path(artifacts).resolve()), "--http-port", str(port), "--replicas", str(replicas),
+               "--max-batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
+               "--state-dir", str(state_dir / "ray")]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    (state_dir / "kserve_ray.pid").write_text(str(process.pid))
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=5).ok:
+                return {"rest": url, "pid": process.pid, "log": str(log)}
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    stop_kserve_ray(state_dir)
+    tail = log.read_text(errors="replace").splitlines()[-15:]
+    raise ServeError(f"the second engine did not get ready after {timeout:.0f}s; last log lines:\n"
+                     + "\n".join(tail))
+
+
+def stop_kserve_ray(state_dir: Path, timeout: float = 60) -> str:
+    """Stop the second engine: KServe's server and the Ray cluster it started."""
+    pid_file = state_dir / "kserve_ray.pid"
+    if not pid_file.exists():
+        return "no second engine running"
+    import psutil
+
+    try:
+        driver = psutil.Process(int(pid_file.read_text()))
+        driver.send_signal(signal.SIGINT)  # KServe stops, and the driver's exit ends its Ray cluster
+        if not psutil.wait_procs([driver], timeout=timeout)[0]:
+            os.killpg(driver.pid, signal.SIGKILL)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        pass
+    pid_file.unlink()
+    return "second engine stopped"
+
+
 def stop(state_dir: Path) -> str:
     state_dir.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([torchserve_binary(), "--stop"], cwd=state_dir, capture_output=True,
@@ -205,21 +262,36 @@ def status(config: Path, key_file: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--engine", choices=("torchserve", "kserve_ray"), default="torchserve")
     parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts",
+                        help="the exported folders the second engine serves")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".serve")
     parser.add_argument("--timeout", type=float, default=180)
     parser.add_argument("--disable-token-auth", action="store_true",
                         help="serve without tokens (anyone who reaches the port may call it)")
     args = parser.parse_args(argv)
+    state = args.state_dir.resolve()
     try:
-        if args.action == "start":
-            print(json.dumps(start(args.config, args.model_store, args.state_dir.resolve(), args.timeout,
+        if args.engine == "kserve_ray":
+            if args.action == "start":
+                print(json.dumps(start_kserve_ray(args.artifacts_dir, state, timeout=max(args.timeout, 300)),
+                                 indent=2))
+            elif args.action == "stop":
+                print(stop_kserve_ray(state))
+            else:
+                ready = requests.get(f"http://127.0.0.1:{KSERVE_RAY_PORT}/v2/health/ready", timeout=5)
+                print(json.dumps({"running": True, "ready": ready.ok}))
+        elif args.action == "start":
+            print(json.dumps(start(args.config, args.model_store, state, args.timeout,
                                    args.disable_token_auth), indent=2))
         elif args.action == "stop":
-            print(stop(args.state_dir.resolve()))
+            print(stop(state))
         else:
             print(json.dumps(status(args.config, args.state_dir / "key_file.json"), indent=2))
+    except requests.ConnectionError:
+        print(json.dumps({"running": False}))
     except ServeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,10 +8,8 @@ import base64
 import json
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,10 +18,9 @@ import requests
 
 from scripts import serve
 from scripts.hostile import ordinary_photo, round_one, triggers
-from tests.helpers import ROOT, TEXTS, as_vector, in_process
+from tests.helpers import TEXTS, as_vector, in_process
 
 pytestmark = [pytest.mark.serving, pytest.mark.engines]
-ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
 READY_TIMEOUT = 300  # a bound on a hung start, not a measurement
 
 
@@ -51,34 +48,14 @@ def replica_pids() -> list[int]:
 
 @pytest.fixture(scope="module")
 def kserve_ray(artifacts):
-    if not ENGINE_PYTHON.exists():
+    if not serve.ENGINE_PYTHON.exists():
         pytest.skip("the second engine's environment is missing: make engine-venv (make test builds it)")
     port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
-    log = (state / "engine.log").open("w")
-    command = [str(ENGINE_PYTHON), "-m", "kserve_ray.server", "--artifacts-dir", str(artifacts),
-               "--http-port", str(port), "--replicas", "1", "--state-dir", str(state / "ray")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if requests.get(f"{base}/v2/health/ready", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"the engine did not get ready: {(state / 'engine.log').read_text()[-2000:]}")
-        yield {"base": base, "port": port, "state": state, "process": process}
+        serve.start_kserve_ray(artifacts, state, port=port, replicas=1, timeout=READY_TIMEOUT)
+        yield {"base": f"http://127.0.0.1:{port}", "port": port, "state": state}
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        subprocess.run([str(ENGINE_PYTHON.parent / "ray"), "stop", "--force"], capture_output=True)
-        log.close()
+        serve.stop_kserve_ray(state)
         shutil.rmtree(state, ignore_errors=True)
 
 

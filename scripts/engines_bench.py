@@ -1,0 +1,162 @@
+"""Both engines in one run, with the same harness and the same inputs: install size, cold start,
+memory with the three models, and served items/s and p99 at concurrency 1, 4 and 16 per model.
+
+Usage: python -m scripts.engines_bench [--artifacts-dir artifacts] [--seconds 15] [--out reports/engines]
+Each engine serves the same exported folders with 2 workers (replicas) per model, one thread
+each, batches of up to 4 gathered for 10 ms; both get KServe v1 bodies (one listing: a
+1000x750 photo and/or a text). Writes engines.json and engines.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+from scripts import serve
+from scripts.harness import missing_exports, temporary_server
+from scripts.load import run_load, sample_photo, sample_text
+from scripts.server_memory import server_rss_mib
+from serving.config import MODEL_CONFIG
+from serving.model_kinds import MODEL_KINDS
+
+ROOT = serve.ROOT
+CONCURRENCIES = (1, 4, 16)
+MIB = 1024 * 1024
+
+
+def v1_payloads(model: str, count: int, seed: int = 0) -> list[dict]:
+    """KServe v1 bodies of one listing each, as scripts/load.py sends them."""
+    rng, payloads = random.Random(seed), []
+    for _ in range(count):
+        listing = {} if model == "text" else {"image": base64.b64encode(sample_photo(rng)).decode()}
+        listing |= {} if model == "image" else {"text": sample_text(rng)}
+        payloads.append({"data": json.dumps({"instances": [listing]}).encode(),
+                         "headers": {"Content-Type": "application/json"}})
+    return payloads
+
+
+def folder_mib(*paths: Path) -> int:
+    files = [file for path in paths if path.exists()
+             for file in ([path] if path.is_file() else path.rglob("*"))]
+    return round(sum(file.stat().st_size for file in files if file.is_file() and not file.is_symlink()) / MIB)
+
+
+def install_sizes() -> dict:
+    """What each engine adds beside torch (both need it): TorchServe's packages and the JRE, and
+    the second engine's environment without torch and its CUDA libraries."""
+    main = ROOT / ".venv" / "lib" / "python3.11" / "site-packages"
+    engine = ROOT / ".venv-engine" / "lib" / "python3.11" / "site-packages"
+    java = Path(shutil.which("java") or "/usr/bin/java").resolve().parents[1]
+    torch_parts = [engine / name for name in ("torch", "triton")] + sorted(engine.glob("nvidia*")) + \
+        sorted(engine.glob("cuda*"))
+    return {"torchserve": folder_mib(main / "ts", main / "model_archiver", java),
+            "kserve_ray": folder_mib(engine) - folder_mib(*torch_parts)}
+
+
+def tree_rss_mib(root: psutil.Process) -> int:
+    processes = [root, *root.children(recursive=True)]
+    return round(sum(process.memory_info().rss for process in processes if process.is_running()) / MIB)
+
+
+@contextmanager
+def kserve_ray(artifacts: Path):
+    """The second engine on a free port; yields (v1 URL pattern, its driver process)."""
+    port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    try:
+        info = serve.start_kserve_ray(artifacts, state, port=port, replicas=MODEL_CONFIG["minWorkers"],
+                                      batch_size=MODEL_CONFIG["batchSize"],
+                                      batch_wait_ms=MODEL_CONFIG["maxBatchDelay"])
+        yield f"http://127.0.0.1:{port}/v1/models/{{model}}:predict", psutil.Process(info["pid"])
+    finally:
+        serve.stop_kserve_ray(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@contextmanager
+def torchserve(artifacts: Path, models: list[str]):
+    with temporary_server(artifacts, models, MODEL_CONFIG) as (properties, state):
+        yield (properties["inference_address"] + "/predictions/{model}",
+               serve.read_key(state / "key_file.json"), state)
+
+
+def load_models(url: str, token: str | None, models: list[str], seconds: float) -> dict:
+    results = {}
+    for model in models:
+        payloads = v1_payloads(model, 64)
+        target = url.format(model=model)
+        for concurrency in CONCURRENCIES:
+            run_load(target, token, payloads[:concurrency], concurrency, seconds)  # warm-up
+            stream = [payloads[i % len(payloads)] for i in range(4000)]
+            results.setdefault(model, {})[concurrency] = run_load(target, token, stream, concurrency, seconds)
+            print(json.dumps({"model": model, "concurrency": concurrency} | results[model][concurrency]),
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def run(artifacts: Path, models: list[str], seconds: float) -> dict:
+    report = {"install_mib": install_sizes(), "engines": {}}
+    started = time.monotonic()
+    with torchserve(artifacts, models) as (url, token, state):
+        ready = time.monotonic() - started
+        served = load_models(url, token, models, seconds)
+        report["engines"]["torchserve"] = {"cold_start_s": round(ready, 1),
+                                           "rss_mib": server_rss_mib(state.resolve())["total_mib"],
+                                           "served": served}
+    started = time.monotonic()
+    with kserve_ray(artifacts) as (url, root):
+        ready = time.monotonic() - started
+        served = load_models(url, None, models, seconds)
+        report["engines"]["kserve_ray"] = {"cold_start_s": round(ready, 1), "rss_mib": tree_rss_mib(root),
+                                           "served": served}
+    return report
+
+
+def markdown(report: dict, models: list[str]) -> str:
+    engines = report["engines"]
+    lines = ["| | TorchServe 0.12.0 | KServe 0.21.0 + Ray Serve 2.60.0 |", "|---|---|---|",
+             f"| install beside torch (MiB) | {report['install_mib']['torchserve']} (packages + Java 17) | "
+             f"{report['install_mib']['kserve_ray']} |",
+             f"| cold start, three models (s) | {engines['torchserve']['cold_start_s']} | "
+             f"{engines['kserve_ray']['cold_start_s']} |",
+             f"| RSS after the run, all processes (MiB) | {engines['torchserve']['rss_mib']} | "
+             f"{engines['kserve_ray']['rss_mib']} |"]
+    for model in models:
+        for concurrency in CONCURRENCIES:
+            cells = [engines[name]["served"][model][concurrency] for name in ("torchserve", "kserve_ray")]
+            shown = [f"{cell['throughput']}, {cell['p99_ms']:.0f}" +
+                     (f" ({cell['errors']} errors)" if cell["errors"] else "") for cell in cells]
+            lines.append(f"| {model}, c={concurrency}: items/s, p99 ms | {' | '.join(shown)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
+    parser.add_argument("--seconds", type=float, default=15, help="per model and concurrency")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "engines")
+    args = parser.parse_args(argv)
+    models = list(MODEL_KINDS)
+    error = missing_exports(args.artifacts_dir, models)
+    if error or not serve.ENGINE_PYTHON.exists():
+        print(error or "error: the second engine's environment is missing: make engine-venv", file=sys.stderr)
+        return 2
+    report = run(args.artifacts_dir.resolve(), models, args.seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engines.json").write_text(json.dumps(report, indent=2))
+    (args.out / "engines.md").write_text(markdown(report, models))
+    print(markdown(report, models))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
