@@ -3,9 +3,11 @@ of Ray Serve, whose replicas run the serving core (serving/core.py) and whose `@
 the dynamic batching. No JVM and no TorchServe.
 
 Usage: python -m kserve_ray.server --artifacts-dir artifacts [--models image text combined]
-       [--http-port 8085] [--replicas 2] [--max-batch-size 4] [--batch-wait-ms 10] [--state-dir .serve/ray]
+       [--http-port 8085] [--host 127.0.0.1] [--replicas 2] [--max-batch-size 4] [--batch-wait-ms 10]
+       [--state-dir .serve/ray]
 Runs in .venv-engine (`make engine-venv`): KServe pins pandas < 3 and protobuf < 7, the project
-newer ones. REST binds to 127.0.0.1 only; Ray's own ports need its cluster token (SECURITY.md).
+newer ones. REST binds to 127.0.0.1 unless --host says otherwise; Ray's own ports need its cluster
+token (SECURITY.md). The runtime image (deploy/kserve/Dockerfile.ray) runs this module.
 Ready (`/v2/models/<m>/ready`) once every replica of the model has loaded it.
 """
 
@@ -87,16 +89,16 @@ def kserve_model(name: str, handle):
     return ListingModel()
 
 
-def loopback_rest_server():
-    """KServe's RESTServer, bound to 127.0.0.1 (KServe binds 0.0.0.0) and without the model
+def rest_server(host: str):
+    """KServe's RESTServer, bound to `host` (KServe binds 0.0.0.0) and without the model
     repository API (`/v2/repository/...`), which lets anyone who reaches the port unload a model:
     the counterpart of TorchServe's enable_model_api=false."""
     from kserve.protocol.rest.server import RESTServer
 
-    class LoopbackRESTServer(RESTServer):
+    class BoundRESTServer(RESTServer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.config.host = "127.0.0.1"
+            self.config.host = host
 
         def _add_middlewares(self, app) -> None:
             from fastapi.responses import JSONResponse
@@ -110,7 +112,7 @@ def loopback_rest_server():
                     return JSONResponse({"error": "not found"}, status_code=404)
                 return await call_next(request)
 
-    return LoopbackRESTServer
+    return BoundRESTServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--models", nargs="+", default=["image", "text", "combined"])
     parser.add_argument("--http-port", type=int, default=8085)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address of the REST server (a pod: 0.0.0.0, behind its NetworkPolicy)")
     parser.add_argument("--replicas", type=int, default=2, help="replicas per model (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--batch-wait-ms", type=float, default=10)
@@ -151,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         handle = serve.run(deployment.bind(), name=name, route_prefix=None)
         models.append(kserve_model(name, handle))
     print(f"ready after {time.monotonic() - started:.1f} s: {', '.join(args.models)} on "
-          f"http://127.0.0.1:{args.http_port}", file=sys.stderr, flush=True)
-    kserve.model_server.RESTServer = loopback_rest_server()
+          f"http://{args.host}:{args.http_port}", file=sys.stderr, flush=True)
+    kserve.model_server.RESTServer = rest_server(args.host)
     kserve.model_server.ModelServer(http_port=args.http_port, enable_grpc=False).start(models)
     return 0
 
