@@ -4,10 +4,10 @@ read back by the serving core, the benchmark and the tests. One frozen object, o
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from serving.files import atomic_write
 from serving.model_kinds import MODEL_NEEDS
 
 SETTINGS_FILE = "preprocessing.json"
@@ -98,11 +98,8 @@ class ModelSettings:
         return asdict(self) | {"inputs": self.inputs, "notes": NOTES}
 
     def save(self, folder: Path) -> Path:
-        path = Path(folder) / SETTINGS_FILE
-        temporary = path.with_suffix(".json.partial")
-        temporary.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(temporary, path)
-        return path
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        return atomic_write(Path(folder) / SETTINGS_FILE, lambda temporary: temporary.write_text(text))
 
     @classmethod
     def load(cls, folder: Path) -> ModelSettings:

@@ -55,3 +55,17 @@ def test_files_written_by_earlier_exports_still_load(tmp_path):
                         "joiner": " ", "strip_boilerplate": True}
     (tmp_path / "preprocessing.json").write_text(json.dumps(earlier))
     assert ModelSettings.load(tmp_path) == COMBINED
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path):
+    from serving.files import atomic_write
+
+    target = atomic_write(tmp_path / "a" / "settings.json", lambda temporary: temporary.write_text("old"))
+
+    def half_then_crash(temporary):
+        temporary.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_crash)
+    assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["settings.json"]

@@ -3,13 +3,13 @@ weights atomically and strictly. Evaluation, export and the benchmark need only 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from serving.files import atomic_write
 from serving.model_kinds import MODEL_KINDS
 from training.backbones import build_backbone
 from training.config import TrainConfig
@@ -40,11 +40,7 @@ def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) 
 
 def atomic_save(obj, path: Path) -> None:
     """Write to a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".partial")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def config_from(saved: dict) -> TrainConfig:

@@ -13,6 +13,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from serving.files import atomic_write
 from serving.processing import (
     InputError,
     decode_image,
@@ -183,9 +184,8 @@ def clean_one_image(job: ImageJob) -> str | None:
         return "image file missing"
     except InputError as error:
         return str(error)
-    temporary = job.target + ".partial"
-    fit_to_square(picture, job.size).save(temporary, "JPEG", quality=95)
-    os.replace(temporary, job.target)  # never leave a half-written image behind
+    square = fit_to_square(picture, job.size)
+    atomic_write(job.target, lambda temporary: square.save(temporary, "JPEG", quality=95))
     return None
 
 
@@ -266,9 +266,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    temporary = path.with_suffix(".partial")
-    temporary.write_text(json.dumps(manifest))
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(manifest)))
 
 
 def check_clean_images(out: Path, size: int) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from serving.files import atomic_write
 from serving.processing import model_inputs
 from serving.settings import ImageSettings, ModelSettings
 from training.calibration import DEFAULT_TARGET_PRECISION, text_only_temperature, validation_answers
@@ -171,9 +171,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
                                             scripted.text_only, texts_alone))
     out = Path(artifacts_dir) / (config.model + ("_int8" if int8 else ""))
     out.mkdir(parents=True, exist_ok=True)
-    temporary = out / "model.pt.partial"
-    scripted.save(str(temporary))
-    os.replace(temporary, out / "model.pt")
+    atomic_write(out / "model.pt", lambda temporary: scripted.save(str(temporary)))
     check_fresh_process(out / "model.pt", batches, expected)
     write_index_to_name(checkpoint["index_to_name"], out / "index_to_name.json")
     preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8).save(out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from serving.files import atomic_write
 from serving.processing import model_image, tokenize
 
 
@@ -38,9 +38,7 @@ def cached(cache_dir: Path | None, kind: str, parts: dict, compute) -> dict[str,
     tqdm.write(f"computing {kind} features into {path}")
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".partial")
-    torch.save(result, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: torch.save(result, temporary))
     return result
 
 
