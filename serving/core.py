@@ -12,7 +12,6 @@ own lifecycle onto three steps, as TorchServe's BaseHandler and KServe's Model d
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from serving.processing import (
     text_inputs,
 )
 from serving.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
-from serving.settings import ModelSettings
+from serving.settings import LABELS_FILE, ModelSettings, read_index_to_name
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,6 @@ MAX_ERROR_CHARS = 1000
 # engine cannot send a per-request status (TorchServe 0.12: see SECURITY.md).
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
               415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
-LABELS_FILE = "index_to_name.json"
 
 
 @dataclass(frozen=True)
@@ -148,15 +146,6 @@ def optimise_for_device(model, device: torch.device, enabled: bool):
     return torch.jit.optimize_for_inference(frozen, other_methods=methods)
 
 
-def load_labels(model_dir: Path, num_classes: int) -> dict[str, str]:
-    """index_to_name.json, checked against the model's number of classes."""
-    path = Path(model_dir) / LABELS_FILE
-    labels = json.loads(path.read_text()) if path.exists() else {}
-    if len(labels) != num_classes or set(labels) != {str(i) for i in range(num_classes)}:
-        raise ValueError(f"{path} must name the model's {num_classes} classes")
-    return labels
-
-
 class ListingService:
     """One exported model, served: batch-aware, every request parsed on its own, bad ones
     refused with a status and an `error` body, the good ones through the model together."""
@@ -167,7 +156,7 @@ class ListingService:
         self.device = device or torch.device("cpu")
         self.settings = ModelSettings.load(self.model_dir)
         self.needs = MODEL_NEEDS[self.settings.model]
-        self.index_to_name = load_labels(self.model_dir, self.settings.num_classes)
+        self.index_to_name = read_index_to_name(self.model_dir / LABELS_FILE, self.settings.num_classes)
         self.class_names = [self.index_to_name[str(i)] for i in range(self.settings.num_classes)]
         self.model_name, self.model_version = model_name or self.model_dir.name, model_version
         model = torch.jit.load(str(self.model_dir / "model.pt"), map_location=self.device).eval()

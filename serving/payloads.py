@@ -98,8 +98,8 @@ def read_fields(request: dict, content_type: str | None,
     parts = {key: value for key, value in request.items() if key not in BODY_KEYS}
     body_keys = [key for key in BODY_KEYS if key in request]
     if parts and body_keys:
-        # TorchServe hands the handler the query string's parameters beside the body, and they
-        # used to replace it: a request is read from its body alone.
+        # Inputs beside a body can only come from the URL (TorchServe 0.12 drops the query string
+        # before the handler; an engine that passes it must not let it replace the body).
         raise InputError(f"inputs in the URL's query string are not accepted ({quote_all(parts)}); "
                          "send every field in the body")
     if parts:  # multipart form parts, or a gRPC input map

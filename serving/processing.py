@@ -12,6 +12,7 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -85,6 +86,7 @@ def quote_all(values, count: int = 5) -> str:
 # by the JPEG plugin.
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 PHOTO_FORMAT_NAMES = "JPEG, PNG, WebP or GIF"
+JPEG_FORMATS = ("JPEG", "MPO")  # what Pillow's JPEG plugin reports
 _START_OF_SCAN = b"\xff\xda"
 
 
@@ -101,18 +103,12 @@ def open_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     name, more than `max_pixels`, and JPEGs of more than `max_scans` scans."""
     if not data:
         raise InputError("empty image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InputError("image too large: over the decompression-bomb limit") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"not a readable image: {_unreadable_reason(data, error)}") from error
+    with _pillow_refusals(data):
+        image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
     width, height = image.size
     if width * height > max_pixels:
         raise InputError(f"image too large: {width}x{height} pixels (limit {max_pixels})")
-    if max_scans is not None and image.format in ("JPEG", "MPO"):
+    if max_scans is not None and image.format in JPEG_FORMATS:
         scans = jpeg_scans(data)
         if scans > max_scans:
             raise InputError(f"a JPEG of {scans} scans; at most {max_scans} are decoded")
@@ -133,20 +129,28 @@ def decode_image(data: bytes, draft_size: int | None = None,
 
 def load_photo(image: Image.Image, data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode a photo that open_photo accepted (`data` its bytes, for the error message)."""
+    with _pillow_refusals(data):
+        width, height = image.size
+        if draft_size and image.format in JPEG_FORMATS:
+            scale = draft_size / max(width, height)
+            if scale < 1:
+                image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+        image.load()
+    return to_rgb(image)
+
+
+@contextmanager
+def _pillow_refusals(data: bytes):
+    """Pillow's failures while reading `data` (bomb warnings included) as InputErrors naming
+    what arrived. Nothing inside may raise an InputError of its own: it is a ValueError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            width, height = image.size
-            if draft_size and image.format in ("JPEG", "MPO"):
-                scale = draft_size / max(width, height)
-                if scale < 1:
-                    image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-            image.load()
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError("image too large: over the decompression-bomb limit") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"not a readable image: {_unreadable_reason(data, error)}") from error
-    return to_rgb(image)
 
 
 # Other files people send instead of a photo, named in the refusal: (signature, offset, what).

@@ -11,6 +11,7 @@ from serving.files import atomic_write
 from serving.model_kinds import MODEL_NEEDS
 
 SETTINGS_FILE = "preprocessing.json"
+LABELS_FILE = "index_to_name.json"  # the one label decoder, written by cleaning and export
 PAD_COLOUR = (0, 0, 0)
 # Written for a person reading the file; what the code does is fixed by serving/processing.py.
 NOTES = {
@@ -137,3 +138,17 @@ def _check_keys(kind: type, data: dict, prefix: str) -> None:
     if unknown:
         raise SettingsError(f"unknown setting {prefix}{unknown[0]} "
                             f"(this code knows {', '.join(sorted(known))})")
+
+
+def write_index_to_name(mapping: dict[str, str], path: Path) -> None:
+    path.write_text(json.dumps(mapping, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_index_to_name(path: Path, num_classes: int | None = None) -> dict[str, str]:
+    """The label decoder: class names keyed by their index as a string, 0..n-1 (n = num_classes
+    when given)."""
+    mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+    count = len(mapping) if num_classes is None else num_classes
+    if sorted(mapping, key=str) != sorted(str(i) for i in range(count)):
+        raise ValueError(f"{path}: keys must be the indices 0..{count - 1}")
+    return mapping

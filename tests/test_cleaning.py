@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from serving.settings import read_index_to_name
 from tests.helpers import REAL_DATA, tree_digest
-from training.categories import read_index_to_name
 from training.cleaning import (
     CleaningReport,
     check_clean_images,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 ROOT_CATEGORIES: tuple[str, ...] = (
     "Appliances",
     "Baby & Kids Stuff",
@@ -32,18 +29,6 @@ def root_category(path: str) -> str:
 def build_index_to_name(names) -> dict[str, str]:
     """Label decoder: sorted class names keyed by their index as a string."""
     return {str(i): name for i, name in enumerate(sorted(set(names)))}
-
-
-def write_index_to_name(mapping: dict[str, str], path: Path) -> None:
-    path.write_text(json.dumps(mapping, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def read_index_to_name(path: Path) -> dict[str, str]:
-    mapping = json.loads(Path(path).read_text(encoding="utf-8"))
-    expected = [str(i) for i in range(len(mapping))]
-    if sorted(mapping, key=int) != expected:
-        raise ValueError(f"{path}: keys must be the indices 0..{len(mapping) - 1}")
-    return mapping
 
 
 def name_to_index(mapping: dict[str, str]) -> dict[str, int]:

@@ -21,7 +21,8 @@ from serving.processing import (
     strip_description_boilerplate,
     strip_name_boilerplate,
 )
-from training.categories import ROOT_CATEGORIES, build_index_to_name, root_category, write_index_to_name
+from serving.settings import LABELS_FILE, write_index_to_name
+from training.categories import ROOT_CATEGORIES, build_index_to_name, root_category
 
 PRODUCT_COLUMNS = ["id", "product_name", "category", "product_description", "price", "location"]
 IMAGE_COLUMNS = ["id", "product_id", "bucket_link", "image_ref", "create_time"]
@@ -301,7 +302,7 @@ def clean(data_dir: Path, out: Path, size: int = 512, workers: int | None = None
                           size, workers or os.cpu_count() or 1, report)
     products.to_csv(out / "products.csv", index=False)
     images.to_csv(out / "images.csv", index=False)
-    write_index_to_name(build_index_to_name(ROOT_CATEGORIES), out / "index_to_name.json")
+    write_index_to_name(build_index_to_name(ROOT_CATEGORIES), out / LABELS_FILE)
     (out / "cleaning.json").write_text(json.dumps({"image_size": size}) + "\n")
     report.seconds = time.perf_counter() - started
     (out / "cleaning_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -10,7 +10,8 @@ import pandas as pd
 
 from serving.model_kinds import MODEL_KINDS
 from serving.processing import listing_text
-from training.categories import name_to_index, read_index_to_name
+from serving.settings import LABELS_FILE, read_index_to_name
+from training.categories import name_to_index
 from training.cleaning import load_clean_images, load_clean_products
 from training.splits import read_splits
 
@@ -30,7 +31,7 @@ class CleanData:
         folder = Path(folder)
         if not (folder / "products.csv").exists():
             raise FileNotFoundError(f"{folder} is not a cleaned folder: run `python -m training clean`")
-        index_to_name = read_index_to_name(folder / "index_to_name.json")
+        index_to_name = read_index_to_name(folder / LABELS_FILE)
         labels = name_to_index(index_to_name)
         products = load_clean_products(folder)
         products = products.merge(read_splits(folder), left_on="id", right_on="product_id", how="left")

@@ -13,9 +13,8 @@ import torch
 
 from serving.files import atomic_write
 from serving.processing import model_inputs
-from serving.settings import ImageSettings, ModelSettings
+from serving.settings import LABELS_FILE, ImageSettings, ModelSettings, write_index_to_name
 from training.calibration import DEFAULT_TARGET_PRECISION, text_only_temperature, validation_answers
-from training.categories import write_index_to_name
 from training.checkpoints import config_from, load_checkpoint
 from training.config import TrainConfig
 from training.data import CleanData
@@ -173,7 +172,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.pt", lambda temporary: scripted.save(str(temporary)))
     check_fresh_process(out / "model.pt", batches, expected)
-    write_index_to_name(checkpoint["index_to_name"], out / "index_to_name.json")
+    write_index_to_name(checkpoint["index_to_name"], out / LABELS_FILE)
     preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8).save(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "tokenizer"))
