@@ -1,7 +1,8 @@
 """TorchServe handler of the image model."""
 
 from handlers.listing_handler import ListingHandler
+from serving.model_kinds import IMAGE
 
 
 class ImageHandler(ListingHandler):
-    needs = frozenset({"image"})
+    needs = IMAGE.needs

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 # What each archive carries besides the model: the TorchServe adapter and the serving core.
@@ -35,7 +35,7 @@ class ArchiveError(RuntimeError):
 
 def required_files(artifacts: Path, model: str) -> list[Path]:
     files = [artifacts / model / name for name in ("model.pt", "index_to_name.json", "preprocessing.json")]
-    if model_kind(model) != "image":
+    if archive_kind(model).uses_text:
         files.append(artifacts / model / "tokenizer")
     return files
 
@@ -66,18 +66,17 @@ def stage(model: str, artifacts: Path, folder: Path, model_config: dict) -> None
     shutil.copy2(REQUIREMENTS_FILE, folder / "requirements.txt")
 
 
-def model_kind(model: str) -> str:
-    """`text_int8` -> `text`: a variant is served by its model's handler."""
-    kind = model.removesuffix("_int8")
-    if kind not in MODELS or (model != kind and kind == "image"):
-        raise ArchiveError(f"unknown model {model!r}; choose from {', '.join(MODELS)}, "
-                           "text_int8 or combined_int8")
-    return kind
+def archive_kind(model: str) -> ModelKind:
+    """`text_int8` -> text: a variant is served by its model's handler."""
+    try:
+        return model_kind(model)
+    except ValueError as error:
+        raise ArchiveError(str(error)) from error
 
 
 def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
                   model_config: dict | None = None, version: str = "1.0") -> Path:
-    kind = model_kind(model)
+    kind = archive_kind(model).name
     artifacts, store = check_inside(artifacts, root), store.resolve()
     if store != root and root not in store.parents:
         raise ArchiveError(f"model store {store} is outside the project folder {root}")

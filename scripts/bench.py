@@ -28,7 +28,7 @@ from scripts.harness import served
 from scripts.load import make_request
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
 from serving.core import optimise_for_device
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import IMAGE, MODEL_KINDS, model_kind
 from serving.processing import (
     decode_image,
     fit_to_square,
@@ -61,21 +61,21 @@ class Inputs:
 
     def __init__(self, model: str, folder: Path, count: int, seed: int = 0):
         rng = random.Random(seed)
-        self.model, self.settings = model, ModelSettings.load(folder)
+        self.model, self.kind, self.settings = model, model_kind(model), ModelSettings.load(folder)
         self.requests = [make_request(model, rng) for _ in range(count)]
         self.tokenizer = None
-        if model != "image":
+        if self.kind.uses_text:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
 
     def photo(self, index: int) -> bytes:
         request = self.requests[index]
-        return request["files"]["image"][1] if self.model == "combined" else request["data"]
+        return request["files"]["image"][1] if self.kind.fuses else request["data"]
 
     def text(self, index: int) -> str:
         request = self.requests[index]
-        return request["data"]["text"] if self.model == "combined" else request["data"].decode()
+        return request["data"]["text"] if self.kind.fuses else request["data"].decode()
 
     def batches(self, size: int, count: int = 4) -> list[tuple[torch.Tensor, ...]]:
         """`count` consecutive batches of `size` requests, wrapping around the requests."""
@@ -84,9 +84,9 @@ class Inputs:
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         images = [model_image_from_bytes(self.photo(i), self.settings.image.size)
-                  for i in indices] if self.model != "text" else None
-        texts = [free_text(self.text(i)) for i in indices] if self.model != "image" else None
-        return model_inputs(self.model, images, texts, self.tokenizer, self.settings.text)
+                  for i in indices] if self.kind.uses_image else None
+        texts = [free_text(self.text(i)) for i in indices] if self.kind.uses_text else None
+        return model_inputs(self.kind, images, texts, self.tokenizer, self.settings.text)
 
 
 def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds: float) -> dict:
@@ -118,7 +118,7 @@ def layout_trials(model: str, folder: Path, inputs: Inputs, threads: int, second
     plain = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
     variants = {"plain": (plain, batches),
                 "optimize_for_inference": (optimise_for_device(plain, torch.device("cpu"), True), batches)}
-    if model != "text":
+    if inputs.kind.uses_image:
         last = [(b[0].contiguous(memory_format=torch.channels_last), *b[1:]) for b in batches]
         weights = torch.jit.load(str(folder / "model.pt"), map_location="cpu").to(
             memory_format=torch.channels_last)
@@ -156,7 +156,7 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
 
     torch.set_num_threads(threads)
     eager, _ = load_checkpoint(checkpoint)
-    size = inputs.settings.image.size if model != "text" else None
+    size = inputs.settings.image.size if inputs.kind.uses_image else None
     cycle = iter(range(10**9))
 
     def one() -> None:
@@ -164,7 +164,7 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
         tensors = []
         if size:
             tensors.append(image_to_tensor(fit_to_square(decode_image(inputs.photo(index)), size))[None])
-        if model != "image":
+        if inputs.kind.uses_text:
             encoded = inputs.tokenizer([free_text(inputs.text(index))], padding="max_length",
                                        truncation=True, max_length=NAIVE_TEXT_TOKENS, return_tensors="pt")
             tensors += [encoded["input_ids"], encoded["attention_mask"]]
@@ -203,7 +203,7 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
         report["models"][model] = {"model_limit": limit, "naive": naive}
         report["models"][model]["layouts"] = layout_trials(model, artifacts / model, inputs, threads,
                                                            seconds, batch)
-        if model == "image":
+        if inputs.kind is IMAGE:
             report["image_preprocessing"] = preprocessing_share(inputs, limit[batch], seconds)
     on = served(list(models), artifacts, MODEL_CONFIG, requests_per_run, CONCURRENCY, 60 * scale)
     off = served(list(models), artifacts, MODEL_CONFIG | {"batchSize": 1, "maxBatchDelay": 0},

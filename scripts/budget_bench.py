@@ -25,7 +25,7 @@ from scripts.hostile import lossless_webp, progressive_jpeg, v1, v1_photos
 from scripts.load import sample_photo, sample_text
 from serving.budget import WorkBudget
 from serving.config import MODEL_CONFIG
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import MODEL_KINDS, model_kind
 from serving.payloads import DEFAULT_MAX_PHOTOS
 from serving.processing import MAX_FIELD_CHARS
 
@@ -55,10 +55,11 @@ def largest_photo_requests(budget: WorkBudget) -> dict[str, list[bytes]]:
 def requests_for(model: str, budget: WorkBudget) -> dict[str, bytes]:
     longest = (sample_text(random.Random(1)) + " ") * 400
     longest = longest[:MAX_FIELD_CHARS]
-    if model == "text":
+    kind = model_kind(model)
+    if not kind.uses_image:
         listing = {"product_name": longest, "product_description": longest}
         return {"64 listings, 10,000 + 10,000 characters each": v1([listing] * 64)}
-    text = longest if model == "combined" else None
+    text = longest if kind.uses_text else None
     return {name: v1_photos(photos, DEFAULT_MAX_PHOTOS, text)
             for name, photos in largest_photo_requests(budget).items()}
 

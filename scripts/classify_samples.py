@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scripts.predict import grpc_predict, rest_predict
 from scripts.serve import ROOT, read_key, read_properties
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import COMBINED, KINDS, TEXT
 from training.data import CleanData
 
 
@@ -25,15 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     rest = properties["inference_address"]
     grpc_target = f"127.0.0.1:{properties.get('grpc_inference_port', '7070')}"
     data = CleanData.load(args.data_dir)
-    photos_of = data.samples("combined", "test").groupby("product_id", sort=False)["id"].apply(list)
-    held_out = data.samples("text", "test").set_index("id").loc[list(photos_of.index[:args.count])]
+    photos_of = data.samples(COMBINED, "test").groupby("product_id", sort=False)["id"].apply(list)
+    held_out = data.samples(TEXT, "test").set_index("id").loc[list(photos_of.index[:args.count])]
     print(f"{'protocol':8} {'model':9} {'photos':>6} {'answer':34} {'p':>5} {'filed':5}  true category")
     for product_id, row in held_out.iterrows():
         photos = [data.image_path(image_id).read_bytes() for image_id in photos_of[product_id]]
         truth = data.index_to_name[str(row["label"])]
-        for model in MODEL_KINDS:
-            listing_photos = photos if model != "text" else None
-            fields = {"text": row["text"]} if model != "image" else {}
+        for kind in KINDS.values():
+            model = kind.name
+            listing_photos = photos if kind.uses_image else None
+            fields = {"text": row["text"]} if kind.uses_text else {}
             for protocol, call, target in (("rest", rest_predict, rest), ("grpc", grpc_predict, grpc_target)):
                 answer = call(target, model, listing_photos, fields, 3, token)
                 mark = "ok" if answer["category"] == truth else "--"

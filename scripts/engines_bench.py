@@ -27,7 +27,7 @@ from scripts.harness import missing_exports, temporary_server
 from scripts.load import run_load, sample_photo, sample_text
 from scripts.server_memory import server_rss_mib
 from serving.config import MODEL_CONFIG
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import MODEL_KINDS, model_kind
 
 ROOT = serve.ROOT
 CONCURRENCIES = (1, 4, 16)
@@ -38,8 +38,9 @@ def v1_payloads(model: str, count: int, seed: int = 0) -> list[dict]:
     """KServe v1 bodies of one listing each, as scripts/load.py sends them."""
     rng, payloads = random.Random(seed), []
     for _ in range(count):
-        listing = {} if model == "text" else {"image": base64.b64encode(sample_photo(rng)).decode()}
-        listing |= {} if model == "image" else {"text": sample_text(rng)}
+        kind = model_kind(model)
+        listing = {"image": base64.b64encode(sample_photo(rng)).decode()} if kind.uses_image else {}
+        listing |= {"text": sample_text(rng)} if kind.uses_text else {}
         payloads.append({"data": json.dumps({"instances": [listing]}).encode(),
                          "headers": {"Content-Type": "application/json"}})
     return payloads

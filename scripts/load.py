@@ -20,7 +20,7 @@ import requests
 from PIL import Image, ImageDraw
 
 from scripts.serve import ROOT, read_key, read_properties
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import MODEL_KINDS, model_kind
 
 WORDS = ("sofa", "table", "chairs", "oak", "console", "ps5", "controller", "kettle", "drill", "bike",
          "helmet", "dress", "boots", "laptop", "monitor", "pram", "cot", "perfume", "guitar", "vinyl",
@@ -46,9 +46,11 @@ def sample_text(rng: random.Random) -> str:
 
 
 def make_request(model: str, rng: random.Random) -> dict:
-    if model == "image":
+    """One listing in the plain format: a JPEG body, a text/plain body, or a form with both."""
+    kind = model_kind(model)
+    if not kind.uses_text:
         return {"data": sample_photo(rng), "headers": {"Content-Type": "image/jpeg"}}
-    if model == "text":
+    if not kind.uses_image:
         return {"data": sample_text(rng).encode(), "headers": {"Content-Type": "text/plain"}}
     return {"files": {"image": ("p.jpg", sample_photo(rng), "image/jpeg")},
             "data": {"text": sample_text(rng)}, "headers": {}}

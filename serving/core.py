@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from serving.budget import Cost, WorkBudget, admit, batch_full, check_request
-from serving.model_kinds import MODEL_NEEDS
+from serving.model_kinds import model_kind
 from serving.payloads import DEFAULT_MAX_PHOTOS, Listing
 from serving.processing import (
     DEFAULT_MAX_PIXELS,
@@ -155,7 +155,8 @@ class ListingService:
         self.model_dir, self.options = Path(model_dir), options or ServingOptions()
         self.device = device or torch.device("cpu")
         self.settings = ModelSettings.load(self.model_dir)
-        self.needs = MODEL_NEEDS[self.settings.model]
+        self.kind = model_kind(self.settings.model)
+        self.needs = self.kind.needs
         self.index_to_name = read_index_to_name(self.model_dir / LABELS_FILE, self.settings.num_classes)
         self.class_names = [self.index_to_name[str(i)] for i in range(self.settings.num_classes)]
         self.model_name, self.model_version = model_name or self.model_dir.name, model_version
@@ -165,7 +166,7 @@ class ListingService:
         # a combined listing without photos is answered by the text branch, where exported
         self.answers_text_only = self.settings.text_only_temperature is not None and \
             hasattr(self.model, "text_only")
-        self.tokenizer = self.load_tokenizer() if "text" in self.needs else None
+        self.tokenizer = self.load_tokenizer() if self.kind.uses_text else None
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
 
@@ -218,7 +219,7 @@ class ListingService:
     def read(self, request: Request) -> Envelope:
         envelope = read_request(request.fields, request.content_type, self.needs, len(self.index_to_name),
                                 self.options.max_photos, self.answers_text_only)
-        if "image" in self.needs:  # the count first, before a single header is read
+        if self.kind.uses_image:  # the count first, before a single header is read
             check_request(Cost(sum(len(listing.images) for listing in envelope.listings)), self.budget)
         envelope.items = [self.open(listing) for listing in envelope.listings]
         envelope.cost = sum((Cost(len(item["photos"]), sum(p.width * p.height for p, _ in item["photos"]))
@@ -266,7 +267,7 @@ class ListingService:
         """A listing's photos as headers, in the order of their bytes (so that the order they
         were sent in changes nothing), each with its position as sent."""
         item: dict = {"listing": listing, "text": listing.text, "images": [], "photos": []}
-        if "image" in self.needs:
+        if self.kind.uses_image:
             order = sorted(range(len(listing.images)), key=listing.images.__getitem__)
             item["photos"] = [(self.labelled(listing, position, lambda data: open_photo(
                 data, self.options.max_image_pixels, self.budget.scans_per_photo)), position)
@@ -291,13 +292,13 @@ class ListingService:
     def collate(self, items: list[dict]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The model inputs (on the CPU), one row per photo (per listing for the text model), and
         the listing each row belongs to."""
-        if "image" not in self.needs:
-            rows = [(index, None) for index in range(len(items))]
-        else:
+        if self.kind.per_photo:
             rows = [(index, image) for index, item in enumerate(items) for image in item["images"]]
-        images = [image for _, image in rows] if "image" in self.needs else None
-        texts = [items[index]["text"] for index, _ in rows] if "text" in self.needs else None
-        inputs = model_inputs(self.settings.model, images, texts, self.tokenizer, self.settings.text)
+        else:
+            rows = [(index, None) for index in range(len(items))]
+        images = [image for _, image in rows] if self.kind.uses_image else None
+        texts = [items[index]["text"] for index, _ in rows] if self.kind.uses_text else None
+        inputs = model_inputs(self.kind, images, texts, self.tokenizer, self.settings.text)
         return inputs, torch.tensor([i for i, _ in rows])
 
     def run(self, method, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -313,7 +314,7 @@ class ListingService:
 
     def listing_probabilities(self, items: list[dict]) -> torch.Tensor:
         probabilities = torch.empty(len(items), self.settings.num_classes)
-        with_rows = [i for i, item in enumerate(items) if item["images"] or "image" not in self.needs]
+        with_rows = [i for i, item in enumerate(items) if item["images"] or not self.kind.per_photo]
         if with_rows:
             chosen = [items[i] for i in with_rows]
             inputs, listing_of_row = self.collate(chosen)
@@ -335,7 +336,7 @@ class ListingService:
         threshold = listing.min_confidence if listing.min_confidence is not None \
             else self.settings.review_threshold
         answer["needs_review"] = needs_review(answer["probability"], threshold)
-        if "image" in self.needs:
+        if self.kind.uses_image:
             answer["photos"] = len(item["images"])
             if not item["images"]:
                 answer["answered_from"] = "text only"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from serving.model_kinds import MODEL_NEEDS
+from serving.model_kinds import ModelKind, model_kind
 from serving.settings import PAD_COLOUR, LexicalSettings, TextSettings
 
 # Photos beyond this many pixels are refused before decoding (decompression bombs).
@@ -383,14 +383,15 @@ def text_inputs(tokenizer, texts: Sequence[str], settings: TextSettings) -> list
     return inputs
 
 
-def model_inputs(kind: str, images: Sequence[torch.Tensor] | None, texts: Sequence[str] | None,
+def model_inputs(kind: str | ModelKind, images: Sequence[torch.Tensor] | None, texts: Sequence[str] | None,
                  tokenizer=None, text_settings: TextSettings | None = None) -> tuple[torch.Tensor, ...]:
-    """What every model of `kind` is called with, in order: uint8 images [B,3,H,W], then the
-    text inputs. Training, export, the serving core, the benchmark and the tests all use this."""
-    needs = MODEL_NEEDS[kind]
+    """What every model of `kind` is called with, in order (ModelKind.script_inputs): uint8 images
+    [B,3,H,W], then the text inputs. Training, export, the serving core, the benchmark and the
+    tests all use this."""
+    kind = model_kind(kind)
     inputs: list[torch.Tensor] = []
-    if "image" in needs:
+    if kind.uses_image:
         inputs.append(torch.stack(list(images)))
-    if "text" in needs:
+    if kind.uses_text:
         inputs += text_inputs(tokenizer, list(texts), text_settings)
     return tuple(inputs)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from serving.files import atomic_write
-from serving.model_kinds import MODEL_NEEDS
+from serving.model_kinds import KINDS
 
 SETTINGS_FILE = "preprocessing.json"
 LABELS_FILE = "index_to_name.json"  # the one label decoder, written by cleaning and export
@@ -73,10 +73,10 @@ class ModelSettings:
     target_precision: float = 0.95  # what review_threshold was chosen for, on validation
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_NEEDS:
-            raise SettingsError(f"unknown model {self.model!r}; expected one of {', '.join(MODEL_NEEDS)}")
+        if self.model not in KINDS:
+            raise SettingsError(f"unknown model {self.model!r}; expected one of {', '.join(KINDS)}")
         for part in ("image", "text"):
-            needed = part in MODEL_NEEDS[self.model]
+            needed = part in KINDS[self.model].needs
             if needed != (getattr(self, part) is not None):
                 raise SettingsError(f"a {self.model} model {'needs' if needed else 'has no'} {part} settings")
         for name in ("temperature", "text_only_temperature"):
@@ -89,11 +89,7 @@ class ModelSettings:
     @property
     def inputs(self) -> list[str]:
         """The model's positional inputs, in order (serving.processing.model_inputs)."""
-        names = ["images"] if self.image else []
-        if self.text:
-            names += ["input_ids", "attention_mask"]
-            names += ["lexical_ids", "lexical_counts"] if self.text.lexical else []
-        return names
+        return list(KINDS[self.model].script_inputs(lexical=bool(self.text and self.text.lexical)))
 
     def to_json(self) -> dict:
         return asdict(self) | {"inputs": self.inputs, "notes": NOTES}

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from serving.processing import tokenize
+from serving.model_kinds import COMBINED, IMAGE, TEXT, model_kind
+from serving.processing import model_inputs, tokenize
 from serving.settings import LexicalSettings, TextSettings
 from training.backbones import WeightsError, build_backbone
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier, TextCNNHead
@@ -139,3 +140,30 @@ def test_text_model_answers_a_mix_of_its_branches(minilm):
         encoder_logits, lexical_logits = text.branches(*inputs)
         expected = 0.3 * torch.log_softmax(encoder_logits, 1) + 0.7 * torch.log_softmax(lexical_logits, 1)
         assert torch.allclose(text(*inputs), expected, atol=1e-6)
+
+
+def test_each_model_kind_says_how_its_model_is_built_called_and_trained(minilm):
+    """ModelKind: the parts it needs, the inputs its model takes (model_inputs builds exactly
+    those), the method frozen training calls, and its TorchScript's extra methods."""
+    encoder, tokenizer = minilm
+    image = ImageClassifier(build_backbone("efficientnet_lite0", "none"), 13).eval()
+    text = TextClassifier(encoder, 13, lexical_buckets=64).eval()
+    models = {IMAGE: image, TEXT: text, COMBINED: CombinedClassifier(image, text, 13).eval()}
+    photos = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)] * 2
+    settings = TextSettings(16, LexicalSettings(64, 1000, 0))
+    for kind, model in models.items():
+        assert model_kind(kind.name) is kind
+        assert model_kind(f"{kind.name}_int8" if kind.uses_text else kind) is kind
+        inputs = model_inputs(kind, photos, ["a kettle", "oak table"], tokenizer, settings)
+        assert len(inputs) == len(kind.script_inputs(lexical=True))
+        with torch.inference_mode():
+            assert model(*inputs).shape == (2, 13)
+        assert callable(getattr(model, kind.frozen_entry))
+        assert all(callable(getattr(model, method)) for method in kind.extra_methods)
+        assert (kind.image_part(model) is image) == kind.uses_image
+        assert (kind.text_part(model) is text) == kind.uses_text
+    with torch.inference_mode():  # frozen training's entry answers one logits tensor per branch
+        assert len(image.feature_branches(image.features(torch.stack(photos)))) == 1
+    for name in ("image_int8", "video", "Text"):
+        with pytest.raises(ValueError, match="unknown model"):
+            model_kind(name)

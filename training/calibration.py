@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from serving.model_kinds import TEXT
 from serving.processing import listing_probabilities, pool_photos
 
 ECE_BINS = 15
@@ -160,7 +161,7 @@ def text_only_temperature(model, config, data) -> float:
     from training.checkpoints import config_from
 
     text_config = config_from(config.branches["text"] | {"data_dir": config.data_dir})
-    if len(data.samples("text", "val")) == 0:
+    if len(data.samples(TEXT, "val")) == 0:
         return 1.0
     return fit_temperature(*listing_logits(model.text_model, text_config, data, "val"))
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from serving.files import atomic_write
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import COMBINED, IMAGE, TEXT
 from training.backbones import build_backbone
 from training.config import TrainConfig
 from training.models import CombinedClassifier, ImageClassifier, TextClassifier
@@ -25,17 +25,27 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _image_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    weights = config.image_weights if pretrained else "none"
+    return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
+
+
+def _text_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets)
+
+
+def _combined_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    image = build_model(config_from(config.branches["image"]), num_classes, pretrained)
+    text = build_model(config_from(config.branches["text"]), num_classes, pretrained)
+    return CombinedClassifier(image, text, num_classes)
+
+
+BUILDERS = {IMAGE: _image_model, TEXT: _text_model, COMBINED: _combined_model}
+
+
 def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    if config.model == "image":
-        weights = config.image_weights if pretrained else "none"
-        return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
-    if config.model == "text":
-        return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets)
-    if config.model == "combined":
-        image = build_model(config_from(config.branches["image"]), num_classes, pretrained)
-        text = build_model(config_from(config.branches["text"]), num_classes, pretrained)
-        return CombinedClassifier(image, text, num_classes)
-    raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+    """The untrained model of the configuration's kind (ValueError for an unknown kind)."""
+    return BUILDERS[config.kind](config, num_classes, pretrained)
 
 
 def atomic_save(obj, path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serving.model_kinds import ModelKind, model_kind
+
 
 @dataclass
 class TrainConfig:
@@ -43,6 +45,10 @@ class TrainConfig:
     image_checkpoint: str | None = None  # combined: the image branch (default <checkpoint_dir>/image)
     text_checkpoint: str | None = None  # combined: the text branch (default <checkpoint_dir>/text)
     branches: dict = field(default_factory=dict)  # combined: the image and text configs
+
+    @property
+    def kind(self) -> ModelKind:
+        return model_kind(self.model)
 
     @property
     def frozen(self) -> bool:

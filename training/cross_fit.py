@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from serving.model_kinds import IMAGE, TEXT
 from training.calibration import pool_by_listing, split_outputs
 from training.checkpoints import build_model, config_from, load_checkpoint
 from training.data import CleanData
@@ -46,7 +47,7 @@ def out_of_fold(checkpoint_path: Path, data: CleanData, folds: int, cache_dir: s
     """The checkpoint's branches on validation, and out-of-fold on the training split."""
     full, checkpoint = load_checkpoint(checkpoint_path)
     config = config_from(checkpoint["config"])
-    if config.model not in ("image", "text") or not config.frozen:
+    if config.kind.fuses or not config.frozen:
         raise ValueError(f"{checkpoint_path}: cross-fitting takes a frozen-encoder image or text model")
     config.cache_dir = cache_dir
     device = torch.device("cpu")
@@ -58,7 +59,7 @@ def out_of_fold(checkpoint_path: Path, data: CleanData, folds: int, cache_dir: s
     for k in tqdm(range(folds), desc=f"cross-fitting {config.model}", unit="fold"):
         seed_everything(config.seed + k)
         model = _fresh_trainable_copy(full, config, data, samples["text"][fold != k])
-        task.model, task.network = model, TrainablePart(model, config.model)
+        task.model, task.network = model, TrainablePart(model, config.kind)
         train_on_positions(task, config, np.flatnonzero(fold != k).tolist(), checkpoint["best_epoch"],
                            config.seed + k)
         held = np.flatnonzero(fold == k).tolist()
@@ -74,7 +75,7 @@ def out_of_fold(checkpoint_path: Path, data: CleanData, folds: int, cache_dir: s
 def _fresh_trainable_copy(full, config, data: CleanData, fit_texts) -> torch.nn.Module:
     """A new trainable part (head, lexical branch) around the full model's frozen encoder."""
     model = build_model(config, data.num_classes, pretrained=False)
-    if config.model == "image":
+    if not config.kind.uses_text:
         model.backbone = full.backbone
         return model
     model.encoder = full.encoder
@@ -85,10 +86,10 @@ def _fresh_trainable_copy(full, config, data: CleanData, fit_texts) -> torch.nn.
 def listing_table(data: CleanData, text: dict, image: dict, split: str) -> dict[str, torch.Tensor]:
     """Per listing with photos: the image answer pooled over its photos (mean log-probability),
     the text model's branches, the label."""
-    photos = data.samples("image", split)
+    photos = data.samples(IMAGE, split)
     products, pooled, labels = pool_by_listing(image[split][0], torch.tensor(photos["label"].to_numpy()),
                                                photos["product_id"])
-    row_of = {product: row for row, product in enumerate(data.samples("text", split)["product_id"])}
+    row_of = {product: row for row, product in enumerate(data.samples(TEXT, split)["product_id"])}
     rows = torch.tensor([row_of[p] for p in products])
     return {"image": pooled, "text": [branch[rows] for branch in text[split]], "label": labels}
 

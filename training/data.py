@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import ModelKind, model_kind
 from serving.processing import listing_text
 from serving.settings import LABELS_FILE, read_index_to_name
 from training.categories import name_to_index
@@ -47,11 +47,9 @@ class CleanData:
         return cls(folder, products.reset_index(drop=True), images.reset_index(drop=True),
                    index_to_name, image_size)
 
-    def samples(self, kind: str, split: str | None = None) -> pd.DataFrame:
+    def samples(self, kind: str | ModelKind, split: str | None = None) -> pd.DataFrame:
         """Photos for image and combined models (each with its product's text), products for text."""
-        if kind not in MODEL_KINDS:
-            raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
-        frame = self.products if kind == "text" else self.images
+        frame = self.images if model_kind(kind).per_photo else self.products
         if split is not None:
             frame = frame[frame["split"] == split]
         return frame.reset_index(drop=True)

@@ -30,7 +30,7 @@ from training.tasks import make_task
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from serving.model_kinds import MODEL_KINDS
+from serving.model_kinds import KINDS, MODEL_KINDS
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> dict:
@@ -176,7 +176,7 @@ def complementarity(reports_dir: Path) -> str:
     those the text model gets wrong and the image model right, and the share that at least one
     of them gets right (no fusion of the two can do better without new information)."""
     right = {}
-    for model in ("image", "text", "combined"):
+    for model in MODEL_KINDS:
         path = reports_dir / model / "metrics.json"
         if path.exists():
             right[model] = json.loads(path.read_text()).get("listing", {}).get("right")
@@ -214,7 +214,7 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
                                                 Path(reports_dir) / config.model, target_precision)
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)
-    metrics.update(model=config.model, split=split, unit="product" if config.model == "text" else "photo",
+    metrics.update(model=config.model, split=split, unit="photo" if config.kind.per_photo else "product",
                    training=describe_training(config), best_epoch=checkpoint["best_epoch"],
                    best_val_accuracy=checkpoint["best_val_accuracy"])
     out = Path(reports_dir) / config.model
@@ -228,10 +228,10 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
 
 
 def describe_training(config: TrainConfig) -> str:
-    if config.model == "combined":
+    if config.kind.fuses:
         image, text = config_from(config.branches["image"]), config_from(config.branches["text"])
         return f"fusion of [{describe_training(image)}] and [{describe_training(text)}]"
-    if config.model == "image":
+    if config.kind.uses_image:
         mode = {"none": "frozen backbone", "all": "fine-tuned (all)"}.get(
             config.finetune, f"last stage fine-tuned on {config.cached_views} cached views of each photo")
         return f"{config.image_backbone} ({config.image_weights} weights), {mode}, {config.image_size}px"
@@ -300,7 +300,7 @@ def write_summary(reports_dir: Path) -> str:
         confused += [f"| {model} | {pair['true']} | {pair['predicted']} | {pair['count']} | "
                      f"{pair['example'].replace('|', '/')} |" for pair in listing.get("most_confused", [])]
     table = "\n".join(lines) + "\n"
-    ablation = [f"| {model} | {name} | {accuracy:.3f} |" for model in ("text", "combined")
+    ablation = [f"| {model} | {name} | {accuracy:.3f} |" for model in MODEL_KINDS if KINDS[model].uses_text
                 if (reports_dir / model / "metrics.json").exists()
                 for name, accuracy in json.loads((reports_dir / model / "metrics.json").read_text())
                 .get("branches", {}).items()]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from serving.files import atomic_write
+from serving.model_kinds import ModelKind
 from serving.processing import model_inputs
 from serving.settings import LABELS_FILE, ImageSettings, ModelSettings, write_index_to_name
 from training.calibration import DEFAULT_TARGET_PRECISION, text_only_temperature, validation_answers
@@ -34,12 +35,12 @@ def preprocessing_settings(config: TrainConfig, model, num_classes: int, answers
                            int8: bool = False) -> ModelSettings:
     """The single source of what the handler must do before and after the model; `answers`:
     the temperatures and review threshold chosen on validation (see `answer_settings`)."""
-    image = None
-    if config.model in ("image", "combined"):
-        image_model = model if config.model == "image" else model.image_model
+    image, kind = None, config.kind
+    if kind.uses_image:
+        image_model = kind.image_part(model)
         image = ImageSettings(config.image_size, tuple((image_model.mean.flatten() / 255).tolist()),
                               tuple((image_model.std.flatten() / 255).tolist()))
-    text = text_settings(asdict(config)) if config.model in ("text", "combined") else None
+    text = text_settings(asdict(config)) if kind.uses_text else None
     return ModelSettings(config.model, num_classes, image, text, int8_text_encoder=int8, **(answers or {}))
 
 
@@ -48,7 +49,7 @@ def answer_settings(model, config: TrainConfig, data: CleanData, target_precisio
     preprocessing.json (calibration.validation_answers; the combined model's text-only answer
     has its own temperature)."""
     task = make_task(model.eval(), config, data, torch.device("cpu"))
-    text_only = text_only_temperature(model, config, data) if config.model == "combined" else None
+    text_only = text_only_temperature(model, config, data) if config.kind.answers_text_only else None
     return validation_answers(model, config, data, target_precision, task) | {
         "target_precision": target_precision, "text_only_temperature": text_only}
 
@@ -58,7 +59,7 @@ def example_batches(config: TrainConfig, data: CleanData, tokenizer) -> list[tup
     samples = data.samples(config.model, "test")
     if len(samples) < max(BATCH_SIZES):
         samples = data.samples(config.model)
-    if config.model != "image":
+    if config.kind.uses_text:
         lengths = samples["text"].str.len()
         samples = samples.iloc[lengths.argsort().to_numpy()].reset_index(drop=True)
     batches = []
@@ -72,15 +73,16 @@ def example_batches(config: TrainConfig, data: CleanData, tokenizer) -> list[tup
 def sample_inputs(config: TrainConfig, data: CleanData, chosen, tokenizer) -> tuple:
     """The model inputs of some rows of `data.samples(config.model)`."""
     images = [load_model_image(data.image_path(i), config.image_size) for i in chosen["id"]] \
-        if config.model != "text" else None
-    return model_inputs(config.model, images, list(chosen["text"]), tokenizer,
+        if config.kind.uses_image else None
+    return model_inputs(config.kind, images, list(chosen["text"]), tokenizer,
                         text_settings(asdict(config)))
 
 
 def traced_methods(config: TrainConfig, example: tuple) -> dict[str, tuple]:
-    """What the TorchScript file holds: forward, and for the combined model text_only."""
+    """What the TorchScript file holds: forward, and the kind's extra methods (the combined
+    model's text_only takes the text inputs alone)."""
     methods = {"forward": example}
-    if config.model == "combined":
+    if config.kind.answers_text_only:
         methods["text_only"] = example[1:]
     return methods
 
@@ -117,9 +119,9 @@ def check_fresh_process(model_path: Path, batches: list[tuple], expected: list[t
                           f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
 
 
-def quantise_text_encoder(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+def quantise_text_encoder(model: torch.nn.Module, kind: ModelKind) -> torch.nn.Module:
     """Dynamic int8 quantisation of the text encoder's linear layers (an opt-in CPU variant)."""
-    text_model = model if kind == "text" else model.text_model
+    text_model = kind.text_part(model)
     text_model.encoder = torch.ao.quantization.quantize_dynamic(
         text_model.encoder, {torch.nn.Linear}, dtype=torch.qint8)
     return model
@@ -143,16 +145,16 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     index_to_name.json, preprocessing.json, tokenizer/."""
     model, checkpoint = load_checkpoint(checkpoint_path)
     config = config_from(checkpoint["config"])
-    if int8 and config.model == "image":
+    if int8 and not config.kind.uses_text:
         raise ValueError("--int8 quantises the text encoder: use it with the text or combined model")
     data = CleanData.load(Path(data_dir))
-    tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
+    tokenizer = load_tokenizer(config.text_encoder) if config.kind.uses_text else None
     config = replace(config, data_dir=str(data_dir))
     answers = answer_settings(model, config, data, target_precision)
     result = {"model": config.model} | answers
     if int8:
         result["fp32_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
-        model = quantise_text_encoder(model, config.model)
+        model = quantise_text_encoder(model, config.kind)
         result["int8_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
     batches = example_batches(config, data, tokenizer)
     with torch.inference_mode(), warnings.catch_warnings():
@@ -163,7 +165,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     with torch.inference_mode():
         expected = [model(*inputs) for inputs in batches]
     worst = check_parity(expected, scripted, batches)
-    if config.model == "combined":  # listings without a photo are answered by text_only
+    if config.kind.answers_text_only:  # listings without a photo are answered by it
         with torch.inference_mode():
             texts_alone = [inputs[1:] for inputs in batches]
             worst = max(worst, check_parity([model.text_only(*b) for b in texts_alone],

@@ -25,6 +25,10 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
+    def feature_branches(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """The logits from cached backbone features (frozen training), as a list of one branch."""
+        return [self.head(features)]
+
     def branches(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self(images)]
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from serving.model_kinds import IMAGE, ModelKind, model_kind
 from serving.processing import lexical_ids, model_inputs, pad_lexical
 from serving.settings import LexicalSettings, TextSettings
 from training.data import CleanData
@@ -38,17 +39,13 @@ class Batch:
 class TrainablePart(nn.Module):
     """The part of a frozen-encoder model that trains, as one module (what DDP wraps)."""
 
-    def __init__(self, model: nn.Module, kind: str):
+    def __init__(self, model: nn.Module, kind: str | ModelKind):
         super().__init__()
-        self.model, self.kind = model, kind
+        self.model, self.kind = model, model_kind(kind)
 
     def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Each branch's logits (each trains on its own loss)."""
-        if self.kind == "combined":
-            return self.model.fused_branches(*inputs)
-        if self.kind == "text":
-            return self.model.branch_logits(*inputs)
-        return [self.model.head(*inputs)]
+        return getattr(self.model, self.kind.frozen_entry)(*inputs)
 
 
 class WholeModel(nn.Module):
@@ -65,9 +62,9 @@ class WholeModel(nn.Module):
 class FrozenTask:
     """Cached features in memory; `network` is only the trainable part of the model."""
 
-    def __init__(self, model: nn.Module, kind: str, tensors: dict[str, torch.Tensor],
+    def __init__(self, model: nn.Module, kind: str | ModelKind, tensors: dict[str, torch.Tensor],
                  labels: torch.Tensor, splits: list[str], device: torch.device):
-        self.model, self.kind, self.tensors, self.device = model, kind, tensors, device
+        self.model, self.kind, self.tensors, self.device = model, model_kind(kind), tensors, device
         self.network = TrainablePart(model, kind)
         self.labels = labels
         self.split_index = {name: torch.tensor([i for i, s in enumerate(splits) if s == name])
@@ -88,12 +85,12 @@ class FrozenTask:
 
     def _inputs(self, chosen: torch.Tensor) -> tuple:
         t, device = self.tensors, self.device
-        if self.kind == "image":
-            return (t["features"][chosen].to(device),)
-        rows = chosen if self.kind == "text" else t["product_row"][chosen]
-        hidden, mask = t["hidden"][rows].to(device).float(), t["mask"][rows].to(device)
-        text = (hidden, mask, *self._lexical(rows))
-        return text if self.kind == "text" else (t["features"][chosen].to(device), *text)
+        inputs: tuple = (t["features"][chosen].to(device),) if self.kind.uses_image else ()
+        if self.kind.uses_text:  # a photo's row points at its product's text
+            rows = t["product_row"][chosen] if self.kind.per_photo else chosen
+            hidden, mask = t["hidden"][rows].to(device).float(), t["mask"][rows].to(device)
+            inputs += (hidden, mask, *self._lexical(rows))
+        return inputs
 
     def _lexical(self, rows: torch.Tensor) -> tuple:
         if "lexical" not in self.tensors:
@@ -105,21 +102,22 @@ class FrozenTask:
         return self.model.combine(self.network(*inputs))
 
 
-def frozen_task(model: nn.Module, kind: str, data: CleanData, settings: dict,
+def frozen_task(model: nn.Module, kind: str | ModelKind, data: CleanData, settings: dict,
                 device: torch.device, cache_dir: Path | None) -> FrozenTask:
+    kind = model_kind(kind)
     samples = data.samples(kind)
     tensors: dict[str, torch.Tensor] = {}
-    if kind in ("image", "combined"):
-        image_model = model if kind == "image" else model.image_model
+    if kind.uses_image:
+        image_model = kind.image_part(model)
         tensors.update(_image_features(image_model, data, samples, settings, device, cache_dir))
-    if kind in ("text", "combined"):
-        text_model = model if kind == "text" else model.text_model
+    if kind.uses_text:
+        text_model = kind.text_part(model)
         products = data.products
         tensors.update(_hidden_states(text_model, products, settings, device, cache_dir))
         if text_model.lexical is not None:
             lexical = text_settings(settings).lexical
             tensors["lexical"] = [lexical_ids(text, lexical) for text in products["text"]]
-        if kind == "combined":
+        if kind.per_photo:
             row_of = {product_id: row for row, product_id in enumerate(products["id"])}
             tensors["product_row"] = torch.tensor([row_of[p] for p in samples["product_id"]])
     labels = torch.tensor(samples["label"].to_numpy(), dtype=torch.long)
@@ -215,7 +213,7 @@ class LastStageTask(FrozenTask):
 
     def __init__(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor,
                  splits: list[str], device: torch.device, seed: int):
-        super().__init__(model, "image", {"activations": views[0]}, labels, splits, device)
+        super().__init__(model, IMAGE, {"activations": views[0]}, labels, splits, device)
         self.network = LastStagePart(model)
         self.train_views = views[1:]  # training photos only, in the split's order
         self.generator = torch.Generator().manual_seed(seed)
@@ -246,7 +244,7 @@ def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, c
     in `cached_views - 1` more views (the mirror, then random crops)."""
     if settings["cached_views"] < 1:
         raise ValueError(f"--cached-views {settings['cached_views']}: must be at least 1")
-    samples = data.samples("image")
+    samples = data.samples(IMAGE)
     paths = [data.image_path(image_id) for image_id in samples["id"]]
     in_train = [split == "train" for split in samples["split"]]
     train_paths = [path for path, train in zip(paths, in_train, strict=True) if train]
@@ -262,8 +260,8 @@ def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, c
 class RawSamples(Dataset):
     """Decoded photos and/or texts of one split, augmented in training only."""
 
-    def __init__(self, kind: str, data: CleanData, split: str, image_size: int, train: bool):
-        self.kind, self.data, self.image_size = kind, data, image_size
+    def __init__(self, kind: str | ModelKind, data: CleanData, split: str, image_size: int, train: bool):
+        self.kind, self.data, self.image_size = model_kind(kind), data, image_size
         self.samples = data.samples(kind, split)
         self.augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
                                    v2.RandomHorizontalFlip()]) if train else None
@@ -274,10 +272,10 @@ class RawSamples(Dataset):
     def __getitem__(self, index: int):
         row = self.samples.iloc[index]
         item = {"label": int(row["label"])}
-        if self.kind in ("image", "combined"):
+        if self.kind.uses_image:
             image = load_model_image(self.data.image_path(row["id"]), self.image_size)
             item["image"] = self.augment(image) if self.augment else image
-        if self.kind in ("text", "combined"):
+        if self.kind.uses_text:
             item["text"] = row["text"]
         return item
 
@@ -285,9 +283,9 @@ class RawSamples(Dataset):
 class RawTask:
     """Whole-model steps over decoded inputs, for fine-tuning."""
 
-    def __init__(self, model: nn.Module, kind: str, data: CleanData, settings: dict,
+    def __init__(self, model: nn.Module, kind: str | ModelKind, data: CleanData, settings: dict,
                  device: torch.device, tokenizer=None):
-        self.model, self.kind, self.data, self.device = model, kind, data, device
+        self.model, self.kind, self.data, self.device = model, model_kind(kind), data, device
         self.network = WholeModel(model)
         self.settings, self.tokenizer = settings, tokenizer
 
@@ -326,9 +324,10 @@ def make_task(model: nn.Module, config, data: CleanData, device: torch.device):
     training configuration asks for."""
     settings = asdict(config)
     cache = Path(config.cache_dir) if config.cache_dir else None
+    kind = config.kind
     if config.frozen:
-        return frozen_task(model, config.model, data, settings, device, cache)
-    if config.model == "image" and config.finetune == "last":
+        return frozen_task(model, kind, data, settings, device, cache)
+    if kind is IMAGE and config.finetune == "last":
         return last_stage_task(model, data, settings, device, cache)
-    tokenizer = load_tokenizer(config.text_encoder) if config.model != "image" else None
-    return RawTask(model, config.model, data, settings, device, tokenizer)
+    tokenizer = load_tokenizer(config.text_encoder) if kind.uses_text else None
+    return RawTask(model, kind, data, settings, device, tokenizer)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from serving.model_kinds import TEXT
 from training.calibration import split_outputs
 from training.checkpoints import (
     atomic_save,
@@ -65,9 +66,7 @@ def _combined_branches(config: TrainConfig) -> nn.Module:
 # ---------------------------------------------------------------- the loop
 def _single_models(model: nn.Module, config: TrainConfig) -> tuple[nn.Module | None, nn.Module | None]:
     """The image and the text model inside `model` (itself, a combined model's branch, or None)."""
-    image = model if config.model == "image" else getattr(model, "image_model", None)
-    text = model if config.model == "text" else getattr(model, "text_model", None)
-    return image, text
+    return config.kind.image_part(model), config.kind.text_part(model)
 
 
 def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
@@ -79,7 +78,7 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
             image.backbone.last_stage().requires_grad_(True)
     if text is not None:
         text.encoder.requires_grad_(config.finetune_encoder)
-    if config.model == "combined":  # the single models' output layers are not on its path
+    if config.kind.fuses:  # the single models' output layers are not on its path
         image.head.requires_grad_(False)
         text.head.classifier.requires_grad_(False)
         if text.lexical is not None:  # trained with the text model; mixed in, not retrained
@@ -175,9 +174,9 @@ def train(config: TrainConfig) -> Path:
         per_process_batch(config.batch_size, cluster)
         data = CleanData.load(Path(config.data_dir))
         with cluster.main_first():  # rank 0 fills the feature cache, the others read it
-            model = _combined_branches(config) if config.model == "combined" else \
+            model = _combined_branches(config) if config.kind.fuses else \
                 build_model(config, data.num_classes)
-            fit_lexical_idf(model, config, data.samples("text", "train")["text"])
+            fit_lexical_idf(model, config, data.samples(TEXT, "train")["text"])
             if config.init_from:
                 start_from(model, Path(config.init_from), config)
             model.to(device)
@@ -272,7 +271,7 @@ def has_lexical(model: nn.Module) -> bool:
 
 def fit_lexical_idf(model: nn.Module, config: TrainConfig, texts) -> None:
     """The lexical branch's idf, from the texts it trains on (the training split's products)."""
-    if config.model != "text" or model.lexical is None:
+    if config.kind is not TEXT or model.lexical is None:  # a fused model reuses its text model's
         return
     from serving.processing import lexical_ids
 

@@ -1,0 +1,71 @@
+"""The one loader of an exported model folder (model.pt, preprocessing.json, index_to_name.json,
+tokenizer/): the serving core, the benchmarks and the tests all read a folder here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serving.model_kinds import ModelKind, model_kind
+from serving.processing import model_inputs
+from serving.settings import LABELS_FILE, ModelSettings, read_index_to_name
+
+MODEL_FILE = "model.pt"
+
+
+def optimise_for_device(model: torch.jit.ScriptModule, device: torch.device, enabled: bool
+                        ) -> torch.jit.ScriptModule:
+    """Freeze and fuse the TorchScript for CPU inference where that was measured to pay off:
+    per model by `make bench` (docs/benchmark.md); the archives turn it on where it did."""
+    if not enabled or device.type != "cpu":
+        return model
+    methods = ["text_only"] if hasattr(model, "text_only") else []  # besides forward
+    frozen = torch.jit.freeze(model.eval(), preserved_attrs=methods)
+    return torch.jit.optimize_for_inference(frozen, other_methods=methods)
+
+
+@dataclass
+class ExportedModel:
+    """An exported folder, loaded: its settings and kind, labels, TorchScript and tokenizer."""
+
+    folder: Path
+    settings: ModelSettings
+    kind: ModelKind
+    index_to_name: dict[str, str]
+    model: torch.jit.ScriptModule
+    tokenizer: object | None
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device | None = None,
+             optimize_for_inference: bool = False) -> ExportedModel:
+        """Read `folder` (SettingsError or FileNotFoundError naming what is wrong); the TorchScript
+        on `device` (default CPU), frozen and fused when `optimize_for_inference`."""
+        folder, device = Path(folder), device or torch.device("cpu")
+        settings = ModelSettings.load(folder)
+        kind = model_kind(settings.model)
+        index_to_name = read_index_to_name(folder / LABELS_FILE, settings.num_classes)
+        if not (folder / MODEL_FILE).exists():
+            raise FileNotFoundError(f"{folder} has no {MODEL_FILE}: export the model first")
+        model = torch.jit.load(str(folder / MODEL_FILE), map_location=device).eval()
+        model = optimise_for_device(model, device, optimize_for_inference)
+        tokenizer = load_tokenizer(folder, settings) if kind.uses_text else None
+        return cls(folder, settings, kind, index_to_name, model, tokenizer)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.index_to_name[str(i)] for i in range(self.settings.num_classes)]
+
+    def inputs(self, images: Sequence[torch.Tensor] | None, texts: Sequence[str] | None
+               ) -> tuple[torch.Tensor, ...]:
+        """What this model is called with for these decoded photos and/or texts."""
+        return model_inputs(self.kind, images, texts, self.tokenizer, self.settings.text)
+
+
+def load_tokenizer(folder: Path, settings: ModelSettings):
+    """The tokenizer saved beside the model (never downloaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(folder) / settings.text.tokenizer), local_files_only=True)
