@@ -22,7 +22,7 @@ from serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
 ROOT = Path(__file__).resolve().parents[1]
 # What each archive carries besides the model: the TorchServe adapter and the serving core.
 PACKAGES = {"handlers": ("__init__.py", "listing_handler.py"),
-            "serving": ("__init__.py", "core.py", "model_kinds.py", "settings.py", "files.py",
+            "serving": ("__init__.py", "core.py", "exported.py", "model_kinds.py", "settings.py", "files.py",
                         "processing.py", "budget.py", "payloads.py", "protocols.py")}
 MODELS = MODEL_KINDS
 # What the handlers need in the serving image; the KServe runtime image installs the same file.

@@ -27,8 +27,8 @@ from scripts.bench_report import BATCH_SIZES, CONCURRENCY, markdown, write_repor
 from scripts.harness import served
 from scripts.load import make_request
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
-from serving.core import optimise_for_device
-from serving.model_kinds import IMAGE, MODEL_KINDS, model_kind
+from serving.exported import ExportedModel, optimise_for_device
+from serving.model_kinds import IMAGE, MODEL_KINDS
 from serving.processing import (
     decode_image,
     fit_to_square,
@@ -38,7 +38,6 @@ from serving.processing import (
     model_image_from_bytes,
     model_inputs,
 )
-from serving.settings import ModelSettings
 
 ROOT = serve.ROOT
 
@@ -61,13 +60,10 @@ class Inputs:
 
     def __init__(self, model: str, folder: Path, count: int, seed: int = 0):
         rng = random.Random(seed)
-        self.model, self.kind, self.settings = model, model_kind(model), ModelSettings.load(folder)
+        exported = ExportedModel.load(folder)
+        self.model, self.kind, self.settings = model, exported.kind, exported.settings
         self.requests = [make_request(model, rng) for _ in range(count)]
-        self.tokenizer = None
-        if self.kind.uses_text:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        self.tokenizer = exported.tokenizer
 
     def photo(self, index: int) -> bytes:
         request = self.requests[index]
@@ -92,10 +88,9 @@ class Inputs:
 def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds: float) -> dict:
     """In-process TorchScript items/s per batch size, inputs prepared beforehand."""
     torch.set_num_threads(threads)
-    scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
     # the model exactly as the handler runs it
     enabled = MODEL_HANDLER_OPTIONS.get(model, {}).get("optimize_for_inference", False)
-    scripted = optimise_for_device(scripted, torch.device("cpu"), enabled)
+    scripted = ExportedModel.load(folder, optimize_for_inference=enabled).model
     rates = {}
     with torch.inference_mode():
         for size in BATCH_SIZES:
@@ -115,13 +110,12 @@ def layout_trials(model: str, folder: Path, inputs: Inputs, threads: int, second
     optimize_for_inference, and (image branch) channels-last inputs and weights on top."""
     torch.set_num_threads(threads)
     batches = inputs.batches(batch)
-    plain = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    plain = ExportedModel.load(folder).model
     variants = {"plain": (plain, batches),
                 "optimize_for_inference": (optimise_for_device(plain, torch.device("cpu"), True), batches)}
     if inputs.kind.uses_image:
         last = [(b[0].contiguous(memory_format=torch.channels_last), *b[1:]) for b in batches]
-        weights = torch.jit.load(str(folder / "model.pt"), map_location="cpu").to(
-            memory_format=torch.channels_last)
+        weights = ExportedModel.load(folder).model.to(memory_format=torch.channels_last)
         variants["channels_last"] = (weights, last)
         variants["optimize_for_inference+channels_last"] = (
             optimise_for_device(weights, torch.device("cpu"), True), last)

@@ -16,28 +16,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from serving.processing import model_image_from_bytes, model_inputs
-from serving.settings import ModelSettings
+from serving.exported import ExportedModel
+from serving.processing import model_image_from_bytes
 
 TEXT = "Sony PS4 Pro 1TB with two controllers and five games, boxed, collection only. " * 3
 BATCH = 4
 
 
 def items_per_second(folder: Path, seconds: float) -> float:
-    settings = ModelSettings.load(folder)
-    model = torch.jit.load(str(folder / "model.pt"), map_location="cpu").eval()
-    tokenizer = None
-    if settings.text:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    exported = ExportedModel.load(folder)
+    model, settings = exported.model, exported.settings
     images = None
-    if settings.image:
+    if exported.kind.uses_image:
         photo = io.BytesIO()
         Image.new("RGB", (1000, 750), (120, 40, 200)).save(photo, "JPEG")
         images = [model_image_from_bytes(photo.getvalue(), settings.image.size)] * BATCH
-    inputs = model_inputs(settings.model, images, [TEXT] * BATCH if tokenizer else None, tokenizer,
-                          settings.text)
+    inputs = exported.inputs(images, [TEXT] * BATCH if exported.kind.uses_text else None)
     with torch.inference_mode():
         for _ in range(3):
             model(*inputs)

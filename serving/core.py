@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from serving.budget import Cost, WorkBudget, admit, batch_full, check_request
-from serving.model_kinds import model_kind
+from serving.exported import ExportedModel
 from serving.payloads import DEFAULT_MAX_PHOTOS, Listing
 from serving.processing import (
     DEFAULT_MAX_PIXELS,
@@ -40,7 +40,6 @@ from serving.processing import (
     text_inputs,
 )
 from serving.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
-from serving.settings import LABELS_FILE, ModelSettings, read_index_to_name
 
 logger = logging.getLogger(__name__)
 
@@ -133,19 +132,6 @@ def device_for(gpu_id: int | str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def optimise_for_device(model, device: torch.device, enabled: bool):
-    """Freeze and apply optimize_for_inference (conv-BN folding, oneDNN kernels) on CPU.
-
-    Only on CPU: the oneDNN layout it chooses does not run on CUDA. Whether it pays is measured
-    per model by `make bench` (docs/benchmark.md); the archives turn it on where it did.
-    """
-    if not enabled or device.type != "cpu":
-        return model
-    methods = ["text_only"] if hasattr(model, "text_only") else []  # besides forward
-    frozen = torch.jit.freeze(model.eval(), preserved_attrs=methods)
-    return torch.jit.optimize_for_inference(frozen, other_methods=methods)
-
-
 class ListingService:
     """One exported model, served: batch-aware, every request parsed on its own, bad ones
     refused with a status and an `error` body, the good ones through the model together."""
@@ -154,31 +140,21 @@ class ListingService:
                  device: torch.device | None = None, model_name: str = "", model_version: str | None = None):
         self.model_dir, self.options = Path(model_dir), options or ServingOptions()
         self.device = device or torch.device("cpu")
-        self.settings = ModelSettings.load(self.model_dir)
-        self.kind = model_kind(self.settings.model)
-        self.needs = self.kind.needs
-        self.index_to_name = read_index_to_name(self.model_dir / LABELS_FILE, self.settings.num_classes)
-        self.class_names = [self.index_to_name[str(i)] for i in range(self.settings.num_classes)]
+        exported = ExportedModel.load(self.model_dir, self.device, self.options.optimize_for_inference)
+        self.settings, self.kind, self.model = exported.settings, exported.kind, exported.model
+        self.index_to_name, self.class_names = exported.index_to_name, exported.class_names
+        self.needs, self.tokenizer = self.kind.needs, exported.tokenizer
         self.model_name, self.model_version = model_name or self.model_dir.name, model_version
-        model = torch.jit.load(str(self.model_dir / "model.pt"), map_location=self.device).eval()
-        self.model = optimise_for_device(model, self.device, self.options.optimize_for_inference)
         self.autocast = self.device.type == "cuda" and self.options.autocast
         # a combined listing without photos is answered by the text branch, where exported
         self.answers_text_only = self.settings.text_only_temperature is not None and \
             hasattr(self.model, "text_only")
-        self.tokenizer = self.load_tokenizer() if self.kind.uses_text else None
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
 
     @property
     def budget(self) -> WorkBudget:
         return self.options.budget
-
-    def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.model_dir / self.settings.text.tokenizer),
-                                             local_files_only=True)
 
     # ------------------------------------------------------------ the three steps
     def handle(self, requests: list[Request]) -> list[Answer]:

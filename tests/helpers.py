@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from scripts import serve
+from serving.exported import ExportedModel
+from serving.model_kinds import TEXT
 from serving.processing import free_text, model_image_from_bytes, model_inputs
-from serving.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "marketplace"
@@ -37,26 +38,19 @@ def in_process(artifacts: Path, model: str, image: bytes | list[bytes] | None, t
     """The exported TorchScript's answer for the same listing, without the server, written out
     step by step: each photo through the model, the mean of their log-probabilities, softmax
     over the temperature; a combined listing without photos through `text_only`."""
-    folder = artifacts / model
-    settings = ModelSettings.load(folder)
+    exported = ExportedModel.load(artifacts / model)
+    settings, tokenizer, scripted = exported.settings, exported.tokenizer, exported.model
     photos = [image] if isinstance(image, bytes) else list(image or [])
-    tokenizer = None
-    if text is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    scripted = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
-    rows = photos if model != "text" else [None]
+    rows = photos if exported.kind.per_photo else [None]
     with torch.inference_mode():
-        if model == "combined" and not photos:
-            inputs = model_inputs("text", None, [free_text(text)], tokenizer, settings.text)
+        if exported.kind.answers_text_only and not photos:
+            inputs = model_inputs(TEXT, None, [free_text(text)], tokenizer, settings.text)
             logits = scripted.text_only(*inputs)
             return torch.softmax(torch.log_softmax(logits, 1) / settings.text_only_temperature, 1)[0]
         log_probabilities = []
         for row in rows:
             images = [model_image_from_bytes(row, settings.image.size)] if row is not None else None
-            inputs = model_inputs(model, images, [free_text(text)] if text is not None else None,
-                                  tokenizer, settings.text)
+            inputs = exported.inputs(images, [free_text(text)] if text is not None else None)
             log_probabilities.append(torch.log_softmax(scripted(*inputs), 1)[0])
         mean = torch.stack(log_probabilities).mean(0)
         return torch.softmax(mean / settings.temperature, 0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from serving.exported import ExportedModel
 from serving.payloads import parse_request
 from serving.processing import InputError
-from serving.settings import ModelSettings
 from tests.helpers import FakeContext, handler_dir
 
 NAMES = 13
@@ -120,8 +120,8 @@ def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifa
     handler = handlers_in_process["image"]
     photo = jpeg((1000, 750), (20, 120, 220))
     answer = handler.handle([{"body": photo}], FakeContext(handler_dir(handler), ["image/jpeg"]))[0]
-    scripted = torch.jit.load(str(artifacts / "image" / "model.pt"), map_location="cpu")
-    settings = ModelSettings.load(artifacts / "image")
+    exported = ExportedModel.load(artifacts / "image")
+    scripted, settings = exported.model, exported.settings
     assert settings.temperature > 0
     with torch.inference_mode():
         logits = scripted(model_image_from_bytes(photo, settings.image.size)[None])
