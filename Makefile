@@ -87,21 +87,21 @@ stop: install
 
 # Both engines in one run on the same inputs (docs/engines.md).
 bench-engines: install engine-venv
-	$(PY) -m scripts.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
+	$(PY) -m benchmarks.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
 bench: install
-	$(PY) scripts/bench.py
+	$(PY) -m benchmarks.bench
 
 soak: install
-	$(PY) scripts/soak.py --minutes $(or $(SOAK_MINUTES),10)
+	$(PY) -m benchmarks.soak --minutes $(or $(SOAK_MINUTES),10)
 
 # The work budget measured: the largest admitted requests, one core, alone and four to a batch.
 budget: install
-	$(PY) -m scripts.budget_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
+	$(PY) -m benchmarks.budget_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
 # The outside test's mixed run: 16 ordinary clients and every hostile request among them.
 hostile-mix: install
-	$(PY) -m scripts.hostile_mix --artifacts-dir $(or $(ARTIFACTS),artifacts) --minutes $(or $(MINUTES),3)
+	$(PY) -m benchmarks.hostile_mix --artifacts-dir $(or $(ARTIFACTS),artifacts) --minutes $(or $(MINUTES),3)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,7 @@ WebPs, a 300 KB progressive JPEG that repeats one scan thousands of times, or 32
 So each request, and each batch a worker runs, has a budget of photos (model rows) and of
 decoded pixels, and each JPEG a cap on its scans; all are read from the photos' headers before
 any photo is decoded. The defaults keep the largest admitted batch well inside the 60 s response
-timeout on one core (`python -m scripts.budget_bench`; docs/benchmark.md).
+timeout on one core (`python -m benchmarks.budget_bench`; docs/benchmark.md).
 """
 
 from __future__ import annotations

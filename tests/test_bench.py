@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from scripts import bench, bench_report
+from benchmarks import bench, bench_report
 
 
 @pytest.mark.serving
@@ -35,7 +35,7 @@ def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, t
 
 
 def test_model_speed_measures_every_exported_model(artifacts, capsys):
-    from scripts import model_speed
+    from benchmarks import model_speed
 
     folders = [artifacts / kind for kind in ("image", "text", "combined")]
     assert model_speed.main([*map(str, folders), "--seconds", "0.2"]) == 0

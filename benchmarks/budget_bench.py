@@ -1,7 +1,7 @@
 """The work budget, measured: the largest requests the limits admit, each answered by a worker
 with one thread, alone and four to a batch, against half the response timeout.
 
-Usage: python -m scripts.budget_bench [--artifacts-dir artifacts] [--out reports/budget]
+Usage: python -m benchmarks.budget_bench [--artifacts-dir artifacts] [--out reports/budget]
 Writes budget.json and budget.md under --out and prints the table. The worker runs with one
 thread (`handler.threads: 1`), so each figure is the time of one core.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.harness import missing_exports, temporary_server
+from benchmarks.load import sample_photo, sample_text
 from scripts import serve
-from scripts.harness import missing_exports, temporary_server
 from scripts.hostile import lossless_webp, progressive_jpeg, v1, v1_photos
-from scripts.load import sample_photo, sample_text
 from serving.budget import WorkBudget
 from serving.config import MODEL_CONFIG
 from serving.model_kinds import MODEL_KINDS, model_kind

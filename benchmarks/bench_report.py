@@ -1,7 +1,7 @@
 """The benchmark's report: the markdown tables and the chart, made from benchmark.json, so that
 the published figures come from a measured run and can be made again from it.
 
-Usage: python -m scripts.bench_report [reports/benchmark/benchmark.json]
+Usage: python -m benchmarks.bench_report [reports/benchmark/benchmark.json]
 Rewrites benchmark.md and benchmark.png beside the JSON and prints the table.
 """
 

@@ -8,9 +8,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.load import make_request, run_load
 from scripts import serve
 from scripts.archive import build_archive
-from scripts.load import make_request, run_load
 
 ROOT = serve.ROOT
 

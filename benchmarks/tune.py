@@ -1,6 +1,6 @@
 """Served throughput and p99 at concurrency 16 over a grid of workers x batch size, repeated.
 
-Usage: python scripts/tune.py [--workers 1 2] [--batch-sizes 1 4] [--repeats 2] [--requests 256]
+Usage: python -m benchmarks.tune [--workers 1 2] [--batch-sizes 1 4] [--repeats 2] [--requests 256]
 Writes reports/benchmark/tuning.{json,md} and prints the table. This is how the per-model
 settings in scripts/archive.py were chosen; configurations alternate so drift hits them all.
 """
@@ -13,7 +13,7 @@ import statistics
 import warnings
 from pathlib import Path
 
-from scripts.harness import ROOT, served
+from benchmarks.harness import ROOT, served
 from serving.config import MODEL_CONFIG
 from serving.model_kinds import MODEL_KINDS as MODELS
 

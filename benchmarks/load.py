@@ -1,6 +1,6 @@
 """A bounded load generator for the served models: N requests at concurrency C, over REST.
 
-Usage: python scripts/load.py --model text --requests 200 --concurrency 16 [--max-seconds 60]
+Usage: python -m benchmarks.load --model text --requests 200 --concurrency 16 [--max-seconds 60]
 Prints throughput (items/s), p50/p95/p99 latency (ms) and the error count as JSON.
 """
 

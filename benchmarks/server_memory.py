@@ -1,7 +1,7 @@
 """Memory of a whole TorchServe (frontend JVM and every worker) serving archives, after warm-up
 requests: what a container's memory request and limit must hold.
 
-Usage: python -m scripts.server_memory [--model-store model_store] [--requests 8]
+Usage: python -m benchmarks.server_memory [--model-store model_store] [--requests 8]
 Starts a server from config.properties on free ports, prints one JSON line (MiB), stops it.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.load import make_request, post_payload
 from scripts import serve
-from scripts.load import make_request, post_payload
 from serving.model_kinds import MODEL_KINDS
 
 ROOT = serve.ROOT

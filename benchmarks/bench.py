@@ -1,6 +1,6 @@
 """Benchmark: the model's own speed, the served speed (batching on and off) and a naive baseline.
 
-Usage: python scripts/bench.py [--artifacts-dir artifacts] [--checkpoint-dir checkpoints]
+Usage: python -m benchmarks.bench [--artifacts-dir artifacts] [--checkpoint-dir checkpoints]
        [--out reports/benchmark] [--scale 1.0]
 Writes benchmark.json, benchmark.md and benchmark.png under --out and prints the table. Every
 compared pair is measured in the same run; the figures are items per second.
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_report import BATCH_SIZES, CONCURRENCY, markdown, write_report
+from benchmarks.harness import served
+from benchmarks.load import make_request
 from scripts import serve
-from scripts.bench_report import BATCH_SIZES, CONCURRENCY, markdown, write_report
-from scripts.harness import served
-from scripts.load import make_request
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
 from serving.exported import ExportedModel, optimise_for_device
 from serving.model_kinds import IMAGE, MODEL_KINDS

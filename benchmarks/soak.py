@@ -2,7 +2,7 @@
 bounded time. Reports requests, errors and p99 latency per minute, worker memory at start and
 end, and whether /ping stayed healthy.
 
-Usage: python scripts/soak.py [--minutes 10] [--rate-share 1.0] [--out reports/soak]
+Usage: python -m benchmarks.soak [--minutes 10] [--rate-share 1.0] [--out reports/soak]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.harness import temporary_server
+from benchmarks.load import make_request, post_payload
 from scripts import serve
-from scripts.harness import temporary_server
-from scripts.load import make_request, post_payload
 from serving.config import MODEL_CONFIG
 from serving.model_kinds import MODEL_KINDS
 

@@ -3,7 +3,7 @@ one more client sends every hostile request (scripts/hostile.py) and the largest
 work budget admits among them, against a fresh TorchServe with the shipped batching, workers and
 timeouts.
 
-Usage: python -m scripts.hostile_mix [--artifacts-dir artifacts] [--clients 16] [--minutes 3]
+Usage: python -m benchmarks.hostile_mix [--artifacts-dir artifacts] [--clients 16] [--minutes 3]
        [--out reports/hostile_mix]
 Passes when no ordinary request fails, every hostile one is refused with a 4xx and every largest
 admitted one answered (a 503 to retry allowed for both), and no worker was restarted. Writes
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.budget_bench import requests_for
+from benchmarks.harness import missing_exports, temporary_server
+from benchmarks.load import make_request, post_payload
 from scripts import serve
-from scripts.budget_bench import requests_for
-from scripts.harness import missing_exports, temporary_server
 from scripts.hostile import Trigger, round_one, triggers
-from scripts.load import make_request, post_payload
 from serving.budget import WorkBudget
 from serving.config import MODEL_CONFIG
 from serving.model_kinds import MODEL_KINDS
@@ -82,7 +82,7 @@ def hostile_client(base: str, token: str, corpus: dict[str, Trigger], until: flo
 
 
 def largest_admitted(budget: WorkBudget) -> dict[str, Trigger]:
-    """The dearest requests the budget lets through (scripts/budget_bench.py): answered, or 503
+    """The dearest requests the budget lets through (python -m benchmarks.budget_bench): answered, or 503
     when a batch-mate took the batch's budget."""
     return {f"largest admitted, {model}: {name}": Trigger(model, body, "application/json", frozenset({200}))
             for model in MODEL_KINDS for name, body in requests_for(model, budget).items()}

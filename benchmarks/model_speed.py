@@ -1,6 +1,6 @@
 """In-process items/s of exported models at batch 4 on one thread (what one serving worker gets).
 
-Usage: python scripts/model_speed.py artifacts/image artifacts/real/image ... [--seconds 8]
+Usage: python -m benchmarks.model_speed artifacts/image artifacts/real/image ... [--seconds 8]
 The inputs are prepared beforehand (decoding and tokenizing are not timed); `make bench` measures
 the served figures.
 """

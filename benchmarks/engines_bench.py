@@ -1,7 +1,7 @@
 """Both engines in one run, with the same harness and the same inputs: install size, cold start,
 memory with the three models, and served items/s and p99 at concurrency 1, 4 and 16 per model.
 
-Usage: python -m scripts.engines_bench [--artifacts-dir artifacts] [--seconds 15] [--out reports/engines]
+Usage: python -m benchmarks.engines_bench [--artifacts-dir artifacts] [--seconds 15] [--out reports/engines]
 Each engine serves the same exported folders with 2 workers (replicas) per model, one thread
 each, batches of up to 4 gathered for 10 ms; both get KServe v1 bodies (one listing: a
 1000x750 photo and/or a text). Writes engines.json and engines.md under --out.
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.harness import missing_exports, temporary_server
+from benchmarks.load import run_load, sample_photo, sample_text
+from benchmarks.server_memory import server_rss_mib
 from scripts import serve
-from scripts.harness import missing_exports, temporary_server
-from scripts.load import run_load, sample_photo, sample_text
-from scripts.server_memory import server_rss_mib
 from serving.config import MODEL_CONFIG
 from serving.model_kinds import MODEL_KINDS, model_kind
 
@@ -35,7 +35,7 @@ MIB = 1024 * 1024
 
 
 def v1_payloads(model: str, count: int, seed: int = 0) -> list[dict]:
-    """KServe v1 bodies of one listing each, as scripts/load.py sends them."""
+    """KServe v1 bodies of one listing each, as python -m benchmarks.load sends them."""
     rng, payloads = random.Random(seed), []
     for _ in range(count):
         kind = model_kind(model)
