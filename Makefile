@@ -89,8 +89,12 @@ stop: install
 bench-engines: install engine-venv
 	$(PY) -m scripts.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
+# make bench: TorchServe's full benchmark; make bench ENGINE=kserve_ray: the same served load
+# (items/s, p99, cold start, RSS) on the second engine alone.
 bench: install
-	$(PY) scripts/bench.py
+	@if [ "$(ENGINE)" = torchserve ]; then $(PY) scripts/bench.py; else \
+	  $(MAKE) engine-venv && $(PY) -m scripts.engines_bench --engines $(ENGINE) \
+	    --artifacts-dir $(or $(ARTIFACTS),artifacts) --out reports/bench-$(ENGINE); fi
 
 soak: install
 	$(PY) scripts/soak.py --minutes $(or $(SOAK_MINUTES),10)
