@@ -89,8 +89,12 @@ stop: install
 bench-engines: install engine-venv
 	$(PY) -m benchmarks.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
+# make bench: TorchServe's full benchmark; make bench ENGINE=kserve_ray: the same served load
+# (items/s, p99, cold start, RSS) on the second engine alone.
 bench: install
-	$(PY) -m benchmarks.bench
+	@if [ "$(ENGINE)" = torchserve ]; then $(PY) -m benchmarks.bench; else \
+	  $(MAKE) engine-venv && $(PY) -m benchmarks.engines_bench --engines $(ENGINE) \
+	    --artifacts-dir $(or $(ARTIFACTS),artifacts) --out reports/bench-$(ENGINE); fi
 
 soak: install
 	$(PY) -m benchmarks.soak --minutes $(or $(SOAK_MINUTES),10)

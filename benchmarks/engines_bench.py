@@ -2,9 +2,12 @@
 memory with the three models, and served items/s and p99 at concurrency 1, 4 and 16 per model.
 
 Usage: python -m benchmarks.engines_bench [--artifacts-dir artifacts] [--seconds 15] [--out reports/engines]
+       [--engines torchserve kserve_ray]
 Each engine serves the same exported folders with 2 workers (replicas) per model, one thread
 each, batches of up to 4 gathered for 10 ms; both get KServe v1 bodies (one listing: a
-1000x750 photo and/or a text). Writes engines.json and engines.md under --out.
+1000x750 photo and/or a text). With both engines it also checks that they answer the same
+listings with the same probabilities (the largest difference is in the table). Writes engines.json
+and engines.md under --out. `make bench ENGINE=kserve_ray` runs it for the second engine alone.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from serving.model_kinds import MODEL_KINDS, model_kind
 ROOT = serve.ROOT
 CONCURRENCIES = (1, 4, 16)
 MIB = 1024 * 1024
+ENGINES = {"torchserve": "TorchServe 0.12.0", "kserve_ray": "KServe 0.21.0 + Ray Serve 2.60.0"}
+COMPARED_LISTINGS = 32  # per model, answered by both engines
 
 
 def v1_payloads(model: str, count: int, seed: int = 0) -> list[dict]:
@@ -104,39 +109,78 @@ def load_models(url: str, token: str | None, models: list[str], seconds: float) 
     return results
 
 
-def run(artifacts: Path, models: list[str], seconds: float) -> dict:
+def listing_answers(url: str, token: str | None, models: list[str]) -> dict[str, list[dict]]:
+    """Each model's probabilities for the same COMPARED_LISTINGS listings (seed 1), one request each."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    answers = {}
+    for model in models:
+        answers[model] = []
+        for payload in v1_payloads(model, COMPARED_LISTINGS, seed=1):
+            response = requests.post(url.format(model=model), data=payload["data"], timeout=120,
+                                     headers=headers | payload["headers"])
+            response.raise_for_status()
+            answers[model].append(response.json()["predictions"][0]["probabilities"])
+    return answers
+
+
+def largest_difference(first: list[dict], second: list[dict]) -> float:
+    """The largest difference of one category's probability between two engines' answers."""
+    return max(abs(a[name] - b[name]) for a, b in zip(first, second, strict=True) for name in a)
+
+
+def measure_engine(engine: str, artifacts: Path, models: list[str], seconds: float) -> dict:
+    started = time.monotonic()
+    if engine == "torchserve":
+        with torchserve(artifacts, models) as (url, token, state):
+            ready = time.monotonic() - started
+            answers = listing_answers(url, token, models)
+            served = load_models(url, token, models, seconds)
+            rss = server_rss_mib(state.resolve())["total_mib"]
+    else:
+        with kserve_ray(artifacts) as (url, root):
+            ready = time.monotonic() - started
+            answers = listing_answers(url, None, models)
+            served = load_models(url, None, models, seconds)
+            rss = tree_rss_mib(root)
+    return {"cold_start_s": round(ready, 1), "rss_mib": rss, "served": served, "answers": answers}
+
+
+def run(artifacts: Path, models: list[str], seconds: float, engines: tuple[str, ...] = tuple(ENGINES)
+        ) -> dict:
     report = {"install_mib": install_sizes(), "engines": {}}
-    started = time.monotonic()
-    with torchserve(artifacts, models) as (url, token, state):
-        ready = time.monotonic() - started
-        served = load_models(url, token, models, seconds)
-        report["engines"]["torchserve"] = {"cold_start_s": round(ready, 1),
-                                           "rss_mib": server_rss_mib(state.resolve())["total_mib"],
-                                           "served": served}
-    started = time.monotonic()
-    with kserve_ray(artifacts) as (url, root):
-        ready = time.monotonic() - started
-        served = load_models(url, None, models, seconds)
-        report["engines"]["kserve_ray"] = {"cold_start_s": round(ready, 1), "rss_mib": tree_rss_mib(root),
-                                           "served": served}
+    for engine in engines:
+        report["engines"][engine] = measure_engine(engine, artifacts, models, seconds)
+    if len(engines) == 2:
+        first, second = (report["engines"][engine]["answers"] for engine in engines)
+        report["largest_answer_difference"] = {model: largest_difference(first[model], second[model])
+                                               for model in models}
     return report
 
 
 def markdown(report: dict, models: list[str]) -> str:
     engines = report["engines"]
-    lines = ["| | TorchServe 0.12.0 | KServe 0.21.0 + Ray Serve 2.60.0 |", "|---|---|---|",
-             f"| install beside torch (MiB) | {report['install_mib']['torchserve']} (packages + Java 17) | "
-             f"{report['install_mib']['kserve_ray']} |",
-             f"| cold start, three models (s) | {engines['torchserve']['cold_start_s']} | "
-             f"{engines['kserve_ray']['cold_start_s']} |",
-             f"| RSS after the run, all processes (MiB) | {engines['torchserve']['rss_mib']} | "
-             f"{engines['kserve_ray']['rss_mib']} |"]
+    names = list(engines)
+    notes = {"torchserve": " (packages + Java 17)", "kserve_ray": ""}
+    lines = [f"| | {' | '.join(ENGINES[name] for name in names)} |", "|---|" + "---|" * len(names),
+             "| install beside torch (MiB) | "
+             + " | ".join(f"{report['install_mib'][name]}{notes[name]}" for name in names) + " |",
+             f"| cold start, {len(models)} models (s) | "
+             + " | ".join(str(engines[name]["cold_start_s"]) for name in names) + " |",
+             "| RSS after the run, all processes (MiB) | "
+             + " | ".join(str(engines[name]["rss_mib"]) for name in names) + " |"]
     for model in models:
         for concurrency in CONCURRENCIES:
-            cells = [engines[name]["served"][model][concurrency] for name in ("torchserve", "kserve_ray")]
+            cells = [engines[name]["served"][model][concurrency] for name in names]
             shown = [f"{cell['throughput']}, {cell['p99_ms']:.0f}" +
                      (f" ({cell['errors']} errors)" if cell["errors"] else "") for cell in cells]
             lines.append(f"| {model}, c={concurrency}: items/s, p99 ms | {' | '.join(shown)} |")
+    if "largest_answer_difference" in report:
+        differences = ", ".join(f"{model} {value:.1e}"
+                                for model, value in report["largest_answer_difference"].items())
+        lines.append(f"| same {COMPARED_LISTINGS} listings per model: largest probability difference | "
+                     f"{differences} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--seconds", type=float, default=15, help="per model and concurrency")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "engines")
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     args = parser.parse_args(argv)
     models = list(MODEL_KINDS)
     error = missing_exports(args.artifacts_dir, models)
-    if error or not serve.ENGINE_PYTHON.exists():
-        print(error or "error: the second engine's environment is missing: make engine-venv", file=sys.stderr)
+    if not error and "kserve_ray" in args.engines and not serve.ENGINE_PYTHON.exists():
+        error = "error: the second engine's environment is missing: make engine-venv"
+    if error:
+        print(error, file=sys.stderr)
         return 2
-    report = run(args.artifacts_dir.resolve(), models, args.seconds)
+    report = run(args.artifacts_dir.resolve(), models, args.seconds, tuple(args.engines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engines.json").write_text(json.dumps(report, indent=2))
     (args.out / "engines.md").write_text(markdown(report, models))

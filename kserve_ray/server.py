@@ -3,11 +3,12 @@ of Ray Serve, whose replicas run the serving core (serving/core.py) and whose `@
 the dynamic batching. No JVM and no TorchServe.
 
 Usage: python -m kserve_ray.server --artifacts-dir artifacts [--models image text combined]
-       [--http-port 8085] [--host 127.0.0.1] [--replicas 2] [--max-batch-size 4] [--batch-wait-ms 10]
-       [--state-dir .serve/ray]
+       [--http-port 8085] [--grpc-port 8086 | --no-grpc] [--host 127.0.0.1] [--replicas 2]
+       [--max-batch-size 4] [--batch-wait-ms 10] [--state-dir .serve/ray]
 Runs in .venv-engine (`make engine-venv`): KServe pins pandas < 3 and protobuf < 7, the project
-newer ones. REST binds to 127.0.0.1 unless --host says otherwise; Ray's own ports need its cluster
-token (SECURITY.md). The runtime image (deploy/kserve/Dockerfile.ray) runs this module.
+newer ones. REST and the Open Inference Protocol's gRPC bind to 127.0.0.1 unless --host says
+otherwise; Ray's own ports need its cluster token (SECURITY.md). The runtime image
+(deploy/kserve/Dockerfile.ray) runs this module.
 Ready (`/v2/models/<m>/ready`) once every replica of the model has loaded it.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MESSAGE_CHARS = 1000
+MAX_GRPC_MESSAGE_BYTES = 20 * 1024 * 1024  # TorchServe's max_request_size in config.properties
 # KServe's model repository API (load/unload without any authentication) and explanations
 HIDDEN_PREFIXES, HIDDEN_SUFFIXES = ("/v2/repository",), (":explain",)
 
@@ -70,23 +72,73 @@ def kserve_model(name: str, handle):
             self.ready = True  # serve.run returned: every replica has loaded the model
 
         async def __call__(self, body, headers=None, verb=None):
+            over_grpc = getattr(body, "from_grpc", False)
             if hasattr(body, "to_rest"):  # an Open Inference Protocol request KServe decoded
-                body, _ = body.to_rest()
+                body, _ = body.to_rest()  # over gRPC, BYTES values stay bytes: photos need no base64
                 if not isinstance(body, dict):
                     raise InvalidInput("the binary tensor extension is not accepted: send BYTES inputs "
-                                       "as JSON strings (base64 for photos)")
+                                       "as JSON strings (base64 for photos) or gRPC bytes_contents")
             with PREDICT_HIST_TIME.labels(model_name=name).time():  # KServe's own Prometheus histogram
                 status, answer, _ = await handle.remote(body)
             if status == 503:
                 raise ServerNotReady(answer["error"])
             if status != 200:
                 raise InvalidInput(answer["error"][:MAX_MESSAGE_CHARS])
-            return answer, {}
+            return (grpc_answer(answer) if over_grpc else answer), {}
 
         def load(self) -> bool:
             return self.ready
 
     return ListingModel()
+
+
+def grpc_answer(answer: dict):
+    """The core's v2 answer as KServe's InferResponse, which its gRPC servicer turns into
+    ModelInferResponse tensors (a plain dict only works over REST)."""
+    from kserve.protocol.infer_type import InferOutput, InferResponse
+
+    if "outputs" not in answer:
+        raise ValueError("a gRPC request got an answer that is not Open Inference Protocol v2")
+    outputs = [InferOutput(o["name"], o["shape"], o["datatype"], o["data"]) for o in answer["outputs"]]
+    return InferResponse(answer.get("id", ""), answer["model_name"], outputs,
+                         model_version=answer.get("model_version"), from_grpc=True)
+
+
+def grpc_server(host: str):
+    """KServe's Open Inference Protocol gRPC server bound to `host` (KServe's own binds [::], every
+    interface, with no way to change it), with KServe's servicer and error interceptor but
+    without RepositoryModelLoad/Unload: the gRPC counterpart of hiding `/v2/repository`."""
+    from concurrent import futures
+
+    import grpc
+    from grpc import aio
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+    from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.grpc.servicer import InferenceServicer
+
+    class WithoutRepository(InferenceServicer):
+        async def RepositoryModelLoad(self, request, context):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the model repository API is off")
+
+        async def RepositoryModelUnload(self, request, context):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the model repository API is off")
+
+    class BoundGRPCServer(GRPCServer):
+        async def start(self, max_workers):
+            limits = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+                      ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES)]
+            self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                                      interceptors=(ExceptionToStatusInterceptor(),), options=limits)
+            servicer = WithoutRepository(self._data_plane, self._model_repository_extension)
+            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+            address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+            if self._server.add_insecure_port(address) == 0:
+                raise OSError(f"cannot bind gRPC to {address}")
+            await self._server.start()
+            await self._server.wait_for_termination()
+
+    return BoundGRPCServer
 
 
 def rest_server(host: str):
@@ -120,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--models", nargs="+", default=["image", "text", "combined"])
     parser.add_argument("--http-port", type=int, default=8085)
+    parser.add_argument("--grpc-port", type=int, default=8086,
+                        help="Open Inference Protocol over gRPC (default: %(default)s)")
+    parser.add_argument("--no-grpc", action="store_true", help="REST only")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address of the REST server (a pod: 0.0.0.0, behind its NetworkPolicy)")
+                        help="address of REST and gRPC (a pod: 0.0.0.0, behind its NetworkPolicy)")
     parser.add_argument("--replicas", type=int, default=2, help="replicas per model (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--batch-wait-ms", type=float, default=10)
@@ -154,10 +209,13 @@ def main(argv: list[str] | None = None) -> int:
                                         args.batch_wait_ms / 1000)
         handle = serve.run(deployment.bind(), name=name, route_prefix=None)
         models.append(kserve_model(name, handle))
+    grpc_note = "" if args.no_grpc else f" and grpc://{args.host}:{args.grpc_port}"
     print(f"ready after {time.monotonic() - started:.1f} s: {', '.join(args.models)} on "
-          f"http://{args.host}:{args.http_port}", file=sys.stderr, flush=True)
+          f"http://{args.host}:{args.http_port}{grpc_note}", file=sys.stderr, flush=True)
     kserve.model_server.RESTServer = rest_server(args.host)
-    kserve.model_server.ModelServer(http_port=args.http_port, enable_grpc=False).start(models)
+    kserve.model_server.GRPCServer = grpc_server(args.host)
+    kserve.model_server.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
+                                    enable_grpc=not args.no_grpc).start(models)
     return 0
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import requests
 
-from scripts.serve import ROOT, read_key, read_properties
+from scripts.serve import ENGINE_PYTHON, KSERVE_RAY_GRPC_PORT, ROOT, read_key, read_properties
 from serving.model_kinds import MODEL_KINDS
 
 ENGINES = ("torchserve", "kserve_ray")
@@ -79,6 +80,44 @@ def kserve_v1_predict(base_url: str, model: str, photos: bytes | list[bytes] | N
     return body["predictions"][0]
 
 
+def kserve_grpc_predict(target: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                        top_k: int, timeout: float = 60) -> dict:
+    """The same listing as an Open Inference Protocol gRPC request to the second engine, sent by
+    kserve_ray/grpc_client.py in the engine's environment (KServe's generated messages live there)."""
+    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
+    parameters = {"top_k": top_k} | ({"min_confidence": float(fields["min_confidence"])}
+                                     if "min_confidence" in fields else {})
+    inputs = [{"name": "image", "datatype": "BYTES", "shape": [1, len(photos)],
+               "data": [base64.b64encode(p).decode() for p in photos]}] if photos else []
+    inputs += [{"name": name, "datatype": "BYTES", "shape": [1], "data": [value]}
+               for name, value in fields.items() if name != "min_confidence"]
+    body = {"model": model, "inputs": inputs, "parameters": parameters}
+    if not ENGINE_PYTHON.exists():
+        raise ClientError("the second engine's environment is missing: run `make engine-venv`")
+    run = subprocess.run([str(ENGINE_PYTHON), "-m", "kserve_ray.grpc_client", "--target", target,
+                          "--timeout", str(timeout)], input=json.dumps(body), capture_output=True,
+                         text=True, cwd=ROOT, timeout=timeout + 30)
+    answer = _json(run.stdout.encode())
+    if "code" in answer:
+        raise ClientError(f"gRPC {answer['code']}: {answer.get('details')}")
+    if run.returncode != 0 or "outputs" not in answer:
+        raise ClientError(f"gRPC: {run.stderr.strip().splitlines()[-1:] or answer}")
+    return first_listing(answer)
+
+
+def first_listing(answer: dict) -> dict:
+    """The first listing of an Open Inference Protocol answer, shaped like the REST answer."""
+    outputs = {output["name"]: output["data"] for output in answer["outputs"]}
+    k = len(outputs["top_categories"]) // len(outputs["category"])
+    result = {"category": outputs["category"][0], "probability": outputs["probability"][0],
+              "needs_review": outputs["needs_review"][0],
+              "top_k": [{"category": c, "probability": p} for c, p in
+                        zip(outputs["top_categories"][:k], outputs["top_probabilities"][:k], strict=True)]}
+    if "photos" in outputs:
+        result["photos"] = outputs["photos"][0]
+    return result
+
+
 def grpc_stubs():
     try:
         import inference_pb2
@@ -133,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--description", help="product description")
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     parser.add_argument("--engine", choices=ENGINES, default="torchserve",
-                        help="the engine serving the models (kserve_ray: REST v1 at --engine-url)")
+                        help="the engine serving the models (kserve_ray: REST v1 at --engine-url, "
+                             "gRPC at --engine-grpc)")
     parser.add_argument("--engine-url", default=KSERVE_RAY_URL)
+    parser.add_argument("--engine-grpc", default=f"127.0.0.1:{KSERVE_RAY_GRPC_PORT}")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--min-confidence", type=float,
                         help="file automatically at or above this probability (default: the "
@@ -149,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         fields = text_fields(args.text, args.name, args.description)
         if args.min_confidence is not None:
             fields["min_confidence"] = str(args.min_confidence)
-        if args.engine == "kserve_ray":
+        if args.engine == "kserve_ray" and args.protocol == "grpc":
+            answer = kserve_grpc_predict(args.engine_grpc, args.model, image, fields, args.top_k)
+        elif args.engine == "kserve_ray":
             answer = kserve_v1_predict(args.engine_url, args.model, image, fields, args.top_k)
         elif args.protocol == "rest":
             answer = rest_predict(properties["inference_address"], args.model, image, fields,

@@ -190,12 +190,14 @@ def wait_ready(properties: dict, key_file: Path | None, timeout: float, state_di
 
 ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
 KSERVE_RAY_PORT = 8085
+KSERVE_RAY_GRPC_PORT = 8086
 
 
 def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PORT, replicas: int = 2,
-                     timeout: float = 600, batch_size: int = 4, batch_wait_ms: float = 10) -> dict:
+                     timeout: float = 600, batch_size: int = 4, batch_wait_ms: float = 10,
+                     grpc_port: int | None = KSERVE_RAY_GRPC_PORT) -> dict:
     """Start the second engine in the background from the exported folders and wait until every
-    model is loaded (`/v2/health/ready`)."""
+    model is loaded (`/v2/health/ready`). `grpc_port` None: REST only."""
     if not ENGINE_PYTHON.exists():
         raise ServeError("the second engine's environment is missing: run `make engine-venv`")
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +206,7 @@ def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PO
                str(Path(artifacts).resolve()), "--http-port", str(port), "--replicas", str(replicas),
                "--max-batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
                "--state-dir", str(state_dir / "ray")]
+    command += ["--no-grpc"] if grpc_port is None else ["--grpc-port", str(grpc_port)]
     with log.open("w") as sink:
         process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -212,7 +215,8 @@ def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PO
     while process.poll() is None and time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/v2/health/ready", timeout=5).ok:
-                return {"rest": url, "pid": process.pid, "log": str(log)}
+                grpc = None if grpc_port is None else f"127.0.0.1:{grpc_port}"
+                return {"rest": url, "grpc": grpc, "pid": process.pid, "log": str(log)}
         except requests.ConnectionError:
             pass
         time.sleep(0.5)

@@ -51,9 +51,12 @@ def kserve_ray(artifacts):
     if not serve.ENGINE_PYTHON.exists():
         pytest.skip("the second engine's environment is missing: make engine-venv (make test builds it)")
     port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
+    grpc_port = serve.free_port()
     try:
-        serve.start_kserve_ray(artifacts, state, port=port, replicas=1, timeout=READY_TIMEOUT)
-        yield {"base": f"http://127.0.0.1:{port}", "port": port, "state": state}
+        started = serve.start_kserve_ray(artifacts, state, port=port, replicas=1, timeout=READY_TIMEOUT,
+                                         grpc_port=grpc_port)
+        yield {"base": f"http://127.0.0.1:{port}", "port": port, "state": state,
+               "grpc": started["grpc"], "grpc_port": grpc_port}
     finally:
         serve.stop_kserve_ray(state)
         shutil.rmtree(state, ignore_errors=True)
@@ -131,13 +134,19 @@ def test_hostile_requests_get_4xx_json_and_their_batch_mates_are_answered(engine
     assert engine.workers() == before
 
 
-def test_the_second_engine_keeps_the_security_defaults(kserve_ray):
+def listening_addresses(port: int) -> set[str]:
+    """The addresses a port listens on, as /proc/net/tcp{,6} writes them."""
     listening = [line for table in ("/proc/net/tcp", "/proc/net/tcp6")
                  for line in Path(table).read_text().splitlines()[1:]]
-    port = f"{kserve_ray['port']:04X}"
-    addresses = {line.split()[1].rsplit(":", 1)[0] for line in listening
-                 if line.split()[1].endswith(":" + port) and line.split()[3] == "0A"}  # 0A: LISTEN
-    assert addresses == {"0100007F"}  # 127.0.0.1 only
+    return {line.split()[1].rsplit(":", 1)[0] for line in listening
+            if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"}  # 0A: LISTEN
+
+
+def test_the_second_engine_keeps_the_security_defaults(kserve_ray):
+    assert listening_addresses(kserve_ray["port"]) == {"0100007F"}  # 127.0.0.1 only
+    # gRPC: 127.0.0.1 too (as an IPv4-mapped IPv6 address), not KServe's [::]
+    assert listening_addresses(kserve_ray["grpc_port"]) <= {"0100007F", "0000000000000000FFFF00000100007F"}
+    assert listening_addresses(kserve_ray["grpc_port"])
     base = kserve_ray["base"]
     for path in ("/v2/repository/models/text/unload", "/v2/repository/models/text/load",
                  "/v2/repository/index", "/v1/models/text:explain"):
@@ -158,3 +167,96 @@ def test_the_second_engine_batches_concurrent_requests(kserve_ray):
                    for path in (kserve_ray["state"] / "ray").rglob("worker-*") if path.is_file())
     sizes = [int(size) for size in re.findall(r"batch_size=(\d+) valid", logs)]
     assert sizes and max(sizes) > 1  # Ray Serve's @serve.batch gathered requests, not our code
+
+
+# ---------------------------------------------------------------- Open Inference Protocol over gRPC
+def grpc_answers(kserve_ray, bodies: list[dict]) -> list[dict]:
+    """Each v2 body sent over gRPC by KServe's own generated client (kserve_ray/grpc_client.py)."""
+    run = subprocess.run([str(serve.ENGINE_PYTHON), "-m", "kserve_ray.grpc_client", "--target",
+                          kserve_ray["grpc"]], input=json.dumps(bodies), capture_output=True, text=True,
+                         cwd=serve.ROOT, timeout=600)
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+def v2_probabilities(answer: dict, artifacts, model: str) -> list[list[float]]:
+    """Every listing's probabilities of an Open Inference Protocol answer, in the label order."""
+    outputs = {output["name"]: output for output in answer["outputs"]}
+    names = json.loads((artifacts / model / "index_to_name.json").read_text())
+    classes, flat = outputs["classes"]["data"], outputs["probabilities"]["data"]
+    rows = [flat[row * len(classes):(row + 1) * len(classes)] for row in range(len(flat) // len(classes))]
+    return [[row[classes.index(names[str(i)])] for i in range(len(names))] for row in rows]
+
+
+def test_grpc_answers_equal_the_torchscript_model_and_refusals_stay_per_request(kserve_ray, artifacts):
+    bodies = []
+    for model, photos, text in LISTINGS:
+        inputs = [{"name": "image", "shape": [1, len(photos)], "datatype": "BYTES",
+                   "data": [b64(p) for p in photos]}] if photos else []
+        inputs += [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}] if text else []
+        bodies.append({"model": model, "id": f"listing-{len(bodies)}", "inputs": inputs})
+
+    def one(model: str, name: str, data: list) -> dict:
+        tensor = {"name": name, "shape": [len(data)], "datatype": "BYTES", "data": data}
+        return {"model": model, "inputs": [tensor]}
+
+    refused = [  # each between two good requests on the same channel
+        (one("text", "text", [{"b64": "/w=="}]), "INVALID_ARGUMENT", "UTF-8"),
+        (one("image", "image", ["aGVsbG8="]), "INVALID_ARGUMENT", "not a readable image"),
+        (one("text", "text", ["x"] * 65), "INVALID_ARGUMENT", "1 to 64 listings"),
+        (one("text", "image", [b64(PHOTOS[0])]), "INVALID_ARGUMENT", "text"),
+    ]
+    mixed = [body for pair in zip(bodies, [r[0] for r in refused] + [None] * len(bodies), strict=False)
+             for body in pair if body is not None]
+    answers = grpc_answers(kserve_ray, mixed)
+    by_id = {answer.get("id"): answer for answer in answers if "outputs" in answer}
+    for index, (model, photos, text) in enumerate(LISTINGS):
+        answer = by_id[f"listing-{index}"]
+        (served,) = v2_probabilities(answer, artifacts, model)
+        expected = in_process(artifacts, model, photos, text)
+        assert max(abs(a - b) for a, b in zip(served, expected.tolist(), strict=True)) <= 1e-5
+    refusals = [answer for answer in answers if "code" in answer]
+    assert len(refusals) == len(refused)
+    for answer, (_, code, words) in zip(refusals, refused, strict=True):
+        assert answer["code"] == code and words in answer["details"], answer
+
+
+def test_grpc_has_no_model_repository_and_keeps_the_model(kserve_ray):
+    script = """
+import json, sys, grpc
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb, grpc_predict_v2_pb2_grpc as services
+stub = services.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1]))
+codes = []
+for call, message in ((stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="text")),
+                      (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="text"))):
+    try:
+        call(message, timeout=60)
+        codes.append("OK")
+    except grpc.RpcError as error:
+        codes.append(error.code().name)
+ready = stub.ModelReady(pb.ModelReadyRequest(name="text"), timeout=60).ready
+print(json.dumps({"codes": codes, "ready": ready}))
+"""
+    run = subprocess.run([str(serve.ENGINE_PYTHON), "-c", script, kserve_ray["grpc"]], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == {"codes": ["UNIMPLEMENTED", "UNIMPLEMENTED"], "ready": True}
+
+
+def test_the_cli_reaches_the_second_engine_over_rest_and_grpc(kserve_ray, artifacts, tmp_path, capsys):
+    from scripts import predict
+
+    photo_file = tmp_path / "photo.jpg"
+    photo_file.write_bytes(PHOTOS[0])
+    names = json.loads((artifacts / "combined" / "index_to_name.json").read_text())
+    expected = in_process(artifacts, "combined", [PHOTOS[0]], TEXTS[0])
+    for protocol in ("rest", "grpc"):
+        code = predict.main(["--engine", "kserve_ray", "--protocol", protocol, "--model", "combined",
+                             "--image", str(photo_file), "--text", TEXTS[0],
+                             "--engine-url", kserve_ray["base"], "--engine-grpc", kserve_ray["grpc"]])
+        answer = json.loads(capsys.readouterr().out)
+        assert code == 0 and answer["category"] == names[str(int(expected.argmax()))], (protocol, answer)
+        assert abs(answer["probability"] - float(expected.max())) <= 1e-5 and answer["photos"] == 1
+    assert predict.main(["--engine", "kserve_ray", "--protocol", "grpc", "--model", "text", "--text", "",
+                         "--engine-grpc", kserve_ray["grpc"]]) == 2
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err

@@ -304,3 +304,34 @@ def test_a_multi_photo_listing_through_kserve_gets_one_answer_with_a_review_flag
     too_many = requests.post(f"{kserve['v1']}/v1/models/image:predict", timeout=60, json={"instances": [
         {"images": photos * 6}]})
     assert too_many.status_code == 400 and "at most 10" in too_many.json()["error"]
+
+
+def run_schema_check(*files: Path) -> subprocess.CompletedProcess:
+    if not KSERVE_PYTHON.exists():
+        pytest.skip("KServe's environment is missing: make kserve-venv (make test builds it)")
+    return subprocess.run([str(KSERVE_PYTHON), "-m", "scripts.kserve_schema", *map(str, files)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_every_manifest_passes_the_schemas_of_kserve_and_kubernetes():
+    manifests = sorted(DEPLOY.glob("*.yaml"))
+    result = run_schema_check(*manifests)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    checked = [line for line in result.stdout.splitlines() if ": checked as " in line]
+    assert len(checked) == sum(1 for path in manifests for document in yaml.safe_load_all(path.read_text())
+                               if document and document["kind"] != "Kustomization")
+
+
+def test_the_schema_check_finds_a_misspelt_field_a_wrong_type_and_a_missing_required_one(tmp_path):
+    (runtime,) = documents("serving-runtime-ray.yaml")
+    container = runtime["spec"]["containers"][0]
+    container["imagePullPolcy"] = container.pop("imagePullPolicy", "IfNotPresent")  # misspelt
+    container.pop("name")  # required by Kubernetes' Container
+    runtime["spec"]["supportedModelFormats"][0]["autoSelect"] = "yes"  # a bool
+    broken = tmp_path / "runtime.yaml"
+    broken.write_text(yaml.safe_dump(runtime))
+    result = run_schema_check(broken)
+    assert result.returncode == 1
+    assert "containers[0].imagePullPolcy: not a field of V1Container" in result.stdout
+    assert "autoSelect: expected bool, got str 'yes'" in result.stdout
+    assert "V1Container: name Input should be a valid string" in result.stdout
