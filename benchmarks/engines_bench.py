@@ -40,7 +40,7 @@ COMPARED_LISTINGS = 32  # per model, answered by both engines
 
 
 def v1_payloads(model: str, count: int, seed: int = 0) -> list[dict]:
-    """KServe v1 bodies of one listing each, as python -m benchmarks.load sends them."""
+    """KServe v1 bodies of one listing each, as benchmarks/load.py sends them."""
     rng, payloads = random.Random(seed), []
     for _ in range(count):
         kind = model_kind(model)

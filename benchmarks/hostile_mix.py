@@ -82,7 +82,7 @@ def hostile_client(base: str, token: str, corpus: dict[str, Trigger], until: flo
 
 
 def largest_admitted(budget: WorkBudget) -> dict[str, Trigger]:
-    """The dearest requests the budget lets through (python -m benchmarks.budget_bench): answered, or 503
+    """The dearest requests the budget lets through (benchmarks/budget_bench.py): answered, or 503
     when a batch-mate took the batch's budget."""
     return {f"largest admitted, {model}: {name}": Trigger(model, body, "application/json", frozenset({200}))
             for model in MODEL_KINDS for name, body in requests_for(model, budget).items()}

@@ -1,6 +1,6 @@
 """Requests that cost more work than their size suggests, or break parsers: the corpus of the
 outside hostile-input tests, shared by the served tests, the work-budget benchmark
-(python -m benchmarks.budget_bench) and the mixed run (python -m benchmarks.hostile_mix).
+(benchmarks/budget_bench.py) and the mixed run (benchmarks/hostile_mix.py).
 
 Each builder returns a `Trigger`: the model it is sent to, its body and content type, and the
 statuses an answer may have.

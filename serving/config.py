@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from serving.budget import WorkBudget
 
-# Chosen by measurement (`make bench`, python -m benchmarks.tune); docs/benchmark.md gives the figures.
+# Chosen by measurement (`make bench`, benchmarks/tune.py); docs/benchmark.md gives the figures.
 MODEL_CONFIG = {
     "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 10,
     "responseTimeout": 60, "deviceType": "gpu",
