@@ -2,7 +2,7 @@
 memory with the three models, and served items/s and p99 at concurrency 1, 4 and 16 per model.
 
 Usage: python -m benchmarks.engines_bench [--artifacts-dir artifacts] [--seconds 15] [--out reports/engines]
-       [--engines torchserve kserve_ray]
+       [--engines torchserve kserve_ray] [--data-dir data/real]
 Each engine serves the same exported folders with 2 workers (replicas) per model, one thread
 each, batches of up to 4 gathered for 10 ms; both get KServe v1 bodies (one listing: a
 1000x750 photo and/or a text). With both engines it also checks that they answer the same
@@ -109,15 +109,40 @@ def load_models(url: str, token: str | None, models: list[str], seconds: float) 
     return results
 
 
-def listing_answers(url: str, token: str | None, models: list[str]) -> dict[str, list[dict]]:
-    """Each model's probabilities for the same COMPARED_LISTINGS listings (seed 1), one request each."""
+def held_out_listings(data_dir: Path, count: int) -> list[dict]:
+    """The first `count` test-split listings with photos of a cleaned folder: up to 4 photos
+    (base64) and the text of each, for the comparison of the engines' answers."""
+    from serving.model_kinds import COMBINED
+    from training.data import CleanData
+
+    data = CleanData.load(data_dir)
+    photos = data.samples(COMBINED, "test").groupby("product_id", sort=False)["id"].apply(list)
+    texts = dict(zip(data.products["id"], data.products["text"], strict=True))
+    return [{"images": [base64.b64encode(data.image_path(i).read_bytes()).decode() for i in ids[:4]],
+             "text": texts[product]} for product, ids in list(photos.items())[:count]]
+
+
+def compared_payloads(model: str, listings: list[dict] | None) -> list[dict]:
+    """The bodies both engines answer: held-out listings (only what the model takes), or
+    generated ones (seed 1) without a cleaned folder."""
+    if listings is None:
+        return v1_payloads(model, COMPARED_LISTINGS, seed=1)
+    kind = model_kind(model)
+    taken = [key for key, used in (("images", kind.uses_image), ("text", kind.uses_text)) if used]
+    return [{"data": json.dumps({"instances": [{key: listing[key] for key in taken}]}).encode(),
+             "headers": {"Content-Type": "application/json"}} for listing in listings]
+
+
+def listing_answers(url: str, token: str | None, models: list[str], listings: list[dict] | None = None
+                    ) -> dict[str, list[dict]]:
+    """Each model's probabilities for the same listings (compared_payloads), one request each."""
     import requests
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     answers = {}
     for model in models:
         answers[model] = []
-        for payload in v1_payloads(model, COMPARED_LISTINGS, seed=1):
+        for payload in compared_payloads(model, listings):
             response = requests.post(url.format(model=model), data=payload["data"], timeout=120,
                                      headers=headers | payload["headers"])
             response.raise_for_status()
@@ -130,28 +155,34 @@ def largest_difference(first: list[dict], second: list[dict]) -> float:
     return max(abs(a[name] - b[name]) for a, b in zip(first, second, strict=True) for name in a)
 
 
-def measure_engine(engine: str, artifacts: Path, models: list[str], seconds: float) -> dict:
+def measure_engine(engine: str, artifacts: Path, models: list[str], seconds: float,
+                   listings: list[dict] | None = None) -> dict:
     started = time.monotonic()
     if engine == "torchserve":
         with torchserve(artifacts, models) as (url, token, state):
             ready = time.monotonic() - started
-            answers = listing_answers(url, token, models)
+            answers = listing_answers(url, token, models, listings)
             served = load_models(url, token, models, seconds)
             rss = server_rss_mib(state.resolve())["total_mib"]
     else:
         with kserve_ray(artifacts) as (url, root):
             ready = time.monotonic() - started
-            answers = listing_answers(url, None, models)
+            answers = listing_answers(url, None, models, listings)
             served = load_models(url, None, models, seconds)
             rss = tree_rss_mib(root)
     return {"cold_start_s": round(ready, 1), "rss_mib": rss, "served": served, "answers": answers}
 
 
-def run(artifacts: Path, models: list[str], seconds: float, engines: tuple[str, ...] = tuple(ENGINES)
-        ) -> dict:
-    report = {"install_mib": install_sizes(), "engines": {}}
+def run(artifacts: Path, models: list[str], seconds: float, engines: tuple[str, ...] = tuple(ENGINES),
+        data_dir: Path | None = None) -> dict:
+    """Every engine in turn; with a cleaned folder `data_dir`, the answers are compared on its
+    held-out listings, otherwise on generated ones."""
+    listings = held_out_listings(data_dir, COMPARED_LISTINGS) if data_dir else None
+    compared = f"{len(listings)} test listings of {data_dir}" if listings else \
+        f"{COMPARED_LISTINGS} generated listings"
+    report = {"install_mib": install_sizes(), "engines": {}, "compared_on": compared}
     for engine in engines:
-        report["engines"][engine] = measure_engine(engine, artifacts, models, seconds)
+        report["engines"][engine] = measure_engine(engine, artifacts, models, seconds, listings)
     if len(engines) == 2:
         first, second = (report["engines"][engine]["answers"] for engine in engines)
         report["largest_answer_difference"] = {model: largest_difference(first[model], second[model])
@@ -179,7 +210,7 @@ def markdown(report: dict, models: list[str]) -> str:
     if "largest_answer_difference" in report:
         differences = ", ".join(f"{model} {value:.1e}"
                                 for model, value in report["largest_answer_difference"].items())
-        lines.append(f"| same {COMPARED_LISTINGS} listings per model: largest probability difference | "
+        lines.append(f"| the same {report['compared_on']}: largest probability difference | "
                      f"{differences} | |")
     return "\n".join(lines) + "\n"
 
@@ -190,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15, help="per model and concurrency")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "engines")
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument("--data-dir", type=Path,
+                        help="a cleaned folder whose test listings both engines answer (default: "
+                             "generated listings)")
     args = parser.parse_args(argv)
     models = list(MODEL_KINDS)
     error = missing_exports(args.artifacts_dir, models)
@@ -198,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(error, file=sys.stderr)
         return 2
-    report = run(args.artifacts_dir.resolve(), models, args.seconds, tuple(args.engines))
+    report = run(args.artifacts_dir.resolve(), models, args.seconds, tuple(args.engines), args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engines.json").write_text(json.dumps(report, indent=2))
     (args.out / "engines.md").write_text(markdown(report, models))

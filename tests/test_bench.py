@@ -47,3 +47,16 @@ def test_model_speed_measures_every_exported_model(artifacts, capsys):
 def test_bench_report_names_an_unreadable_report(tmp_path, capsys):
     assert bench_report.main([str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_engines_comparison_sends_each_model_only_what_it_takes(trained):
+    from benchmarks.engines_bench import compared_payloads, held_out_listings, largest_difference
+
+    listings = held_out_listings(trained["data_dir"], 3)
+    assert len(listings) == 3 and all(listing["images"] and listing["text"] for listing in listings)
+    for model, keys in (("image", {"images"}), ("text", {"text"}), ("combined", {"images", "text"})):
+        bodies = [json.loads(payload["data"]) for payload in compared_payloads(model, listings)]
+        assert [set(body["instances"][0]) for body in bodies] == [keys] * 3
+    generated = compared_payloads("text", None)
+    assert generated == compared_payloads("text", None) and len(generated) > 3  # seeded
+    assert largest_difference([{"a": 0.5, "b": 0.5}], [{"a": 0.25, "b": 0.75}]) == 0.25
