@@ -18,8 +18,11 @@ MODEL_FILE = "model.pt"
 
 def optimise_for_device(model: torch.jit.ScriptModule, device: torch.device, enabled: bool
                         ) -> torch.jit.ScriptModule:
-    """Freeze and fuse the TorchScript for CPU inference where that was measured to pay off:
-    per model by `make bench` (docs/benchmark.md); the archives turn it on where it did."""
+    """Freeze and apply optimize_for_inference (conv-BN folding, oneDNN kernels) on CPU.
+
+    Only on CPU: the oneDNN layout it chooses does not run on CUDA. Whether it pays is measured
+    per model by `make bench` (docs/benchmark.md); the archives turn it on where it did.
+    """
     if not enabled or device.type != "cpu":
         return model
     methods = ["text_only"] if hasattr(model, "text_only") else []  # besides forward
