@@ -1,8 +1,10 @@
 """In-process items/s of exported models at batch 4 on one thread (what one serving worker gets).
 
 Usage: python -m benchmarks.model_speed artifacts/image artifacts/real/image ... [--seconds 8]
+       [--listing-photos 1 3 6]
 The inputs are prepared beforehand (decoding and tokenizing are not timed); `make bench` measures
-the served figures.
+the served figures. A combined model exported with `listings` is also measured per listing of
+--listing-photos photos: its text once per listing against forward's text once per photo.
 """
 
 from __future__ import annotations
@@ -23,29 +25,48 @@ TEXT = "Sony PS4 Pro 1TB with two controllers and five games, boxed, collection 
 BATCH = 4
 
 
-def items_per_second(folder: Path, seconds: float) -> float:
-    exported = ExportedModel.load(folder)
-    model, settings = exported.model, exported.settings
-    images = None
-    if exported.kind.uses_image:
-        photo = io.BytesIO()
-        Image.new("RGB", (1000, 750), (120, 40, 200)).save(photo, "JPEG")
-        images = [model_image_from_bytes(photo.getvalue(), settings.image.size)] * BATCH
-    inputs = exported.inputs(images, [TEXT] * BATCH if exported.kind.uses_text else None)
+def sample_photo(size: int) -> torch.Tensor:
+    photo = io.BytesIO()
+    Image.new("RGB", (1000, 750), (120, 40, 200)).save(photo, "JPEG")
+    return model_image_from_bytes(photo.getvalue(), size)
+
+
+def calls_per_second(method, inputs: tuple, seconds: float) -> float:
     with torch.inference_mode():
         for _ in range(3):
-            model(*inputs)
+            method(*inputs)
         calls, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
-            model(*inputs)
+            method(*inputs)
             calls += 1
-    return calls * BATCH / (time.perf_counter() - started)
+    return calls / (time.perf_counter() - started)
+
+
+def items_per_second(folder: Path, seconds: float) -> float:
+    exported = ExportedModel.load(folder)
+    images = [sample_photo(exported.settings.image.size)] * BATCH if exported.kind.uses_image else None
+    inputs = exported.inputs(images, [TEXT] * BATCH if exported.kind.uses_text else None)
+    return calls_per_second(exported.model, inputs, seconds) * BATCH
+
+
+def listings_per_second(folder: Path, photos: int, seconds: float) -> dict[str, float]:
+    """Listings of `photos` photos per second, BATCH listings a call: forward (the text beside
+    every photo) against listings (each listing's text once)."""
+    exported = ExportedModel.load(folder)
+    images = [sample_photo(exported.settings.image.size)] * (BATCH * photos)
+    per_photo = exported.inputs(images, [TEXT] * (BATCH * photos))
+    once = exported.inputs(images, [TEXT] * BATCH)
+    listing_of_photo = torch.arange(BATCH).repeat_interleave(photos)
+    return {"text_per_photo": calls_per_second(exported.model, per_photo, seconds) * BATCH,
+            "text_per_listing": calls_per_second(exported.model.listings,
+                                                 (once[0], listing_of_photo, *once[1:]), seconds) * BATCH}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="artifacts/<model> folders")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--listing-photos", type=int, nargs="*", default=[1, 3, 6])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for folder in args.folders:
@@ -53,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{folder} has no model.pt: export the model first")
         rate = items_per_second(folder, args.seconds)
         print(json.dumps({"folder": str(folder), "items_per_second": round(rate, 1)}))
+        if hasattr(ExportedModel.load(folder).model, "listings"):
+            for photos in args.listing_photos:
+                rates = listings_per_second(folder, photos, args.seconds)
+                print(json.dumps({"folder": str(folder), "photos_per_listing": photos}
+                                 | {name: round(rate, 2) for name, rate in rates.items()}))
     return 0
 
 

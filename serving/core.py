@@ -132,6 +132,20 @@ def device_for(gpu_id: int | str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def listing_chunks(photo_counts: list[int], step: int) -> list[int]:
+    """Where each chunk of whole listings ends: a chunk closes once it holds `step` photos or
+    more (one listing larger than `step` is a chunk of its own)."""
+    ends, photos = [], 0
+    for index, count in enumerate(photo_counts):
+        photos += count
+        if photos >= step:
+            ends.append(index + 1)
+            photos = 0
+    if not ends or ends[-1] != len(photo_counts):
+        ends.append(len(photo_counts))
+    return ends
+
+
 class ListingService:
     """One exported model, served: batch-aware, every request parsed on its own, bad ones
     refused with a status and an `error` body, the good ones through the model together."""
@@ -146,6 +160,8 @@ class ListingService:
         self.needs, self.tokenizer = self.kind.needs, exported.tokenizer
         self.model_name, self.model_version = model_name or self.model_dir.name, model_version
         self.autocast = self.device.type == "cuda" and self.options.autocast
+        # a fused model exported with `listings` runs each listing's text once, not once a photo
+        self.text_once = self.kind.text_once_per_listing and hasattr(self.model, "listings")
         # a combined listing without photos is answered by the text branch, where exported
         self.answers_text_only = self.settings.text_only_temperature is not None and \
             hasattr(self.model, "text_only")
@@ -288,13 +304,32 @@ class ListingService:
         return torch.cat([self.run(method, tuple(tensor[start:start + step] for tensor in inputs))
                           for start in range(0, rows, step)])
 
+    def run_listings(self, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fused model's logits per photo with each listing's text run once (its `listings`
+        method), whole listings at a time up to about `rows_per_forward` photos; and the listing
+        of each photo."""
+        logits, listing_of_photo, start = [], [], 0
+        for end in listing_chunks([len(item["images"]) for item in items], self.options.rows_per_forward):
+            chunk = items[start:end]
+            images = torch.stack([image for item in chunk for image in item["images"]])
+            rows = torch.tensor([row for row, item in enumerate(chunk) for _ in item["images"]])
+            text = text_inputs(self.tokenizer, [item["text"] for item in chunk], self.settings.text)
+            logits.append(self.run(self.model.listings, (images, rows, *text)))
+            listing_of_photo.append(rows + start)
+            start = end
+        return torch.cat(logits), torch.cat(listing_of_photo)
+
     def listing_probabilities(self, items: list[dict]) -> torch.Tensor:
         probabilities = torch.empty(len(items), self.settings.num_classes)
         with_rows = [i for i, item in enumerate(items) if item["images"] or not self.kind.per_photo]
         if with_rows:
             chosen = [items[i] for i in with_rows]
-            inputs, listing_of_row = self.collate(chosen)
-            pooled = pool_photos(self.run_in_chunks(self.model, inputs), listing_of_row, len(chosen))
+            if self.text_once:
+                logits, listing_of_row = self.run_listings(chosen)
+            else:
+                inputs, listing_of_row = self.collate(chosen)
+                logits = self.run_in_chunks(self.model, inputs)
+            pooled = pool_photos(logits, listing_of_row, len(chosen))
             probabilities[with_rows] = listing_probabilities(pooled, self.settings.temperature)
         text_only = sorted(set(range(len(items))) - set(with_rows))
         if text_only:

@@ -40,6 +40,12 @@ class ModelKind:
         return "text_only" in self.extra_methods
 
     @property
+    def text_once_per_listing(self) -> bool:
+        """Its TorchScript has listings: photos beside one text row per listing (older exports
+        of a fused model do not, and run the text once per photo)."""
+        return "listings" in self.extra_methods
+
+    @property
     def per_photo(self) -> bool:
         """A training sample is a photo (with its listing's text), not a listing's text alone."""
         return self.uses_image
@@ -68,7 +74,7 @@ class ModelKind:
 IMAGE = ModelKind("image", frozenset({"image"}), frozen_entry="feature_branches")
 TEXT = ModelKind("text", frozenset({"text"}), frozen_entry="branch_logits")
 COMBINED = ModelKind("combined", frozenset({"image", "text"}), frozen_entry="fused_branches",
-                     extra_methods=("text_only",))
+                     extra_methods=("text_only", "listings"))
 KINDS = {kind.name: kind for kind in (IMAGE, TEXT, COMBINED)}
 MODEL_KINDS = tuple(KINDS)
 MODEL_NEEDS = {name: kind.needs for name, kind in KINDS.items()}

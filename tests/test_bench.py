@@ -38,10 +38,15 @@ def test_model_speed_measures_every_exported_model(artifacts, capsys):
     from benchmarks import model_speed
 
     folders = [artifacts / kind for kind in ("image", "text", "combined")]
-    assert model_speed.main([*map(str, folders), "--seconds", "0.2"]) == 0
+    assert model_speed.main([*map(str, folders), "--seconds", "0.2", "--listing-photos", "1", "3"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [row["folder"] for row in rows] == [str(folder) for folder in folders]
-    assert all(row["items_per_second"] > 0 for row in rows)
+    models = [row for row in rows if "items_per_second" in row]
+    assert [row["folder"] for row in models] == [str(folder) for folder in folders]
+    assert all(row["items_per_second"] > 0 for row in models)
+    listings = [row for row in rows if "photos_per_listing" in row]  # the combined model's
+    assert [(row["folder"], row["photos_per_listing"]) for row in listings] == \
+        [(str(artifacts / "combined"), 1), (str(artifacts / "combined"), 3)]
+    assert all(row["text_per_photo"] > 0 and row["text_per_listing"] > 0 for row in listings)
 
 
 def test_bench_report_names_an_unreadable_report(tmp_path, capsys):

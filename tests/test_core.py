@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from scripts.hostile import ordinary_photo, v1_photos
-from serving.core import ListingService, Request, ServingOptions
+from serving.core import ListingService, Request, ServingOptions, listing_chunks
 from serving.settings import ModelSettings
 from tests.helpers import ROOT, FakeContext, handler_dir
 
@@ -86,3 +86,34 @@ def test_the_core_reads_the_model_kind_from_its_export(services, artifacts):
     for kind, service in services.items():
         assert service.settings == ModelSettings.load(artifacts / kind)
         assert service.needs == {"image": {"image"}, "text": {"text"}, "combined": {"image", "text"}}[kind]
+
+
+def test_listing_chunks_keep_listings_whole():
+    assert listing_chunks([3, 3, 3, 1], 4) == [2, 4]
+    assert listing_chunks([9, 1, 1], 4) == [1, 3]
+    assert listing_chunks([1, 1], 16) == [2]
+
+
+def test_the_text_runs_once_per_listing_with_the_answers_it_had_once_per_photo(services, artifacts):
+    """The combined export's `listings` (each listing's text once) against forward (the text
+    beside every photo), over listings of 1, 3 and 6 photos, split into chunks of whole listings."""
+    service = services["combined"]
+    assert service.text_once and hasattr(service.model, "listings")
+    photos = [ordinary_photo(seed) for seed in range(6)]
+    batch = [Request({"body": v1_photos(photos[:count], count, text)}, "application/json")
+             for count, text in ((1, "ps5 console"), (3, "oak dining table"), (6, "kettle and toaster"))]
+    once = service.handle(batch)
+    saved = service.options, service.text_once
+    service.options = ServingOptions.from_options({"rows_per_forward": 4})
+    chunked = service.handle(batch)
+    service.text_once = False  # forward, one text row per photo
+    try:
+        per_photo = service.handle(batch)
+    finally:
+        service.options, service.text_once = saved
+    for answers in (chunked, per_photo):
+        for mine, theirs in zip(once, answers, strict=True):
+            (a,), (b,) = mine.body["predictions"], theirs.body["predictions"]
+            assert a["photos"] == b["photos"]
+            differences = [abs(p - b["probabilities"][name]) for name, p in a["probabilities"].items()]
+            assert max(differences) <= 1e-5

@@ -167,3 +167,18 @@ def test_each_model_kind_says_how_its_model_is_built_called_and_trained(minilm):
     for name in ("image_int8", "video", "Text"):
         with pytest.raises(ValueError, match="unknown model"):
             model_kind(name)
+
+
+def test_combined_listings_run_each_text_once_with_forwards_answers(minilm):
+    encoder, tokenizer = minilm
+    image = ImageClassifier(build_backbone("efficientnet_lite0", "none"), 13).eval()
+    combined = CombinedClassifier(image, TextClassifier(encoder, 13, lexical_buckets=64), 13).eval()
+    settings = TextSettings(16, LexicalSettings(64, 1000, 0))
+    photos = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    listing_of_photo = torch.tensor([0, 0, 0, 1, 1])
+    texts = ["oak dining table with six chairs", "ps5"]
+    once = model_inputs(TEXT, None, texts, tokenizer, settings)
+    per_photo = model_inputs(TEXT, None, [texts[i] for i in listing_of_photo], tokenizer, settings)
+    with torch.inference_mode():
+        expected = combined(photos, *per_photo)
+        assert torch.allclose(combined.listings(photos, listing_of_photo, *once), expected, atol=1e-5)

@@ -80,11 +80,29 @@ def sample_inputs(config: TrainConfig, data: CleanData, chosen, tokenizer) -> tu
 
 def traced_methods(config: TrainConfig, example: tuple) -> dict[str, tuple]:
     """What the TorchScript file holds: forward, and the kind's extra methods (the combined
-    model's text_only takes the text inputs alone)."""
+    model's text_only takes the text inputs alone; its listings the photos with one text row per
+    listing)."""
     methods = {"forward": example}
     if config.kind.answers_text_only:
         methods["text_only"] = example[1:]
+    if config.kind.text_once_per_listing:
+        methods["listings"] = listings_example(example)
     return methods
+
+
+def listings_example_per_photo(example: tuple) -> tuple:
+    """forward's inputs as listings of one photo each: listings must then answer as forward."""
+    images, *text = example
+    return (images, torch.arange(len(images)), *text)
+
+
+def listings_example(example: tuple) -> tuple:
+    """forward's inputs (one text row per photo) as listings' inputs: the first two photos share
+    the first text, every other photo keeps its own."""
+    images, *text = example
+    rows = [0, *range(2, len(images))] if len(images) > 1 else [0]
+    listing_of_photo = torch.tensor([0, *range(len(rows))][:len(images)])
+    return (images, listing_of_photo, *(tensor[rows] for tensor in text))
 
 
 def check_parity(expected: list[torch.Tensor], scripted, batches: list[tuple]) -> float:
@@ -170,6 +188,13 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
             texts_alone = [inputs[1:] for inputs in batches]
             worst = max(worst, check_parity([model.text_only(*b) for b in texts_alone],
                                             scripted.text_only, texts_alone))
+    if config.kind.text_once_per_listing:  # the same answers as forward, the text run once
+        with torch.inference_mode():
+            as_listings = [listings_example(inputs) for inputs in batches]
+            worst = max(worst, check_parity([model.listings(*b) for b in as_listings],
+                                            scripted.listings, as_listings))
+            worst = max(worst, check_parity(expected, scripted.listings,
+                                            [listings_example_per_photo(b) for b in batches]))
     out = Path(artifacts_dir) / (config.model + ("_int8" if int8 else ""))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.pt", lambda temporary: scripted.save(str(temporary)))

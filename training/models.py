@@ -170,7 +170,9 @@ class CombinedClassifier(nn.Module):
 
     def fuse(self, image_features: torch.Tensor, hidden: torch.Tensor,
              attention_mask: torch.Tensor) -> torch.Tensor:
-        text_features = self.text_model.head.pooled(hidden, attention_mask)
+        return self.fuse_features(image_features, self.text_model.head.pooled(hidden, attention_mask))
+
+    def fuse_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.dropout(torch.cat([image_features, text_features], dim=1)))
 
     def fused_branches(self, image_features: torch.Tensor, hidden: torch.Tensor,
@@ -192,6 +194,18 @@ class CombinedClassifier(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *lexical_inputs: torch.Tensor) -> torch.Tensor:
         return self.combine(self.branches(images, input_ids, attention_mask, *lexical_inputs))
+
+    def listings(self, images: torch.Tensor, listing_of_photo: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, *lexical_inputs: torch.Tensor) -> torch.Tensor:
+        """forward for listings whose text runs once: photos [P,3,H,W], `listing_of_photo` [P] the
+        row of each photo's listing in the text inputs (one row per listing); logits per photo,
+        equal to forward with each photo beside its listing's text."""
+        hidden = self.text_model.hidden_states(input_ids, attention_mask)
+        text_features = self.text_model.head.pooled(hidden, attention_mask).index_select(0, listing_of_photo)
+        logits = [self.fuse_features(self.image_model.features(images), text_features)]
+        if self.text_model.lexical is not None:
+            logits.append(self.text_model.lexical(*lexical_inputs).index_select(0, listing_of_photo))
+        return self.combine(logits)
 
     def text_only(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   *lexical_inputs: torch.Tensor) -> torch.Tensor:
