@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
-from serving.model_kinds import ModelKind, model_kind
+from serving.model_kinds import KINDS, ModelKind, model_kind
 from serving.processing import model_inputs
 from serving.settings import LABELS_FILE, ModelSettings, read_index_to_name
 
 MODEL_FILE = "model.pt"
+# what an export may hold beside forward (ModelKind.extra_methods), kept by optimise_for_device
+EXTRA_METHODS = tuple(sorted({name for kind in KINDS.values() for name in kind.extra_methods}))
 
 
 def optimise_for_device(model: torch.jit.ScriptModule, device: torch.device, enabled: bool
@@ -25,7 +27,7 @@ def optimise_for_device(model: torch.jit.ScriptModule, device: torch.device, ena
     """
     if not enabled or device.type != "cpu":
         return model
-    methods = ["text_only"] if hasattr(model, "text_only") else []  # besides forward
+    methods = [name for name in EXTRA_METHODS if hasattr(model, name)]  # freezing drops the rest
     frozen = torch.jit.freeze(model.eval(), preserved_attrs=methods)
     return torch.jit.optimize_for_inference(frozen, other_methods=methods)
 

@@ -96,9 +96,13 @@ def test_listing_chunks_keep_listings_whole():
 
 def test_the_text_runs_once_per_listing_with_the_answers_it_had_once_per_photo(services, artifacts):
     """The combined export's `listings` (each listing's text once) against forward (the text
-    beside every photo), over listings of 1, 3 and 6 photos, split into chunks of whole listings."""
+    beside every photo), over listings of 1, 3 and 6 photos, split into chunks of whole listings;
+    the frozen and fused model the archives serve keeps `listings` too."""
     service = services["combined"]
     assert service.text_once and hasattr(service.model, "listings")
+    fused = ServingOptions.from_options({"optimize_for_inference": True})  # as the archives serve it
+    served = ListingService(artifacts / "combined", fused)
+    assert served.text_once and hasattr(served.model, "listings")
     photos = [ordinary_photo(seed) for seed in range(6)]
     batch = [Request({"body": v1_photos(photos[:count], count, text)}, "application/json")
              for count, text in ((1, "ps5 console"), (3, "oak dining table"), (6, "kettle and toaster"))]
@@ -111,7 +115,7 @@ def test_the_text_runs_once_per_listing_with_the_answers_it_had_once_per_photo(s
         per_photo = service.handle(batch)
     finally:
         service.options, service.text_once = saved
-    for answers in (chunked, per_photo):
+    for answers in (chunked, per_photo, served.handle(batch)):
         for mine, theirs in zip(once, answers, strict=True):
             (a,), (b,) = mine.body["predictions"], theirs.body["predictions"]
             assert a["photos"] == b["photos"]
