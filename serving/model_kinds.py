@@ -77,7 +77,6 @@ COMBINED = ModelKind("combined", frozenset({"image", "text"}), frozen_entry="fus
                      extra_methods=("text_only", "listings"))
 KINDS = {kind.name: kind for kind in (IMAGE, TEXT, COMBINED)}
 MODEL_KINDS = tuple(KINDS)
-MODEL_NEEDS = {name: kind.needs for name, kind in KINDS.items()}
 
 
 def model_kind(name: str | ModelKind) -> ModelKind:

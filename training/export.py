@@ -100,8 +100,8 @@ def listings_example(example: tuple) -> tuple:
     """forward's inputs (one text row per photo) as listings' inputs: the first two photos share
     the first text, every other photo keeps its own."""
     images, *text = example
-    rows = [0, *range(2, len(images))] if len(images) > 1 else [0]
-    listing_of_photo = torch.tensor([0, *range(len(rows))][:len(images)])
+    rows = [0, *range(2, len(images))]
+    listing_of_photo = torch.tensor([0, *range(len(images) - 1)])
     return (images, listing_of_photo, *(tensor[rows] for tensor in text))
 
 
