@@ -29,6 +29,7 @@ from benchmarks.harness import missing_exports, temporary_server
 from benchmarks.load import run_load, sample_photo, sample_text
 from benchmarks.server_memory import server_rss_mib
 from scripts import serve
+from scripts.hostile import v1
 from serving.config import MODEL_CONFIG
 from serving.model_kinds import MODEL_KINDS, model_kind
 
@@ -39,15 +40,18 @@ ENGINES = {"torchserve": "TorchServe 0.12.0", "kserve_ray": "KServe 0.21.0 + Ray
 COMPARED_LISTINGS = 32  # per model, answered by both engines
 
 
+def v1_payload(listing: dict) -> dict:
+    """One listing as a KServe v1 request for benchmarks/load.py."""
+    return {"data": v1([listing]), "headers": {"Content-Type": "application/json"}}
+
+
 def v1_payloads(model: str, count: int, seed: int = 0) -> list[dict]:
-    """KServe v1 bodies of one listing each, as benchmarks/load.py sends them."""
-    rng, payloads = random.Random(seed), []
+    """KServe v1 bodies of one generated listing each, with what the model takes."""
+    rng, kind, payloads = random.Random(seed), model_kind(model), []
     for _ in range(count):
-        kind = model_kind(model)
         listing = {"image": base64.b64encode(sample_photo(rng)).decode()} if kind.uses_image else {}
         listing |= {"text": sample_text(rng)} if kind.uses_text else {}
-        payloads.append({"data": json.dumps({"instances": [listing]}).encode(),
-                         "headers": {"Content-Type": "application/json"}})
+        payloads.append(v1_payload(listing))
     return payloads
 
 
@@ -129,8 +133,7 @@ def compared_payloads(model: str, listings: list[dict] | None) -> list[dict]:
         return v1_payloads(model, COMPARED_LISTINGS, seed=1)
     kind = model_kind(model)
     taken = [key for key, used in (("images", kind.uses_image), ("text", kind.uses_text)) if used]
-    return [{"data": json.dumps({"instances": [{key: listing[key] for key in taken}]}).encode(),
-             "headers": {"Content-Type": "application/json"}} for listing in listings]
+    return [v1_payload({key: listing[key] for key in taken}) for listing in listings]
 
 
 def listing_answers(url: str, token: str | None, models: list[str], listings: list[dict] | None = None
