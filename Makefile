@@ -13,7 +13,7 @@ NPROC ?= 2
 MODEL ?= image
 ENGINE ?= torchserve
 
-.PHONY: install kserve-venv engine-venv nginx serve stop bench-engines demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
+.PHONY: install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
 	budget hostile-mix
 
 $(STAMP): pyproject.toml
@@ -89,12 +89,21 @@ stop: install
 bench-engines: install engine-venv
 	$(PY) -m benchmarks.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
-# make bench: TorchServe's full benchmark; make bench ENGINE=kserve_ray: the same served load
-# (items/s, p99, cold start, RSS) on the second engine alone.
+# make bench: TorchServe's full benchmark, then every model under TorchScript against the runtime its
+# export chose (make bench ARTIFACTS=artifacts/real CHECKPOINTS=checkpoints/real DATA=data/real: the
+# real models, with test accuracy); make bench ENGINE=kserve_ray: the same served load (items/s,
+# p99, cold start, RSS) on the second engine alone.
 bench: install
-	@if [ "$(ENGINE)" = torchserve ]; then $(PY) -m benchmarks.bench; else \
+	@if [ "$(ENGINE)" = torchserve ]; then \
+	  $(PY) -m benchmarks.bench --artifacts-dir $(or $(ARTIFACTS),artifacts) \
+	    $(if $(CHECKPOINTS),--checkpoint-dir $(CHECKPOINTS)) && $(MAKE) bench-runtimes; else \
 	  $(MAKE) engine-venv && $(PY) -m benchmarks.engines_bench --engines $(ENGINE) \
 	    --artifacts-dir $(or $(ARTIFACTS),artifacts) --out reports/bench-$(ENGINE); fi
+
+# Old runtime against new, served side by side, with the server's CPU time per item (docs/benchmark.md).
+bench-runtimes: install
+	$(PY) -m benchmarks.runtimes_bench --artifacts-dir $(or $(ARTIFACTS),artifacts) \
+	  $(if $(DATA),--data-dir $(DATA)) --out $(or $(RUNTIMES_OUT),reports/runtimes)
 
 soak: install
 	$(PY) -m benchmarks.soak --minutes $(or $(SOAK_MINUTES),10)

@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import shutil
-import sys
 import time
 import warnings
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_report import BATCH_SIZES, CONCURRENCY, markdown, write_report
-from benchmarks.harness import served
+from benchmarks.harness import reported, served
 from benchmarks.load import make_request
 from scripts import serve
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
@@ -38,6 +37,7 @@ from serving.processing import (
     model_image_from_bytes,
     model_inputs,
 )
+from serving.settings import TORCHSCRIPT
 
 ROOT = serve.ROOT
 
@@ -90,7 +90,7 @@ def model_limit(model: str, folder: Path, inputs: Inputs, threads: int, seconds:
     torch.set_num_threads(threads)
     # the model exactly as the handler runs it
     enabled = MODEL_HANDLER_OPTIONS.get(model, {}).get("optimize_for_inference", False)
-    scripted = ExportedModel.load(folder, optimize_for_inference=enabled).model
+    scripted = ExportedModel.load(folder, optimize_for_inference=enabled, runtime=TORCHSCRIPT).model
     rates = {}
     with torch.inference_mode():
         for size in BATCH_SIZES:
@@ -110,12 +110,12 @@ def layout_trials(model: str, folder: Path, inputs: Inputs, threads: int, second
     optimize_for_inference, and (image branch) channels-last inputs and weights on top."""
     torch.set_num_threads(threads)
     batches = inputs.batches(batch)
-    plain = ExportedModel.load(folder).model
+    plain = ExportedModel.load(folder, runtime=TORCHSCRIPT).model
     variants = {"plain": (plain, batches),
                 "optimize_for_inference": (optimise_for_device(plain, torch.device("cpu"), True), batches)}
     if inputs.kind.uses_image:
         last = [(b[0].contiguous(memory_format=torch.channels_last), *b[1:]) for b in batches]
-        weights = ExportedModel.load(folder).model.to(memory_format=torch.channels_last)
+        weights = ExportedModel.load(folder, runtime=TORCHSCRIPT).model.to(memory_format=torch.channels_last)
         variants["channels_last"] = (weights, last)
         variants["optimize_for_inference+channels_last"] = (
             optimise_for_device(weights, torch.device("cpu"), True), last)
@@ -232,14 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmark")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies durations and request counts")
     args = parser.parse_args(argv)
-    try:
-        report = run(args.artifacts_dir, args.checkpoint_dir, args.out, args.scale)
-    except (FileNotFoundError, RuntimeError, serve.ServeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(markdown(report))
-    print(f"written to {args.out}/benchmark.json, benchmark.md, benchmark.png")
-    return 0
+    return reported(lambda: run(args.artifacts_dir, args.checkpoint_dir, args.out, args.scale), markdown,
+                    f"{args.out}/benchmark.json, benchmark.md, benchmark.png")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,21 @@ def missing_exports(artifacts: Path, models: list[str]) -> str | None:
             "(run `make demo` or `python -m training export`)")
 
 
+def reported(work, markdown, written: str) -> int:
+    """Run a benchmark (`work()` returns its report) for a command line: print its markdown and
+    where it was written, or one error line and exit status 2."""
+    import sys
+
+    try:
+        report = work()
+    except (FileNotFoundError, RuntimeError, serve.ServeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    print(f"written to {written}")
+    return 0
+
+
 @contextmanager
 def temporary_server(artifacts: Path, models: list[str], model_config: dict):
     """A TorchServe from the project's config.properties serving fresh archives of `models`;

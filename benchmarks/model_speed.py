@@ -1,7 +1,7 @@
 """In-process items/s of exported models at batch 4 on one thread (what one serving worker gets).
 
 Usage: python -m benchmarks.model_speed artifacts/image artifacts/real/image ... [--seconds 8]
-       [--listing-photos 1 3 6]
+       [--listing-photos 1 3 6] [--runtime torchscript onnxruntime openvino]
 The inputs are prepared beforehand (decoding and tokenizing are not timed); `make bench` measures
 the served figures. A combined model exported with `listings` is also measured per listing of
 --listing-photos photos: its text once per listing against forward's text once per photo.
@@ -20,6 +20,7 @@ from PIL import Image
 
 from serving.exported import ExportedModel
 from serving.processing import model_image_from_bytes
+from serving.settings import RUNTIMES
 
 TEXT = "Sony PS4 Pro 1TB with two controllers and five games, boxed, collection only. " * 3
 BATCH = 4
@@ -42,17 +43,18 @@ def calls_per_second(method, inputs: tuple, seconds: float) -> float:
     return calls / (time.perf_counter() - started)
 
 
-def items_per_second(folder: Path, seconds: float) -> float:
-    exported = ExportedModel.load(folder)
+def items_per_second(folder: Path, seconds: float, runtime: str | None = None) -> float:
+    exported = ExportedModel.load(folder, runtime=runtime, threads=1)
     images = [sample_photo(exported.settings.image.size)] * BATCH if exported.kind.uses_image else None
     inputs = exported.inputs(images, [TEXT] * BATCH if exported.kind.uses_text else None)
     return calls_per_second(exported.model, inputs, seconds) * BATCH
 
 
-def listings_per_second(folder: Path, photos: int, seconds: float) -> dict[str, float]:
+def listings_per_second(folder: Path, photos: int, seconds: float, runtime: str | None = None
+                        ) -> dict[str, float]:
     """Listings of `photos` photos per second, BATCH listings a call: forward (the text beside
     every photo) against listings (each listing's text once)."""
-    exported = ExportedModel.load(folder)
+    exported = ExportedModel.load(folder, runtime=runtime, threads=1)
     images = [sample_photo(exported.settings.image.size)] * (BATCH * photos)
     per_photo = exported.inputs(images, [TEXT] * (BATCH * photos))
     once = exported.inputs(images, [TEXT] * BATCH)
@@ -67,18 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="artifacts/<model> folders")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--listing-photos", type=int, nargs="*", default=[1, 3, 6])
+    parser.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=[None],
+                        help="runtimes to measure (default: the one each folder's preprocessing.json names)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for folder in args.folders:
         if not (folder / "model.pt").exists():
             parser.error(f"{folder} has no model.pt: export the model first")
-        rate = items_per_second(folder, args.seconds)
-        print(json.dumps({"folder": str(folder), "items_per_second": round(rate, 1)}))
-        if hasattr(ExportedModel.load(folder).model, "listings"):
-            for photos in args.listing_photos:
-                rates = listings_per_second(folder, photos, args.seconds)
-                print(json.dumps({"folder": str(folder), "photos_per_listing": photos}
-                                 | {name: round(rate, 2) for name, rate in rates.items()}))
+        for runtime in args.runtime:
+            name = {"folder": str(folder), "runtime": runtime or ExportedModel.load(folder).runtime}
+            rate = items_per_second(folder, args.seconds, runtime)
+            print(json.dumps(name | {"items_per_second": round(rate, 1)}))
+            if ExportedModel.load(folder).kind.text_once_per_listing:
+                for photos in args.listing_photos:
+                    rates = listings_per_second(folder, photos, args.seconds, runtime)
+                    print(json.dumps(name | {"photos_per_listing": photos}
+                                     | {key: round(rate, 2) for key, rate in rates.items()}))
     return 0
 
 

@@ -18,12 +18,14 @@ import yaml
 
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
 from serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
+from serving.runtimes import onnx_files
+from serving.settings import SETTINGS_FILE, TORCHSCRIPT, ModelSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 # What each archive carries besides the model: the TorchServe adapter and the serving core.
 PACKAGES = {"handlers": ("__init__.py", "listing_handler.py"),
             "serving": ("__init__.py", "core.py", "exported.py", "model_kinds.py", "settings.py", "files.py",
-                        "processing.py", "budget.py", "payloads.py", "protocols.py")}
+                        "runtimes.py", "processing.py", "budget.py", "payloads.py", "protocols.py")}
 MODELS = MODEL_KINDS
 # What the handlers need in the serving image; the KServe runtime image installs the same file.
 REQUIREMENTS_FILE = ROOT / "handlers" / "requirements.txt"
@@ -34,10 +36,26 @@ class ArchiveError(RuntimeError):
 
 
 def required_files(artifacts: Path, model: str) -> list[Path]:
-    files = [artifacts / model / name for name in ("model.pt", "index_to_name.json", "preprocessing.json")]
+    """model.pt first (the archive's serialized file), then what the archive carries beside it:
+    labels, settings, tokenizer, and the ONNX programs of the runtime preprocessing.json names."""
+    folder = artifacts / model
+    files = [folder / name for name in ("model.pt", "index_to_name.json", "preprocessing.json")]
     if archive_kind(model).uses_text:
-        files.append(artifacts / model / "tokenizer")
+        files.append(folder / "tokenizer")
+    settings = read_settings(folder)
+    if settings is not None and settings.runtime != TORCHSCRIPT:
+        files += onnx_files(folder, archive_kind(model), settings.onnx_int8)
     return files
+
+
+def read_settings(folder: Path) -> ModelSettings | None:
+    """The folder's preprocessing.json, None where there is none (build_archive names it missing)."""
+    if not (folder / SETTINGS_FILE).exists():
+        return None
+    try:
+        return ModelSettings.load(folder)
+    except SettingsError as error:
+        raise ArchiveError(str(error)) from error
 
 
 def check_inside(path: Path, root: Path) -> Path:
@@ -58,10 +76,12 @@ def stage(model: str, artifacts: Path, folder: Path, model_config: dict) -> None
         for name in names:
             shutil.copy2(ROOT / package / name, folder / package / name)
     for source in required_files(artifacts, model)[1:]:
+        target = folder / source.relative_to(artifacts / model)  # onnx/<method>.onnx keeps its folder
         if source.is_dir():
-            shutil.copytree(source, folder / source.name)
+            shutil.copytree(source, target)
         else:
-            shutil.copy2(source, folder / source.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
     (folder / "model-config.yaml").write_text(yaml.safe_dump(model_config, sort_keys=False))
     shutil.copy2(REQUIREMENTS_FILE, folder / "requirements.txt")
 

@@ -62,7 +62,8 @@ class ServingOptions:
     rows_per_forward: int = 16
     autocast: bool = True  # bf16 on CUDA
     optimize_for_inference: bool = False  # TorchScript freezing and oneDNN kernels on CPU
-    threads: int = 0  # torch threads; 0: the engine decides
+    threads: int = 0  # torch threads (and the ONNX runtimes'); 0: the engine decides
+    runtime: str = ""  # torchscript, onnxruntime or openvino; "": the one preprocessing.json names
     budget: WorkBudget = field(default_factory=WorkBudget)
 
     @classmethod
@@ -154,7 +155,12 @@ class ListingService:
                  device: torch.device | None = None, model_name: str = "", model_version: str | None = None):
         self.model_dir, self.options = Path(model_dir), options or ServingOptions()
         self.device = device or torch.device("cpu")
-        exported = ExportedModel.load(self.model_dir, self.device, self.options.optimize_for_inference)
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        exported = ExportedModel.load(self.model_dir, self.device, self.options.optimize_for_inference,
+                                      runtime=self.options.runtime or None)
+        self.runtime = exported.runtime
+        logger.info("serving %s under %s on %s", self.model_dir.name, self.runtime, self.device)
         self.settings, self.kind, self.model = exported.settings, exported.kind, exported.model
         self.index_to_name, self.class_names = exported.index_to_name, exported.class_names
         self.needs, self.tokenizer = self.kind.needs, exported.tokenizer
@@ -165,8 +171,6 @@ class ListingService:
         # a combined listing without photos is answered by the text branch, where exported
         self.answers_text_only = self.settings.text_only_temperature is not None and \
             hasattr(self.model, "text_only")
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
 
     @property
     def budget(self) -> WorkBudget:

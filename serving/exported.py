@@ -3,6 +3,7 @@ tokenizer/): the serving core, the benchmarks and the tests all read a folder he
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,10 @@ import torch
 
 from serving.model_kinds import KINDS, ModelKind, model_kind
 from serving.processing import model_inputs
-from serving.settings import LABELS_FILE, ModelSettings, read_index_to_name
+from serving.runtimes import OnnxModel, load_onnx_model
+from serving.settings import LABELS_FILE, RUNTIMES, TORCHSCRIPT, ModelSettings, read_index_to_name
 
+logger = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 # what an export may hold beside forward (ModelKind.extra_methods), kept by optimise_for_device
 EXTRA_METHODS = tuple(sorted({name for kind in KINDS.values() for name in kind.extra_methods}))
@@ -40,24 +43,31 @@ class ExportedModel:
     settings: ModelSettings
     kind: ModelKind
     index_to_name: dict[str, str]
-    model: torch.jit.ScriptModule
+    model: torch.jit.ScriptModule | OnnxModel
     tokenizer: object | None
+    runtime: str = TORCHSCRIPT
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | None = None,
-             optimize_for_inference: bool = False) -> ExportedModel:
-        """Read `folder` (SettingsError or FileNotFoundError naming what is wrong); the TorchScript
-        on `device` (default CPU), frozen and fused when `optimize_for_inference`."""
+    def load(cls, folder: Path, device: torch.device | None = None, optimize_for_inference: bool = False,
+             runtime: str | None = None, threads: int = 0, int8: bool | None = None) -> ExportedModel:
+        """Read `folder` (SettingsError or FileNotFoundError naming what is wrong) and its model
+        under `runtime` (default: the one preprocessing.json names) on `device` (default CPU).
+        TorchScript is frozen and fused when `optimize_for_inference`; the ONNX runtimes run on
+        the CPU with `threads` threads (0: torch's count), and a GPU worker serves the TorchScript.
+        `int8`: the int8 ONNX programs (default: where the folder chose them for this runtime)."""
         folder, device = Path(folder), device or torch.device("cpu")
         settings = ModelSettings.load(folder)
         kind = model_kind(settings.model)
         index_to_name = read_index_to_name(folder / LABELS_FILE, settings.num_classes)
-        if not (folder / MODEL_FILE).exists():
-            raise FileNotFoundError(f"{folder} has no {MODEL_FILE}: export the model first")
-        model = torch.jit.load(str(folder / MODEL_FILE), map_location=device).eval()
-        model = optimise_for_device(model, device, optimize_for_inference)
+        runtime = chosen_runtime(settings, runtime, device)
+        if runtime == TORCHSCRIPT:
+            model = load_torchscript(folder, device, optimize_for_inference)
+        else:
+            if int8 is None:
+                int8 = settings.onnx_int8 and runtime == settings.runtime
+            model = load_onnx_model(folder, kind, runtime, threads or torch.get_num_threads(), int8)
         tokenizer = load_tokenizer(folder, settings) if kind.uses_text else None
-        return cls(folder, settings, kind, index_to_name, model, tokenizer)
+        return cls(folder, settings, kind, index_to_name, model, tokenizer, runtime)
 
     @property
     def class_names(self) -> list[str]:
@@ -67,6 +77,25 @@ class ExportedModel:
                ) -> tuple[torch.Tensor, ...]:
         """What this model is called with for these decoded photos and/or texts."""
         return model_inputs(self.kind, images, texts, self.tokenizer, self.settings.text)
+
+
+def chosen_runtime(settings: ModelSettings, asked: str | None, device: torch.device) -> str:
+    """The runtime to serve: the one asked for, else the folder's; TorchScript on a GPU."""
+    runtime = asked or settings.runtime
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != TORCHSCRIPT and device.type != "cpu":
+        logger.warning("%s runs on the CPU only here: serving the TorchScript on %s", runtime, device)
+        return TORCHSCRIPT
+    return runtime
+
+
+def load_torchscript(folder: Path, device: torch.device, optimize_for_inference: bool
+                     ) -> torch.jit.ScriptModule:
+    if not (folder / MODEL_FILE).exists():
+        raise FileNotFoundError(f"{folder} has no {MODEL_FILE}: export the model first")
+    model = torch.jit.load(str(folder / MODEL_FILE), map_location=device).eval()
+    return optimise_for_device(model, device, optimize_for_inference)
 
 
 def load_tokenizer(folder: Path, settings: ModelSettings):

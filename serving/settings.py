@@ -13,6 +13,8 @@ from serving.model_kinds import KINDS
 SETTINGS_FILE = "preprocessing.json"
 LABELS_FILE = "index_to_name.json"  # the one label decoder, written by cleaning and export
 PAD_COLOUR = (0, 0, 0)
+TORCHSCRIPT, ONNXRUNTIME, OPENVINO = "torchscript", "onnxruntime", "openvino"
+RUNTIMES = (TORCHSCRIPT, ONNXRUNTIME, OPENVINO)  # serving/runtimes.py runs them
 # Written for a person reading the file; what the code does is fixed by serving/processing.py.
 NOTES = {
     "image": "uint8 [B,3,size,size] RGB: EXIF orientation applied, longer side fitted to size, "
@@ -71,6 +73,9 @@ class ModelSettings:
     text_only_temperature: float | None = None  # combined: listings without a photo
     review_threshold: float | None = None  # filed automatically at or above; None: always review
     target_precision: float = 0.95  # what review_threshold was chosen for, on validation
+    runtime: str = TORCHSCRIPT  # what the serving core runs: model.pt, or onnx/ under a runtime
+    onnx_int8: bool = False  # the ONNX programs with int8 matmuls (onnx/<method>.int8.onnx)
+    runtime_choice: dict | None = None  # how export chose: items/s per runtime, the int8 gate
 
     def __post_init__(self) -> None:
         if self.model not in KINDS:
@@ -83,6 +88,10 @@ class ModelSettings:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise SettingsError(f"{name} must be positive, not {value}")
+        if self.runtime not in RUNTIMES:
+            raise SettingsError(f"unknown runtime {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        if self.onnx_int8 and self.runtime == TORCHSCRIPT:
+            raise SettingsError("onnx_int8 needs an ONNX runtime, not torchscript")
         if self.review_threshold is not None and not 0 <= self.review_threshold <= 1:
             raise SettingsError(f"review_threshold must be in [0, 1], not {self.review_threshold}")
 

@@ -17,6 +17,10 @@ from training.splits import write_splits
 SAMPLE_PRODUCTS = 200
 
 
+# The runtime each test export names for serving (export measures and checks all of them).
+EXPORT_RUNTIMES = {"image": "openvino", "text": "torchscript", "combined": "onnxruntime"}
+
+
 @pytest.fixture(scope="session")
 def raw_sample(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("raw")
@@ -54,12 +58,14 @@ def trained(clean_sample, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def artifacts(trained, tmp_path_factory) -> Path:
-    """TorchScript exports of the tiny trained models, inside a throwaway project root."""
+    """Exports of the tiny trained models, inside a throwaway project root, each naming the
+    runtime of EXPORT_RUNTIMES: every served test then runs each runtime under each engine."""
     from training.export import export
 
     root = tmp_path_factory.mktemp("project")
-    for kind in ("image", "text", "combined"):
-        export(trained["paths"][kind], trained["data_dir"], root / "artifacts")
+    for kind, runtime in EXPORT_RUNTIMES.items():
+        export(trained["paths"][kind], trained["data_dir"], root / "artifacts", runtime=runtime,
+               measure_seconds=0.1)
     return root / "artifacts"
 
 

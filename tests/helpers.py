@@ -33,12 +33,14 @@ def write_test_config(path: Path, store: Path) -> dict:
     return serve.loopback_config(path, {"model_store": str(store)})
 
 
-def in_process(artifacts: Path, model: str, image: bytes | list[bytes] | None, text: str | None
-               ) -> torch.Tensor:
-    """The exported TorchScript's answer for the same listing, without the server, written out
-    step by step: each photo through the model, the mean of their log-probabilities, softmax
-    over the temperature; a combined listing without photos through `text_only`."""
-    exported = ExportedModel.load(artifacts / model)
+def in_process(artifacts: Path, model: str, image: bytes | list[bytes] | None, text: str | None,
+               runtime: str | None = None) -> torch.Tensor:
+    """The exported model's answer for the same listing, without the server, written out step by
+    step: each photo through the model, the mean of their log-probabilities, softmax over the
+    temperature; a combined listing without photos through `text_only`. The model runs under
+    `runtime`: by default the one its folder names, as the server runs it (tests/test_runtimes.py
+    proves each runtime within 1e-4 of the TorchScript)."""
+    exported = ExportedModel.load(artifacts / model, runtime=runtime)
     settings, tokenizer, scripted = exported.settings, exported.tokenizer, exported.model
     photos = [image] if isinstance(image, bytes) else list(image or [])
     rows = photos if exported.kind.per_photo else [None]

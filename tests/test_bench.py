@@ -1,4 +1,5 @@
 import json
+import random
 import re
 
 import pytest
@@ -65,3 +66,31 @@ def test_the_engines_comparison_sends_each_model_only_what_it_takes(trained):
     generated = compared_payloads("text", None)
     assert generated == compared_payloads("text", None) and len(generated) > 3  # seeded
     assert largest_difference([{"a": 0.5, "b": 0.5}], [{"a": 0.25, "b": 0.75}]) == 0.25
+
+
+def test_the_runtimes_benchmark_measures_the_machine_the_models_and_one_worker(artifacts):
+    from benchmarks import runtimes_bench
+    from benchmarks.load import make_request
+    from serving.settings import RUNTIMES
+
+    assert all(runtimes_bench.peak_gflops(runtime, seconds=0.05, size=256) > 0 for runtime in RUNTIMES)
+    rng = random.Random(0)
+    for model in ("image", "text", "combined"):
+        requests = [make_request(model, rng) for _ in range(4)]
+        assert runtimes_bench.flops_per_item(artifacts / model, requests) > 0
+        stages = runtimes_bench.stage_profile(artifacts / model, None, requests, rounds=1)
+        assert set(stages) == {"parse_and_decode", "tokenize_and_collate", "model", "answer"}
+        assert stages["model"] > 0 and min(stages.values()) >= 0
+    image = [make_request("image", rng)]
+    assert runtimes_bench.flops_per_item(artifacts / "image", image * 2) == \
+        pytest.approx(runtimes_bench.flops_per_item(artifacts / "image", image))  # per item, not per call
+
+
+@pytest.mark.serving
+def test_the_runtimes_benchmark_reads_the_servers_own_cpu_time(artifacts):
+    from benchmarks import runtimes_bench
+
+    results = runtimes_bench.served_with_cpu(None, ["image"], artifacts, seconds=30, requests_per_run=16)
+    row = results["image"]
+    assert row["requests"] == 16 and row["errors"] == 0
+    assert row["server_cpu_seconds"] > 0 and row["server_cpu_ms_per_item"] > 0

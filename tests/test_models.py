@@ -125,6 +125,14 @@ def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
     assert torch.allclose(lexical(ids, counts)[:1], alone, atol=1e-6)  # padded in a longer batch
     shared, own = lexical_ids("ps4", settings)[0][0], lexical_ids("kallax", settings)[0][0]
     assert lexical.idf[own] > lexical.idf[shared]
+    # its gather-and-sum (which ONNX exporters take) is the bag's weighted sum it replaced
+    present = (ids > 0).to(counts.dtype)
+    weights = (1 + torch.log(counts.clamp(min=1))) * lexical.idf[ids] * present
+    weights = weights / weights.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    with torch.no_grad():
+        lexical.bag.weight[0] = 5.0  # the padding row never counts, whatever it holds
+        bag = lexical.bag(ids, per_sample_weights=weights) + lexical.bias
+        assert torch.allclose(lexical(ids, counts), bag, atol=1e-5)
 
 
 def test_text_model_answers_a_mix_of_its_branches(minilm):

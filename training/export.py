@@ -14,11 +14,19 @@ import torch
 from serving.files import atomic_write
 from serving.model_kinds import ModelKind
 from serving.processing import model_inputs
-from serving.settings import LABELS_FILE, ImageSettings, ModelSettings, write_index_to_name
+from serving.settings import (
+    LABELS_FILE,
+    RUNTIMES,
+    TORCHSCRIPT,
+    ImageSettings,
+    ModelSettings,
+    write_index_to_name,
+)
 from training.calibration import DEFAULT_TARGET_PRECISION, text_only_temperature, validation_answers
 from training.checkpoints import config_from, load_checkpoint
 from training.config import TrainConfig
 from training.data import CleanData
+from training.export_runtimes import FASTEST, MEASURE_SECONDS, export_runtimes
 from training.features import load_model_image
 from training.tasks import make_task, text_settings
 from training.text_encoder import load_tokenizer
@@ -32,7 +40,7 @@ class ExportError(RuntimeError):
 
 
 def preprocessing_settings(config: TrainConfig, model, num_classes: int, answers: dict | None = None,
-                           int8: bool = False) -> ModelSettings:
+                           int8: bool = False, runtime: dict | None = None) -> ModelSettings:
     """The single source of what the handler must do before and after the model; `answers`:
     the temperatures and review threshold chosen on validation (see `answer_settings`)."""
     image, kind = None, config.kind
@@ -41,7 +49,8 @@ def preprocessing_settings(config: TrainConfig, model, num_classes: int, answers
         image = ImageSettings(config.image_size, tuple((image_model.mean.flatten() / 255).tolist()),
                               tuple((image_model.std.flatten() / 255).tolist()))
     text = text_settings(asdict(config)) if kind.uses_text else None
-    return ModelSettings(config.model, num_classes, image, text, int8_text_encoder=int8, **(answers or {}))
+    return ModelSettings(config.model, num_classes, image, text, int8_text_encoder=int8, **(answers or {}),
+                         **(runtime or {}))
 
 
 def answer_settings(model, config: TrainConfig, data: CleanData, target_precision: float) -> dict:
@@ -158,9 +167,16 @@ def split_accuracy(model, config: TrainConfig, data: CleanData, tokenizer) -> fl
 
 
 def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: bool = False,
-           target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
+           target_precision: float = DEFAULT_TARGET_PRECISION, runtime: str = FASTEST,
+           measure_seconds: float = MEASURE_SECONDS) -> dict:
     """Write artifacts/<model>/ (or <model>_int8/ with the text encoder quantised): model.pt,
-    index_to_name.json, preprocessing.json, tokenizer/."""
+    index_to_name.json, preprocessing.json, tokenizer/, and onnx/ with the programs ONNX Runtime
+    and OpenVINO run. `runtime`: what preprocessing.json names for serving, `fastest` (measured
+    here) or one of serving.settings.RUNTIMES; `torchscript` writes no onnx/."""
+    if runtime != FASTEST and runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose {FASTEST} or one of {', '.join(RUNTIMES)}")
+    if int8 and runtime not in (FASTEST, TORCHSCRIPT):
+        raise ValueError("--int8 quantises the TorchScript text encoder: use it with --runtime torchscript")
     model, checkpoint = load_checkpoint(checkpoint_path)
     config = config_from(checkpoint["config"])
     if int8 and not config.kind.uses_text:
@@ -199,8 +215,13 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.pt", lambda temporary: scripted.save(str(temporary)))
     check_fresh_process(out / "model.pt", batches, expected)
+    chosen = None
+    if not int8 and runtime != TORCHSCRIPT:
+        chosen = export_runtimes(model, config, data, tokenizer, batches, scripted, out, runtime,
+                                 PARITY_TOLERANCE, measure_seconds)
+        result |= chosen
     write_index_to_name(checkpoint["index_to_name"], out / LABELS_FILE)
-    preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8).save(out)
+    preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8, chosen).save(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "tokenizer"))
     return result | {"path": str(out / "model.pt"), "max_abs_diff": worst}

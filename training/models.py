@@ -99,7 +99,10 @@ class LexicalClassifier(nn.Module):
         present = (term_ids > 0).to(counts.dtype)
         weights = (1 + torch.log(counts.clamp(min=1))) * self.idf[term_ids] * present
         weights = weights / weights.norm(dim=1, keepdim=True).clamp(min=1e-6)
-        return self.bag(term_ids, per_sample_weights=weights) + self.bias
+        # the bag's weighted sum as a gather and a sum: the same answer, and ONNX exporters take it
+        # (they refuse an EmbeddingBag with a padding index; id 0 weighs 0 here anyway)
+        rows = nn.functional.embedding(term_ids, self.bag.weight)
+        return (rows * weights.unsqueeze(2)).sum(1) + self.bias
 
 
 def mix_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

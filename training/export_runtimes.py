@@ -1,0 +1,265 @@
+"""Export a trained model's ONNX programs beside its TorchScript, check them under ONNX Runtime and
+OpenVINO, try int8, and choose the fastest runtime by measurement (serving/runtimes.py runs it)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serving.model_kinds import LEXICAL_INPUTS, ModelKind
+from serving.runtimes import OnnxModel, load_onnx_model, onnx_methods, onnx_path
+from serving.settings import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCHSCRIPT
+from training.config import TrainConfig
+from training.data import CleanData
+
+ONNX_RUNTIMES = (ONNXRUNTIME, OPENVINO)
+FASTEST = "fastest"
+OPSET = 17
+INT8_MAX_DROP = 0.005  # listing accuracy on validation an int8 variant may lose and still be chosen
+MEASURE_SECONDS = 3.0
+
+
+class RuntimeExportError(RuntimeError):
+    """An ONNX program does not reproduce the trained model, or cannot be written."""
+
+
+@dataclass(frozen=True)
+class MethodCall:
+    """One exported method: its name, its inputs' names and a real example of them."""
+
+    name: str
+    inputs: tuple[str, ...]
+    example: tuple[torch.Tensor, ...]
+
+
+def method_calls(kind: ModelKind, forward_batch: tuple) -> list[MethodCall]:
+    """The ONNX programs of `kind`, each with inputs made from one real batch of forward's inputs."""
+    from training.export import listings_example
+
+    names = kind.script_inputs(lexical=len(forward_batch) > len(kind.script_inputs(lexical=False)))
+    calls = {"forward": MethodCall("forward", names, forward_batch),
+             "text_only": MethodCall("text_only", names[1:], forward_batch[1:]),
+             "listings": MethodCall("listings", (names[0], "listing_of_photo", *names[1:]),
+                                    listings_example(forward_batch))}
+    return [calls[method] for method in onnx_methods(kind)]
+
+
+def dynamic_axes(inputs: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    """Rows vary for every input; token and lexical-term lengths vary, each on its own."""
+    axes = {}
+    for name in inputs:
+        if name in ("images", "listing_of_photo"):
+            axes[name] = {0: "photos"}
+        else:
+            axes[name] = {0: "texts", 1: "terms" if name in LEXICAL_INPUTS else "tokens"}
+    return axes | {"logits": {0: "rows"}}
+
+
+class _Method(torch.nn.Module):
+    """One method of a model as a module's forward, which is what the exporter traces."""
+
+    def __init__(self, model: torch.nn.Module, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(*inputs)
+
+
+def export_onnx(model: torch.nn.Module, call: MethodCall, path: Path) -> Path:
+    """`call`'s method of the eager `model` as an ONNX program at `path` (written atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    wrapper = _Method(model, call.name).eval()  # the exporter restores the mode it finds, recursively
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
+        # The TorchScript-based exporter: torch 2.14's dynamo exporter took 10x longer per method and
+        # is not needed for these graphs (no data-dependent control flow).
+        torch.onnx.export(wrapper, call.example, str(temporary), input_names=list(call.inputs),
+                          output_names=["logits"], dynamic_axes=dynamic_axes(call.inputs),
+                          opset_version=OPSET, dynamo=False)
+    model.eval()
+    temporary.replace(path)
+    return path
+
+
+def quantise_onnx(source: Path, target: Path) -> Path:
+    """Dynamic int8 quantisation of an ONNX program's MatMuls (the text encoder's linear layers;
+    the heads are Gemm and the image backbone Conv, which stay float)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    temporary = target.with_name(target.name + ".partial")
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the quantiser logs a pre-processing tip as a warning on every call
+    try:
+        quantize_dynamic(str(source), str(temporary), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"])
+    finally:
+        root.setLevel(level)
+    temporary.replace(target)
+    return target
+
+
+def method_batches(kind: ModelKind, method: str, batches: list[tuple]) -> list[tuple]:
+    """forward's real batches as the inputs of `method`."""
+    from training.export import listings_example
+
+    if method == "text_only":
+        return [batch[1:] for batch in batches]
+    if method == "listings":
+        return [listings_example(batch) for batch in batches]
+    return batches
+
+
+def check_onnx_parity(model: torch.nn.Module, onnx_model: OnnxModel, kind: ModelKind, batches: list[tuple],
+                      tolerance: float) -> float:
+    """Worst difference between the eager model and `onnx_model`, method by method, on real
+    batches; for a fused model also forward against the programs (its listings, a photo each)."""
+    worst, checks = 0.0, [(method, method_batches(kind, method, batches)) for method in onnx_methods(kind)]
+    if "forward" not in onnx_methods(kind):
+        checks.append(("forward", batches))
+    with torch.inference_mode():
+        for method, inputs in checks:
+            program = onnx_model if method == "forward" else getattr(onnx_model, method)
+            for batch in inputs:
+                difference = (getattr(model, method)(*batch) - program(*batch)).abs().max().item()
+                worst = max(worst, difference)
+                if not difference <= tolerance:
+                    shapes = [tuple(tensor.shape) for tensor in batch]
+                    raise RuntimeExportError(
+                        f"{method} under {next(iter(onnx_model.methods.values())).runtime} differs from the "
+                        f"eager model by {difference:.2e} (> {tolerance}) on inputs shaped like {shapes}")
+    return worst
+
+
+FRESH_PROCESS_SCRIPT = """\
+import sys, torch
+from serving.model_kinds import model_kind
+from serving.runtimes import load_onnx_model
+folder, kind, runtime, tolerance, probe = sys.argv[1:6]
+model = load_onnx_model(folder, model_kind(kind), runtime)
+data = torch.load(probe)
+worst = max((model(*batch) - expected).abs().max().item()
+            for batch, expected in zip(data["batches"], data["expected"]))
+sys.exit(0 if worst <= float(tolerance) else 3)
+"""
+
+
+def check_onnx_fresh_process(folder: Path, kind: ModelKind, runtime: str, batches: list[tuple],
+                             expected: list[torch.Tensor], tolerance: float) -> None:
+    """Load the ONNX programs under `runtime` in a new interpreter and compare forward's outputs."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as temporary:
+        probe = Path(temporary) / "probe.pt"
+        torch.save({"batches": batches, "expected": expected}, probe)
+        result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), kind.name, runtime,
+                                 str(tolerance), str(probe)], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+    if result.returncode != 0:
+        raise RuntimeExportError(f"the ONNX programs in {folder} failed to load or reproduce outputs under "
+                                 f"{runtime} in a fresh process: "
+                                 f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
+
+
+def items_per_second(program, batches: list[tuple], seconds: float = MEASURE_SECONDS) -> float:
+    """Rows per second of `program` over real batches (each size and padded length in turn), on
+    the threads torch is set to, after a warm-up call of each."""
+    with torch.inference_mode():
+        for batch in batches:
+            program(*batch)
+        rows, calls, started = 0, 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or calls < len(batches):
+            batch = batches[calls % len(batches)]
+            program(*batch)
+            rows, calls = rows + len(batch[0]), calls + 1
+    return rows / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def listing_accuracy(program, config: TrainConfig, data: CleanData, tokenizer, split: str) -> float:
+    """Accuracy per listing on `split` through `program` (a listing's photos pooled by the mean of
+    their log-probabilities, as served)."""
+    from training.export import sample_inputs
+
+    samples = data.samples(config.model, split)
+    listing = samples["product_id"] if config.kind.per_photo else samples["id"]
+    log_probabilities = []
+    for start in range(0, len(samples), 16):
+        chosen = samples.iloc[start:start + 16]
+        logits = program(*sample_inputs(config, data, chosen, tokenizer))
+        log_probabilities.append(torch.log_softmax(logits, 1))
+    frame = samples.assign(listing=listing.to_numpy())
+    pooled = torch.cat(log_probabilities)
+    correct = 0
+    for _, rows in frame.groupby("listing", sort=False):
+        correct += int(pooled[rows.index.tolist()].mean(0).argmax().item() == rows["label"].iloc[0])
+    return correct / max(frame["listing"].nunique(), 1)
+
+
+def export_runtimes(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer,
+                    batches: list[tuple], scripted, folder: Path, runtime: str, tolerance: float,
+                    seconds: float = MEASURE_SECONDS) -> dict:
+    """Write folder/onnx/, check it under both ONNX runtimes (and int8 behind the accuracy gate),
+    measure every runtime on the real batches, and say which to serve: `runtime` when it
+    names one, else the fastest that passed. Returns what preprocessing.json records."""
+    kind, threads = config.kind, torch.get_num_threads()
+    for call in method_calls(kind, batches[1]):
+        export_onnx(model, call, onnx_path(folder, call.name))
+    with torch.inference_mode():
+        expected = [model(*batch) for batch in batches]
+    torch.set_num_threads(1)
+    speed = {TORCHSCRIPT: items_per_second(scripted, batches, seconds)}
+    parity = {}
+    for name in ONNX_RUNTIMES:
+        onnx_model = load_onnx_model(folder, kind, name, threads=1)
+        parity[name] = check_onnx_parity(model, onnx_model, kind, batches, tolerance)
+        check_onnx_fresh_process(folder, kind, name, batches, expected, tolerance)
+        speed[name] = items_per_second(onnx_model, batches, seconds)
+    sizes = "/".join(str(len(batch[0])) for batch in batches)
+    choice = {"measured_on": f"real batches of {sizes} rows in turn, one thread, rows/s",
+              "items_per_second": {name: round(rate, 2) for name, rate in speed.items()},
+              "max_abs_diff": parity}
+    int8 = False
+    if kind.uses_text:
+        gate = int8_gate(model, config, data, tokenizer, folder)
+        choice["int8_gate"] = gate
+        if gate["adopted"]:
+            speed["onnxruntime_int8"] = items_per_second(
+                load_onnx_model(folder, kind, ONNXRUNTIME, threads=1, int8=True), batches, seconds)
+            choice["items_per_second"]["onnxruntime_int8"] = round(speed["onnxruntime_int8"], 2)
+    torch.set_num_threads(threads)
+    fastest = max(speed, key=speed.get)
+    if runtime == FASTEST:
+        runtime, int8 = (ONNXRUNTIME, True) if fastest == "onnxruntime_int8" else (fastest, False)
+    elif runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose fastest or one of {', '.join(RUNTIMES)}")
+    choice["chosen"] = runtime + (" int8" if int8 else "")
+    return {"runtime": runtime, "onnx_int8": int8, "runtime_choice": choice}
+
+
+def int8_gate(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer, folder: Path) -> dict:
+    """The int8 programs (onnx/<method>.int8.onnx) against the float ones under ONNX Runtime:
+    listing accuracy on the validation split; adopted when it drops by INT8_MAX_DROP or less."""
+    for method in onnx_methods(config.kind):
+        quantise_onnx(onnx_path(folder, method), onnx_path(folder, method, int8=True))
+    fp32 = listing_accuracy(load_onnx_model(folder, config.kind, ONNXRUNTIME), config, data, tokenizer, "val")
+    int8 = listing_accuracy(load_onnx_model(folder, config.kind, ONNXRUNTIME, int8=True), config, data,
+                            tokenizer, "val")
+    gate = {"validation_listing_accuracy": {"fp32": round(fp32, 4), "int8": round(int8, 4)},
+            "max_drop": INT8_MAX_DROP, "adopted": fp32 - int8 <= INT8_MAX_DROP}
+    if gate["adopted"]:  # the test split is read once a variant is chosen, for the report
+        gate["test_listing_accuracy"] = {name: round(listing_accuracy(
+            load_onnx_model(folder, config.kind, ONNXRUNTIME, int8=name == "int8"), config, data, tokenizer,
+            "test"), 4) for name in ("fp32", "int8")}
+    else:
+        for method in onnx_methods(config.kind):
+            onnx_path(folder, method, int8=True).unlink()
+    return gate
