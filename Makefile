@@ -13,7 +13,7 @@ NPROC ?= 2
 MODEL ?= image
 ENGINE ?= torchserve
 
-.PHONY: install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
+.PHONY: install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes prometheus demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
 	budget hostile-mix
 
 $(STAMP): pyproject.toml
@@ -52,13 +52,21 @@ nginx:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } || \
 		echo "warning: nginx is not installed (apt-get install nginx-light); the proxy tests will be skipped" >&2
 
+# Prometheus and promtool for the alert-rule and real-Prometheus tests, from Debian's packages where
+# this runs as root; elsewhere those tests are skipped and say why.
+prometheus:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null; } || \
+		echo "warning: prometheus is not installed (apt-get install prometheus); its tests will be skipped" >&2
+
 check-java:
 	@command -v java >/dev/null || { echo "error: java not found; TorchServe needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
 demo: install
 	SAMPLE_PRODUCTS=$(SAMPLE_PRODUCTS) DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash scripts/demo
 
-test: install kserve-venv engine-venv nginx
+test: install kserve-venv engine-venv nginx prometheus
 	$(PY) -m pytest
 
 # Data-parallel training with torchrun on this machine's sample data (gloo on CPU, nccl on GPUs).

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,16 +20,27 @@ import yaml
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
 from serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
 from serving.runtimes import onnx_files
-from serving.settings import SETTINGS_FILE, TORCHSCRIPT, ModelSettings, SettingsError
+from serving.settings import (
+    CARD_FILE,
+    REFERENCE_FILE,
+    SETTINGS_FILE,
+    TORCHSCRIPT,
+    ModelSettings,
+    SettingsError,
+    read_card,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # What each archive carries besides the model: the TorchServe adapter and the serving core.
 PACKAGES = {"handlers": ("__init__.py", "listing_handler.py"),
             "serving": ("__init__.py", "core.py", "exported.py", "model_kinds.py", "settings.py", "files.py",
-                        "runtimes.py", "processing.py", "budget.py", "payloads.py", "protocols.py")}
+                        "runtimes.py", "signals.py", "request_log.py", "processing.py", "budget.py",
+                        "payloads.py", "protocols.py")}
 MODELS = MODEL_KINDS
 # What the handlers need in the serving image; the KServe runtime image installs the same file.
 REQUIREMENTS_FILE = ROOT / "handlers" / "requirements.txt"
+DEFAULT_VERSION = "1.0"  # exports made before model cards
+ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class ArchiveError(RuntimeError):
@@ -40,6 +52,9 @@ def required_files(artifacts: Path, model: str) -> list[Path]:
     labels, settings, tokenizer, and the ONNX programs of the runtime preprocessing.json names."""
     folder = artifacts / model
     files = [folder / name for name in ("model.pt", "index_to_name.json", "preprocessing.json")]
+    for optional in (CARD_FILE, REFERENCE_FILE):  # exports before cards and drift references have none
+        if (folder / optional).exists():
+            files.append(folder / optional)
     if archive_kind(model).uses_text:
         files.append(folder / "tokenizer")
     settings = read_settings(folder)
@@ -94,9 +109,22 @@ def archive_kind(model: str) -> ModelKind:
         raise ArchiveError(str(error)) from error
 
 
+def archive_version(folder: Path) -> str:
+    """The version an archive of this export carries: its model card's (the training run's)."""
+    return (read_card(folder) or {}).get("version") or DEFAULT_VERSION
+
+
 def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
-                  model_config: dict | None = None, version: str = "1.0") -> Path:
+                  model_config: dict | None = None, version: str | None = None,
+                  file_name: str | None = None) -> Path:
+    """store/<file_name or model>.mar for artifacts/<model>/, versioned as its model card says
+    (or `version`)."""
     kind = archive_kind(model).name
+    version = version or archive_version(artifacts / model)
+    file_name = file_name or model
+    if not ARCHIVE_NAME.fullmatch(file_name) or not ARCHIVE_NAME.fullmatch(version):
+        raise ArchiveError(f"archive names and versions take letters, digits, '.', '_' and '-' only: "
+                           f"{file_name!r}, {version!r}")
     artifacts, store = check_inside(artifacts, root), store.resolve()
     if store != root and root not in store.parents:
         raise ArchiveError(f"model store {store} is outside the project folder {root}")
@@ -106,7 +134,8 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
     config = config | {"handler": config.get("handler", {}) | MODEL_HANDLER_OPTIONS.get(kind, {})}
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as temporary:
-        extra = Path(temporary) / "extra"
+        extra, staged = Path(temporary) / "extra", Path(temporary) / "archive"
+        staged.mkdir()
         stage(model, artifacts, extra, config)
         command = [
             shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
@@ -116,14 +145,18 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
             "--extra-files", str(extra),
             "--config-file", str(extra / "model-config.yaml"),
             "--requirements-file", str(extra / "requirements.txt"),
-            "--export-path", str(store), "--force",
+            "--export-path", str(staged), "--force",
         ]
         # the archiver stages in $TMPDIR/<model name>: a private TMPDIR keeps parallel builds apart
         result = subprocess.run(command, capture_output=True, text=True,
                                 env=os.environ | {"TMPDIR": temporary})
-    if result.returncode != 0:
-        raise ArchiveError(f"torch-model-archiver failed for {model}: {result.stderr.strip()[-500:]}")
-    return store / f"{model}.mar"
+        if result.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed for {model}: {result.stderr.strip()[-500:]}")
+        # copied beside its final name, then renamed: a server never sees half an archive
+        partial = store / f".{file_name}.mar.partial"
+        shutil.move(str(staged / f"{model}.mar"), str(partial))
+        os.replace(partial, store / f"{file_name}.mar")
+    return store / f"{file_name}.mar"
 
 
 def add_batching_options(parser: argparse.ArgumentParser) -> None:
@@ -147,13 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--model", nargs="+", default=list(MODELS),
                         help="image, text, combined (default: all three), text_int8, combined_int8")
+    parser.add_argument("--versioned", action="store_true",
+                        help="name each archive <model>-<version>.mar (a candidate for rollout stage)")
     add_batching_options(parser)
     args = parser.parse_args(argv)
     config = batching_config(args)
     try:
         for model in args.model:
-            path = build_archive(model, args.artifacts_dir, args.model_store, model_config=config)
-            print(json.dumps({"model": model, "archive": str(path),
+            name = f"{model}-{archive_version(args.artifacts_dir / model)}" if args.versioned else None
+            path = build_archive(model, args.artifacts_dir, args.model_store, model_config=config,
+                                 file_name=name)
+            print(json.dumps({"model": model, "version": archive_version(args.artifacts_dir / model),
+                              "archive": str(path),
                               "megabytes": round(path.stat().st_size / 2**20, 1)}))
     except ArchiveError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ the second engine has no tokens (loopback only: SECURITY.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 
@@ -29,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class ServeError(RuntimeError):
     """TorchServe could not be started, reached or stopped as asked."""
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+EXPORTER_PID = "exporter.pid"
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -115,18 +121,89 @@ def raise_open_file_limit() -> None:
                                                     else max(soft, 1_048_576), hard))
 
 
+def rollout_config(config: Path, destination: Path, model_store: Path, disable_token_auth: bool = False
+                   ) -> Path:
+    """`config` with TorchServe's registration API on, for scripts/rollout.py: refused unless the
+    management API listens on loopback only and needs its token. allowed_urls stays `^$`: in
+    TorchServe 0.12 a URL that matches it is downloaded into the store, and a name that matches
+    nothing is read from the store (by its last path component; `..` refused), so the store's own
+    files are all that can be registered."""
+    properties = read_properties(config)
+    host = urlparse(properties.get("management_address", "")).hostname
+    if host not in LOOPBACK_HOSTS:
+        raise ServeError(f"refusing --rollout: the management API listens on {host!r}, not 127.0.0.1")
+    if disable_token_auth or tokens_disabled(properties):
+        raise ServeError("refusing --rollout without token authorization: registering a model runs its code")
+    derive_config(config, destination, {"enable_model_api": "true", "allowed_urls": "^$",
+                                        "model_store": str(model_store.resolve())},
+                  header="# written by scripts/serve.py start --rollout (scripts/rollout.py reads it)")
+    return destination
+
+
+def start_exporter(state_dir: Path, port: int, sources: list[str], options: dict | None = None
+                   ) -> str:
+    """serving/metrics_exporter.py over the workers' metrics folder, on 127.0.0.1:`port`."""
+    command = [sys.executable, "-m", "serving.metrics_exporter", "--port", str(port),
+               "--multiproc-dir", str(state_dir / "metrics"), *sources]
+    for name, value in (options or {}).items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with (state_dir / "logs" / "exporter.log").open("a") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    (state_dir / EXPORTER_PID).write_text(str(process.pid))
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).ok:
+                return url
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    raise ServeError(f"the metrics exporter did not answer on {url}: see {state_dir}/logs/exporter.log")
+
+
+def stop_exporter(state_dir: Path) -> None:
+    pid_file = state_dir / EXPORTER_PID
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):  # it has already gone
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        pid_file.unlink()
+
+
+def signals_port(properties: dict) -> int:
+    """Where the serving core's signals and drift are served (serving/metrics_exporter.py): on
+    127.0.0.1, the port after TorchServe's metrics API (8083 with the shipped config)."""
+    return (urlparse(properties.get("metrics_address", "http://127.0.0.1:8082")).port or 8082) + 1
+
+
+def fresh_metrics_folder(state_dir: Path) -> Path:
+    """The folder the workers' metrics go to (PROMETHEUS_MULTIPROC_DIR), emptied: counts of a
+    previous run must not add to this one's."""
+    folder = state_dir / "metrics"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180,
-          disable_token_auth: bool = False) -> dict:
-    """Start TorchServe and wait until every model in load_models has a ready worker."""
+          disable_token_auth: bool = False, rollout: bool = False, metrics_options: dict | None = None
+          ) -> dict:
+    """Start TorchServe and wait until every model in load_models has a ready worker; with
+    `rollout`, the registration API on (rollout_config)."""
     if shutil.which("java") is None:
         raise ServeError("java not found: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)")
+    if rollout:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        config = rollout_config(config, state_dir / "config.properties", model_store, disable_token_auth)
     properties = read_properties(config)
     missing = [name for name in model_names(properties) if not (model_store / f"{name}.mar").exists()]
     if missing:
         raise ServeError(f"{model_store} lacks {', '.join(m + '.mar' for m in missing)}: "
                          "run `python scripts/archive.py` first")
     state_dir.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs")}
+    env = os.environ | {"LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs"),
+                        "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_folder(state_dir))}
     command = [torchserve_binary(), "--start", "--ts-config", str(config.resolve()),
                "--model-store", str(model_store.resolve()), "--ncs"]
     if disable_token_auth:
@@ -142,7 +219,10 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
     wait_ready(properties, key_file, timeout, state_dir)
     if key_file is not None:
         key_file.chmod(0o600)  # the tokens are secrets: readable by this user only
+    sources = ["--model-store", str(model_store.resolve())]
+    metrics = start_exporter(state_dir, signals_port(properties), sources, metrics_options)
     return {"inference": properties["inference_address"], "management": properties["management_address"],
+            "signals": metrics,
             "grpc": f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
                     f"{properties.get('grpc_inference_port', '7070')}",
             "key_file": str(key_file) if key_file else None, "logs": str(state_dir / "logs")}
@@ -191,6 +271,7 @@ def wait_ready(properties: dict, key_file: Path | None, timeout: float, state_di
 ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
 KSERVE_RAY_PORT = 8085
 KSERVE_RAY_GRPC_PORT = 8086
+SIGNALS_PORT_OFFSET = 2  # the second engine's signals: 8087 beside REST 8085 and gRPC 8086
 
 
 def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PORT, replicas: int = 2,
@@ -207,16 +288,20 @@ def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PO
                "--max-batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
                "--state-dir", str(state_dir / "ray")]
     command += ["--no-grpc"] if grpc_port is None else ["--grpc-port", str(grpc_port)]
+    # the replicas (Ray's worker processes) inherit where to write their signals
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_folder(state_dir))}
     with log.open("w") as sink:
         process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
     (state_dir / "kserve_ray.pid").write_text(str(process.pid))
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
     while process.poll() is None and time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/v2/health/ready", timeout=5).ok:
                 grpc = None if grpc_port is None else f"127.0.0.1:{grpc_port}"
-                return {"rest": url, "grpc": grpc, "pid": process.pid, "log": str(log)}
+                signals = start_exporter(state_dir, port + SIGNALS_PORT_OFFSET,
+                                         ["--artifacts-dir", str(Path(artifacts).resolve())])
+                return {"rest": url, "grpc": grpc, "pid": process.pid, "log": str(log), "signals": signals}
         except requests.ConnectionError:
             pass
         time.sleep(0.5)
@@ -228,6 +313,7 @@ def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PO
 
 def stop_kserve_ray(state_dir: Path, timeout: float = 60) -> str:
     """Stop the second engine: KServe's server and the Ray cluster it started."""
+    stop_exporter(state_dir)
     pid_file = state_dir / "kserve_ray.pid"
     if not pid_file.exists():
         return "no second engine running"
@@ -246,6 +332,7 @@ def stop_kserve_ray(state_dir: Path, timeout: float = 60) -> str:
 
 def stop(state_dir: Path) -> str:
     state_dir.mkdir(parents=True, exist_ok=True)
+    stop_exporter(state_dir)
     result = subprocess.run([torchserve_binary(), "--stop"], cwd=state_dir, capture_output=True,
                             text=True)
     return (result.stdout + result.stderr).strip()
@@ -275,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180)
     parser.add_argument("--disable-token-auth", action="store_true",
                         help="serve without tokens (anyone who reaches the port may call it)")
+    parser.add_argument("--rollout", action="store_true",
+                        help="turn on the registration API (loopback, token) for scripts.rollout")
     args = parser.parse_args(argv)
     state = args.state_dir.resolve()
     try:
@@ -289,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"running": True, "ready": ready.ok}))
         elif args.action == "start":
             print(json.dumps(start(args.config, args.model_store, state, args.timeout,
-                                   args.disable_token_auth), indent=2))
+                                   args.disable_token_auth, args.rollout), indent=2))
         elif args.action == "stop":
             print(stop(state))
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from pathlib import Path
@@ -40,6 +41,9 @@ from serving.processing import (
     text_inputs,
 )
 from serving.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
+from serving.request_log import RequestLog
+from serving.settings import read_card
+from serving.signals import Signals
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,9 @@ class ServingOptions:
     optimize_for_inference: bool = False  # TorchScript freezing and oneDNN kernels on CPU
     threads: int = 0  # torch threads (and the ONNX runtimes'); 0: the engine decides
     runtime: str = ""  # torchscript, onnxruntime or openvino; "": the one preprocessing.json names
+    request_log_dir: str = ""  # a folder: the opt-in request log (serving/request_log.py); "": off
+    request_log_sample: float = 0.1  # share of answered listings it records
+    request_log_max_mb: int = 100  # per worker process; it stops at the cap
     budget: WorkBudget = field(default_factory=WorkBudget)
 
     @classmethod
@@ -97,6 +104,7 @@ class Batch:
 
     requests: list
     probabilities: torch.Tensor | None = None
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def items(self) -> list[dict]:
@@ -152,7 +160,8 @@ class ListingService:
     refused with a status and an `error` body, the good ones through the model together."""
 
     def __init__(self, model_dir: Path, options: ServingOptions | None = None,
-                 device: torch.device | None = None, model_name: str = "", model_version: str | None = None):
+                 device: torch.device | None = None, model_name: str = "", model_version: str | None = None,
+                 registry=None):
         self.model_dir, self.options = Path(model_dir), options or ServingOptions()
         self.device = device or torch.device("cpu")
         if self.options.threads:
@@ -164,7 +173,15 @@ class ListingService:
         self.settings, self.kind, self.model = exported.settings, exported.kind, exported.model
         self.index_to_name, self.class_names = exported.index_to_name, exported.class_names
         self.needs, self.tokenizer = self.kind.needs, exported.tokenizer
-        self.model_name, self.model_version = model_name or self.model_dir.name, model_version
+        self.card = read_card(self.model_dir)
+        # the engine's version of the model (TorchServe: the archive's), else the card's
+        self.model_version = model_version or (self.card or {}).get("version")
+        self.model_name = model_name or self.model_dir.name
+        self.signals = Signals(self.model_name, self.model_version, registry)  # registry: the process's
+        self.signals.started()
+        self.request_log = RequestLog(Path(self.options.request_log_dir), self.options.request_log_sample,
+                                      self.options.request_log_max_mb * 2**20, self.model_name,
+                                      self.model_version) if self.options.request_log_dir else None
         self.autocast = self.device.type == "cuda" and self.options.autocast
         # a fused model exported with `listings` runs each listing's text once, not once a photo
         self.text_once = self.kind.text_once_per_listing and hasattr(self.model, "listings")
@@ -185,9 +202,10 @@ class ListingService:
     def prepare(self, requests: list[Request]) -> Batch:
         """Parse each request, check its work against the budget, admit the batch's cheapest
         requests within the batch budget, then decode the admitted ones' photos."""
+        started = time.perf_counter()
         parsed = self.admit([self.guarded(index, "parsing", lambda r=request: self.read(r))
                              for index, request in enumerate(requests)])
-        return Batch([self.decode(index, request) for index, request in enumerate(parsed)])
+        return Batch([self.decode(index, request) for index, request in enumerate(parsed)], started=started)
 
     def predict(self, batch: Batch) -> Batch:
         """One row of probabilities per listing of the admitted requests: its photos' answers
@@ -204,12 +222,25 @@ class ListingService:
         for request in batch.requests:
             if isinstance(request, Exception):
                 answers.append(self.refusal(request))
+                self.signals.refused(answers[-1].status)
                 continue
             rows = batch.probabilities[start:start + len(request.items)]
             start += len(request.items)
             results = [self.describe(row, item) for row, item in zip(rows, request.items, strict=True)]
+            for result, item in zip(results, request.items, strict=True):
+                self.observe(result, item)
+                if self.request_log is not None:
+                    self.request_log.record(item["listing"], result)
             answers.append(Answer(200, self.format_response(request, results)))
+        self.signals.batch_seconds(time.perf_counter() - batch.started, len(answers))
         return answers
+
+    def observe(self, result: dict, item: dict) -> None:
+        """An answered listing in the service's signals (serving/signals.py)."""
+        self.signals.answered(result["category"], result["probability"], result["needs_review"],
+                              len(item["images"]) if self.kind.uses_image else None,
+                              len(item["text"] or "") if self.kind.uses_text else None,
+                              item.get("photo_sides", []))
 
     # ------------------------------------------------------------ reading and admitting
     def read(self, request: Request) -> Envelope:
@@ -268,6 +299,7 @@ class ListingService:
             item["photos"] = [(self.labelled(listing, position, lambda data: open_photo(
                 data, self.options.max_image_pixels, self.budget.scans_per_photo)), position)
                 for position in order]
+            item["photo_sides"] = [max(header.width, header.height) for header, _ in item["photos"]]
         return item
 
     def photo(self, item: dict, index: int) -> torch.Tensor:
@@ -351,6 +383,8 @@ class ListingService:
         threshold = listing.min_confidence if listing.min_confidence is not None \
             else self.settings.review_threshold
         answer["needs_review"] = needs_review(answer["probability"], threshold)
+        if self.model_version:  # which version answered, for rollouts (scripts/rollout.py)
+            answer["model_version"] = self.model_version
         if self.kind.uses_image:
             answer["photos"] = len(item["images"])
             if not item["images"]:

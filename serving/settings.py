@@ -12,6 +12,8 @@ from serving.model_kinds import KINDS
 
 SETTINGS_FILE = "preprocessing.json"
 LABELS_FILE = "index_to_name.json"  # the one label decoder, written by cleaning and export
+REFERENCE_FILE = "reference.json"  # training's distributions, for drift (training/reference.py)
+CARD_FILE = "model_card.json"  # what a version is and how it did (training/card.py), written by export
 PAD_COLOUR = (0, 0, 0)
 TORCHSCRIPT, ONNXRUNTIME, OPENVINO = "torchscript", "onnxruntime", "openvino"
 RUNTIMES = (TORCHSCRIPT, ONNXRUNTIME, OPENVINO)  # serving/runtimes.py runs them
@@ -157,3 +159,14 @@ def read_index_to_name(path: Path, num_classes: int | None = None) -> dict[str, 
     if sorted(mapping, key=str) != sorted(str(i) for i in range(count)):
         raise ValueError(f"{path}: keys must be the indices 0..{count - 1}")
     return mapping
+
+
+def write_card(card: dict, folder: Path) -> Path:
+    text = json.dumps(card, indent=2) + "\n"
+    return atomic_write(Path(folder) / CARD_FILE, lambda temporary: temporary.write_text(text))
+
+
+def read_card(folder: Path) -> dict | None:
+    """The model card beside an exported model, None for exports made before cards."""
+    path = Path(folder) / CARD_FILE
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,6 +1,7 @@
 import json
 import random
 import re
+import time
 
 import pytest
 
@@ -86,11 +87,26 @@ def test_the_runtimes_benchmark_measures_the_machine_the_models_and_one_worker(a
         pytest.approx(runtimes_bench.flops_per_item(artifacts / "image", image))  # per item, not per call
 
 
-@pytest.mark.serving
-def test_the_runtimes_benchmark_reads_the_servers_own_cpu_time(artifacts):
+def test_the_runtimes_benchmark_reads_the_cpu_time_of_the_processes_it_is_given():
+    import subprocess
+    import sys
+
+    import psutil
+
     from benchmarks import runtimes_bench
 
-    results = runtimes_bench.served_with_cpu(None, ["image"], artifacts, seconds=30, requests_per_run=16)
-    row = results["image"]
-    assert row["requests"] == 16 and row["errors"] == 0
-    assert row["server_cpu_seconds"] > 0 and row["server_cpu_ms_per_item"] > 0
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 1.5\n"
+                             "while time.process_time() < end: pass\ntime.sleep(30)"])
+    try:
+        processes = [psutil.Process(busy.pid)]
+        before = runtimes_bench.cpu_seconds(processes)
+        deadline = time.monotonic() + 30
+        while runtimes_bench.cpu_seconds(processes)[busy.pid] - before[busy.pid] < 1.0 and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        spent = runtimes_bench.cpu_seconds(processes)[busy.pid] - before[busy.pid]
+        assert 1.0 <= spent <= 2.0  # its own CPU time, not this process's or the wall clock's
+    finally:
+        busy.kill()
+        busy.wait()
+    assert runtimes_bench.cpu_seconds(processes) == {}  # a process that has gone counts for nothing

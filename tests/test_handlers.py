@@ -77,7 +77,9 @@ def test_every_request_of_a_batch_is_answered(handlers_in_process):
     answers = handler.handle([{"body": text.encode()} for text in texts], context)
     assert len(answers) == 4 and not context.statuses
     for answer in answers:
-        assert set(answer) == {"category", "probability", "top_k", "probabilities", "needs_review"}
+        assert set(answer) == {"category", "probability", "top_k", "probabilities", "needs_review",
+                               "model_version"}
+        assert answer["model_version"] == handler.service.card["version"]  # no version in the manifest
         assert len(answer["probabilities"]) == 13 and len(answer["top_k"]) == 3
         assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4
     single = handler.handle([{"body": texts[1].encode()}], FakeContext(handler_dir(handler), ["text/plain"]))

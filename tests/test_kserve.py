@@ -335,3 +335,30 @@ def test_the_schema_check_finds_a_misspelt_field_a_wrong_type_and_a_missing_requ
     assert "containers[0].imagePullPolcy: not a field of V1Container" in result.stdout
     assert "autoSelect: expected bool, got str 'yes'" in result.stdout
     assert "V1Container: name Input should be a valid string" in result.stdout
+
+
+def merged(base: dict, patch: dict) -> dict:
+    """A strategic-merge patch of maps onto `base` (the overlays patch no lists)."""
+    result = dict(base)
+    for key, value in patch.items():
+        deeper = isinstance(value, dict) and isinstance(base.get(key), dict)
+        result[key] = merged(base[key], value) if deeper else value
+    return result
+
+
+@pytest.mark.parametrize(("overlay", "percent"), [("canary", 10), ("promote", 100), ("rollback", 0)])
+def test_the_canary_overlays_patch_the_base_and_pass_the_schemas(overlay, percent, tmp_path):
+    folder = DEPLOY / "overlays" / overlay
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert [(folder / resource).resolve() for resource in kustomization["resources"]] == [DEPLOY.resolve()]
+    base = {(doc["kind"], doc["metadata"]["name"]): doc for name in yaml.safe_load(
+        (DEPLOY / "kustomization.yaml").read_text())["resources"] for doc in documents(name)}
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load((folder / entry["path"]).read_text())
+        target = base[(patch["kind"], patch["metadata"]["name"])]  # the patch names a base resource
+        assert patch["spec"]["predictor"]["canaryTrafficPercent"] == percent
+        whole = merged(target, patch)
+        assert whole["spec"]["predictor"]["model"]["protocolVersion"] == "v2"  # the base kept
+        (tmp_path / entry["path"]).write_text(yaml.safe_dump(whole))
+        result = run_schema_check(folder / entry["path"], tmp_path / entry["path"])
+        assert result.returncode == 0, result.stdout + result.stderr[-2000:]

@@ -25,6 +25,7 @@ from serving.settings import LABELS_FILE, write_index_to_name
 from training.categories import ROOT_CATEGORIES, build_index_to_name, root_category
 
 PRODUCT_COLUMNS = ["id", "product_name", "category", "product_description", "price", "location"]
+PHOTO_SIZES = "photo_sizes.csv"  # width and height of each kept photo as sent
 IMAGE_COLUMNS = ["id", "product_id", "bucket_link", "image_ref", "create_time"]
 MANIFEST = "images_manifest.json"
 MANIFEST_EVERY = 100  # photos between saves of the manifest of finished work
@@ -302,11 +303,24 @@ def clean(data_dir: Path, out: Path, size: int = 512, workers: int | None = None
                           size, workers or os.cpu_count() or 1, report)
     products.to_csv(out / "products.csv", index=False)
     images.to_csv(out / "images.csv", index=False)
+    photo_sizes(images, data_dir).to_csv(out / PHOTO_SIZES, index=False)
     write_index_to_name(build_index_to_name(ROOT_CATEGORIES), out / LABELS_FILE)
     (out / "cleaning.json").write_text(json.dumps({"image_size": size}) + "\n")
     report.seconds = time.perf_counter() - started
     (out / "cleaning_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def photo_sizes(images: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
+    """Each kept photo's width and height as sent (read from its header, nothing decoded): the
+    photo-size reference that the served traffic is compared with (training/reference.py)."""
+    from PIL import Image
+
+    sizes = []
+    for image_id in images["id"]:
+        with Image.open(data_dir / "images" / f"{image_id}.jpg") as picture:
+            sizes.append((image_id, *picture.size))
+    return pd.DataFrame(sizes, columns=["id", "width", "height"])
 
 
 def load_clean_products(out: Path) -> pd.DataFrame:

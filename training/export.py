@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -16,18 +17,22 @@ from serving.model_kinds import ModelKind
 from serving.processing import model_inputs
 from serving.settings import (
     LABELS_FILE,
+    REFERENCE_FILE,
     RUNTIMES,
     TORCHSCRIPT,
     ImageSettings,
     ModelSettings,
+    write_card,
     write_index_to_name,
 )
 from training.calibration import DEFAULT_TARGET_PRECISION, text_only_temperature, validation_answers
+from training.card import model_card
 from training.checkpoints import config_from, load_checkpoint
 from training.config import TrainConfig
 from training.data import CleanData
 from training.export_runtimes import FASTEST, MEASURE_SECONDS, export_runtimes
 from training.features import load_model_image
+from training.reference import reference_distributions
 from training.tasks import make_task, text_settings
 from training.text_encoder import load_tokenizer
 
@@ -53,11 +58,11 @@ def preprocessing_settings(config: TrainConfig, model, num_classes: int, answers
                          **(runtime or {}))
 
 
-def answer_settings(model, config: TrainConfig, data: CleanData, target_precision: float) -> dict:
+def answer_settings(model, config: TrainConfig, data: CleanData, target_precision: float, task=None) -> dict:
     """The temperatures and review threshold chosen on the validation listings, for
     preprocessing.json (calibration.validation_answers; the combined model's text-only answer
     has its own temperature)."""
-    task = make_task(model.eval(), config, data, torch.device("cpu"))
+    task = task or make_task(model.eval(), config, data, torch.device("cpu"))
     text_only = text_only_temperature(model, config, data) if config.kind.answers_text_only else None
     return validation_answers(model, config, data, target_precision, task) | {
         "target_precision": target_precision, "text_only_temperature": text_only}
@@ -184,8 +189,10 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     data = CleanData.load(Path(data_dir))
     tokenizer = load_tokenizer(config.text_encoder) if config.kind.uses_text else None
     config = replace(config, data_dir=str(data_dir))
-    answers = answer_settings(model, config, data, target_precision)
-    result = {"model": config.model} | answers
+    task = make_task(model.eval(), config, data, torch.device("cpu"))
+    answers = answer_settings(model, config, data, target_precision, task)
+    card = model_card(model, checkpoint_path, checkpoint, config, data, answers, task)
+    result = {"model": config.model, "version": card["version"]} | answers
     if int8:
         result["fp32_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
         model = quantise_text_encoder(model, config.kind)
@@ -220,6 +227,14 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         chosen = export_runtimes(model, config, data, tokenizer, batches, scripted, out, runtime,
                                  PARITY_TOLERANCE, measure_seconds)
         result |= chosen
+    card["export"] = {"torchscript_max_abs_diff": worst, "int8_text_encoder": int8,
+                      "runtime": (chosen or {}).get("runtime", TORCHSCRIPT),
+                      "onnx_int8": (chosen or {}).get("onnx_int8", False),
+                      "runtime_choice": (chosen or {}).get("runtime_choice")}
+    write_card(card, out)
+    reference = reference_distributions(model, config, data, answers, task)
+    text = json.dumps(reference, indent=2) + "\n"
+    atomic_write(out / REFERENCE_FILE, lambda temporary: temporary.write_text(text))
     write_index_to_name(checkpoint["index_to_name"], out / LABELS_FILE)
     preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8, chosen).save(out)
     if tokenizer is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pandas as pd
 
 SPLITS = ("train", "val", "test")
+SPLIT_SETTINGS_FILE = "splits.json"
 SPLITS_FILE = "splits.csv"
 
 
@@ -34,6 +36,9 @@ def write_splits(clean_dir: Path, val_fraction: float, test_fraction: float, see
 
     splits = assign_splits(load_clean_products(clean_dir), val_fraction, test_fraction, seed)
     splits.to_csv(Path(clean_dir) / SPLITS_FILE, index=False)
+    # how the split was drawn, for the model card (training/card.py)
+    (Path(clean_dir) / SPLIT_SETTINGS_FILE).write_text(json.dumps(
+        {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}) + "\n")
     return splits
 
 

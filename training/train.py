@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -214,9 +215,11 @@ def _fit(model, task, optimizer, scheduler, config: TrainConfig, data: CleanData
     for epoch in epochs:
         if config.patience and epoch - 1 - progress["best_epoch"] >= config.patience:
             break  # a resumed run that had already stopped early
+        started = time.perf_counter()
         row, shards = _one_epoch(model, task, forward, (optimizer, scheduler), config, device,
                                  cluster, epoch)
-        history.append(row)
+        history.append(row | {"seconds": round(time.perf_counter() - started, 1)})
+        row = history[-1]
         progress["epoch"] = epoch
         if row["val_accuracy"] > progress["best_accuracy"]:
             progress.update(best_accuracy=row["val_accuracy"], best_epoch=epoch)
