@@ -59,7 +59,7 @@ def required_files(artifacts: Path, model: str) -> list[Path]:
         files.append(folder / "tokenizer")
     settings = read_settings(folder)
     if settings is not None and settings.runtime != TORCHSCRIPT:
-        files += onnx_files(folder, archive_kind(model), settings.onnx_int8)
+        files += onnx_files(folder, archive_kind(model), settings.onnx_int8, settings.runtime)
     return files
 
 

@@ -23,12 +23,17 @@ def onnx_methods(kind: ModelKind) -> tuple[str, ...]:
     return ("forward", *kind.extra_methods)
 
 
-def onnx_path(folder: Path, method: str, int8: bool = False) -> Path:
-    return Path(folder) / ONNX_FOLDER / f"{method}{'.int8' if int8 else ''}.onnx"
+def onnx_path(folder: Path, method: str, int8: bool = False, runtime: str = ONNXRUNTIME) -> Path:
+    """A method's program: <method>.onnx; its int8 variant <method>.int8.onnx for ONNX Runtime
+    (dynamic quantisation) or <method>.int8.xml (+ .bin) for OpenVINO (NNCF static quantisation)."""
+    suffix = ".int8.xml" if int8 and runtime == OPENVINO else ".int8.onnx" if int8 else ".onnx"
+    return Path(folder) / ONNX_FOLDER / f"{method}{suffix}"
 
 
-def onnx_files(folder: Path, kind: ModelKind, int8: bool = False) -> list[Path]:
-    return [onnx_path(folder, method, int8) for method in onnx_methods(kind)]
+def onnx_files(folder: Path, kind: ModelKind, int8: bool = False, runtime: str = ONNXRUNTIME) -> list[Path]:
+    """The files of a kind's programs under `runtime` (an OpenVINO IR is its .xml and .bin)."""
+    paths = [onnx_path(folder, method, int8, runtime) for method in onnx_methods(kind)]
+    return paths + [path.with_suffix(".bin") for path in paths if path.suffix == ".xml"]
 
 
 class OnnxMethod:
@@ -111,5 +116,5 @@ class OnnxModel:
 def load_onnx_model(folder: Path, kind: ModelKind, runtime: str, threads: int = 1,
                     int8: bool = False) -> OnnxModel:
     """The ONNX programs of an exported folder under `runtime`, each on `threads` threads."""
-    return OnnxModel({method: OnnxMethod(onnx_path(folder, method, int8), runtime, threads)
+    return OnnxModel({method: OnnxMethod(onnx_path(folder, method, int8, runtime), runtime, threads)
                       for method in onnx_methods(kind)})

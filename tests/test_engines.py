@@ -27,8 +27,9 @@ READY_TIMEOUT = 300  # a bound on a hung start, not a measurement
 class Engine:
     """How a test reaches one engine: v1 and v2 requests, and who serves them."""
 
-    def __init__(self, name: str, v1: str, v2: str, headers: dict, workers):
+    def __init__(self, name: str, v1: str, v2: str, headers: dict, workers, signals: str):
         self.name, self.v1_url, self.v2_url, self.headers, self.workers = name, v1, v2, headers, workers
+        self.signals = signals  # the serving core's metrics, summed over workers (metrics_exporter)
 
     def post(self, url: str, body: bytes, content_type: str = "application/json") -> requests.Response:
         headers = self.headers | {"Content-Type": content_type}
@@ -56,7 +57,7 @@ def kserve_ray(artifacts):
         started = serve.start_kserve_ray(artifacts, state, port=port, replicas=1, timeout=READY_TIMEOUT,
                                          grpc_port=grpc_port)
         yield {"base": f"http://127.0.0.1:{port}", "port": port, "state": state,
-               "grpc": started["grpc"], "grpc_port": grpc_port}
+               "grpc": started["grpc"], "grpc_port": grpc_port, "signals": started["signals"]}
     finally:
         serve.stop_kserve_ray(state)
         shutil.rmtree(state, ignore_errors=True)
@@ -69,10 +70,11 @@ def engine(request) -> Engine:
         url = server["properties"]["inference_address"] + "/predictions/{model}"
         return Engine("torchserve", url, url, {"Authorization": f"Bearer {server['token']}"},
                       lambda: serve.worker_pids(server["properties"], server["state"] / "key_file.json",
-                                                ["image", "text", "combined"]))
-    base = request.getfixturevalue("kserve_ray")["base"]
+                                                ["image", "text", "combined"]), server["info"]["signals"])
+    started = request.getfixturevalue("kserve_ray")
+    base = started["base"]
     return Engine("kserve_ray", base + "/v1/models/{model}:predict", base + "/v2/models/{model}/infer", {},
-                  replica_pids)
+                  replica_pids, started["signals"])
 
 
 def b64(photo: bytes) -> str:
@@ -260,3 +262,24 @@ def test_the_cli_reaches_the_second_engine_over_rest_and_grpc(kserve_ray, artifa
     assert predict.main(["--engine", "kserve_ray", "--protocol", "grpc", "--model", "text", "--text", "",
                          "--engine-grpc", kserve_ray["grpc"]]) == 2
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def answered_count(engine: Engine, model: str) -> float:
+    """marketplace_answers_total of `model`, all categories and versions, as the engine exports it."""
+    total = 0.0
+    for line in requests.get(engine.signals, timeout=30).text.splitlines():
+        if line.startswith("marketplace_answers_total{") and f'model="{model}"' in line:
+            assert 'version="' in line and 'category="' in line
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_every_engine_exports_the_cores_signals_of_every_worker(engine):
+    before = answered_count(engine, "text")
+    bodies = [json.dumps({"instances": [{"text": text}]}).encode() for text in TEXTS[:4]] * 2
+    with ThreadPoolExecutor(4) as pool:  # spread over the workers (or replicas)
+        assert all(r.status_code == 200 for r in pool.map(lambda body: engine.v1("text", body), bodies))
+    assert answered_count(engine, "text") - before == len(bodies)
+    exported = requests.get(engine.signals, timeout=30).text
+    assert "marketplace_drift_window_listings{" in exported
+    assert "marketplace_top_probability_bucket{" in exported

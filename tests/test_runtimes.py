@@ -117,6 +117,25 @@ def test_the_int8_gate_adopts_within_its_margin_and_refuses_beyond_it(trained, t
     assert not onnx_path(tmp_path, "forward", int8=True).exists()
 
 
+def test_the_image_models_static_int8_is_calibrated_gated_and_served(trained, tmp_path, monkeypatch):
+    model, config, data, tokenizer, batches = loaded(trained, "image")
+    (call,) = method_calls(config.kind, batches[1])
+    export_onnx(model, call, onnx_path(tmp_path, "forward"))
+    int8_program = onnx_path(tmp_path, "forward", True, OPENVINO)
+    monkeypatch.setattr(export_runtimes, "INT8_MAX_DROP", 1.0)
+    adopted = int8_gate(model, config, data, tokenizer, tmp_path, OPENVINO)
+    assert adopted["adopted"] and adopted["runtime"] == OPENVINO
+    assert int8_program.exists() and int8_program.with_suffix(".bin").stat().st_size > 0
+    with torch.inference_mode():
+        answered = load_onnx_model(tmp_path, config.kind, OPENVINO, int8=True)(*batches[2])
+        expected = model(*batches[2])
+    assert answered.shape == expected.shape  # int8: close to the float answers, not equal
+    assert (answered.argmax(1) == expected.argmax(1)).float().mean() >= 0.5
+    monkeypatch.setattr(export_runtimes, "INT8_MAX_DROP", -1.0)
+    assert not int8_gate(model, config, data, tokenizer, tmp_path, OPENVINO)["adopted"]
+    assert not int8_program.exists() and not int8_program.with_suffix(".bin").exists()
+
+
 def test_a_program_that_differs_from_the_model_is_refused(trained, tmp_path):
     model, config, _, _, batches = loaded(trained, "image")
     (call,) = method_calls(config.kind, batches[1])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from serving.model_kinds import LEXICAL_INPUTS, ModelKind
-from serving.runtimes import OnnxModel, load_onnx_model, onnx_methods, onnx_path
+from serving.runtimes import OnnxModel, load_onnx_model, onnx_files, onnx_methods, onnx_path
 from serving.settings import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCHSCRIPT
 from training.config import TrainConfig
 from training.data import CleanData
@@ -24,6 +24,7 @@ FASTEST = "fastest"
 OPSET = 17
 INT8_MAX_DROP = 0.005  # listing accuracy on validation an int8 variant may lose and still be chosen
 MEASURE_SECONDS = 3.0
+CALIBRATION_PHOTOS = 300  # training photos NNCF calibrates the image model's int8 ranges on
 
 
 class RuntimeExportError(RuntimeError):
@@ -206,7 +207,7 @@ def listing_accuracy(program, config: TrainConfig, data: CleanData, tokenizer, s
 
 def export_runtimes(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer,
                     batches: list[tuple], scripted, folder: Path, runtime: str, tolerance: float,
-                    seconds: float = MEASURE_SECONDS) -> dict:
+                    seconds: float = MEASURE_SECONDS, try_int8: bool = True) -> dict:
     """Write folder/onnx/, check it under both ONNX runtimes (and int8 behind the accuracy gate),
     measure every runtime on the real batches, and say which to serve: `runtime` when it
     names one, else the fastest that passed. Returns what preprocessing.json records."""
@@ -228,38 +229,71 @@ def export_runtimes(model: torch.nn.Module, config: TrainConfig, data: CleanData
               "items_per_second": {name: round(rate, 2) for name, rate in speed.items()},
               "max_abs_diff": parity}
     int8 = False
-    if kind.uses_text:
-        gate = int8_gate(model, config, data, tokenizer, folder)
-        choice["int8_gate"] = gate
-        if gate["adopted"]:
-            speed["onnxruntime_int8"] = items_per_second(
-                load_onnx_model(folder, kind, ONNXRUNTIME, threads=1, int8=True), batches, seconds)
-            choice["items_per_second"]["onnxruntime_int8"] = round(speed["onnxruntime_int8"], 2)
+    # int8 where it may pay: the text encoder's matmuls (dynamic, ONNX Runtime), or the image
+    # model's convolutions (static, NNCF's calibration, OpenVINO)
+    int8_runtime = ONNXRUNTIME if kind.uses_text else OPENVINO
+    gate = int8_gate(model, config, data, tokenizer, folder, int8_runtime) if try_int8 else {"adopted": False}
+    choice["int8_gate"] = gate if try_int8 else "not tried"
+    if gate["adopted"]:
+        speed[f"{int8_runtime}_int8"] = items_per_second(
+            load_onnx_model(folder, kind, int8_runtime, threads=1, int8=True), batches, seconds)
+        choice["items_per_second"][f"{int8_runtime}_int8"] = round(speed[f"{int8_runtime}_int8"], 2)
     torch.set_num_threads(threads)
     fastest = max(speed, key=speed.get)
     if runtime == FASTEST:
-        runtime, int8 = (ONNXRUNTIME, True) if fastest == "onnxruntime_int8" else (fastest, False)
+        runtime, int8 = (int8_runtime, True) if fastest.endswith("_int8") else (fastest, False)
     elif runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose fastest or one of {', '.join(RUNTIMES)}")
     choice["chosen"] = runtime + (" int8" if int8 else "")
     return {"runtime": runtime, "onnx_int8": int8, "runtime_choice": choice}
 
 
-def int8_gate(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer, folder: Path) -> dict:
-    """The int8 programs (onnx/<method>.int8.onnx) against the float ones under ONNX Runtime:
-    listing accuracy on the validation split; adopted when it drops by INT8_MAX_DROP or less."""
-    for method in onnx_methods(config.kind):
-        quantise_onnx(onnx_path(folder, method), onnx_path(folder, method, int8=True))
-    fp32 = listing_accuracy(load_onnx_model(folder, config.kind, ONNXRUNTIME), config, data, tokenizer, "val")
-    int8 = listing_accuracy(load_onnx_model(folder, config.kind, ONNXRUNTIME, int8=True), config, data,
-                            tokenizer, "val")
-    gate = {"validation_listing_accuracy": {"fp32": round(fp32, 4), "int8": round(int8, 4)},
-            "max_drop": INT8_MAX_DROP, "adopted": fp32 - int8 <= INT8_MAX_DROP}
+def quantise_image_program(source: Path, target: Path, config: TrainConfig, data: CleanData,
+                           photos: int = CALIBRATION_PHOTOS) -> Path:
+    """Static int8 quantisation of an image program with NNCF, calibrated on training photos, saved
+    as an OpenVINO IR (float32 weights kept where NNCF leaves them)."""
+    import nncf
+    import openvino
+
+    from training.features import load_model_image
+
+    samples = data.samples(config.model, "train")
+    chosen = samples.sample(min(photos, len(samples)), random_state=0)
+    batches = [load_model_image(data.image_path(image), config.image_size)[None].numpy()
+               for image in chosen["id"]]
+    calibration = nncf.Dataset(batches, lambda images: {"images": images})
+    quantised = nncf.quantize(openvino.Core().read_model(str(source)), calibration, subset_size=len(batches))
+    temporary = target.with_name(target.stem + ".partial.xml")
+    openvino.save_model(quantised, str(temporary), compress_to_fp16=False)
+    temporary.with_suffix(".bin").replace(target.with_suffix(".bin"))
+    temporary.replace(target)
+    return target
+
+
+def int8_gate(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer, folder: Path,
+              runtime: str = ONNXRUNTIME) -> dict:
+    """The int8 programs against the float ones under `runtime`: listing accuracy on the
+    validation split; adopted when it drops by INT8_MAX_DROP or less (then, for the report, the
+    test split is read once for both)."""
+    methods = onnx_methods(config.kind)
+    for method in methods:
+        if runtime == OPENVINO:
+            quantise_image_program(onnx_path(folder, method), onnx_path(folder, method, True, OPENVINO),
+                                   config, data)
+        else:
+            quantise_onnx(onnx_path(folder, method), onnx_path(folder, method, int8=True))
+
+    def accuracy(int8: bool, split: str) -> float:
+        return listing_accuracy(load_onnx_model(folder, config.kind, runtime, int8=int8), config, data,
+                                tokenizer, split)
+
+    fp32, int8 = accuracy(False, "val"), accuracy(True, "val")
+    gate = {"runtime": runtime, "max_drop": INT8_MAX_DROP, "adopted": fp32 - int8 <= INT8_MAX_DROP,
+            "validation_listing_accuracy": {"fp32": round(fp32, 4), "int8": round(int8, 4)}}
     if gate["adopted"]:  # the test split is read once a variant is chosen, for the report
-        gate["test_listing_accuracy"] = {name: round(listing_accuracy(
-            load_onnx_model(folder, config.kind, ONNXRUNTIME, int8=name == "int8"), config, data, tokenizer,
-            "test"), 4) for name in ("fp32", "int8")}
+        gate["test_listing_accuracy"] = {name: round(accuracy(name == "int8", "test"), 4)
+                                         for name in ("fp32", "int8")}
     else:
-        for method in onnx_methods(config.kind):
-            onnx_path(folder, method, int8=True).unlink()
+        for path in onnx_files(folder, config.kind, True, runtime):
+            path.unlink()
     return gate
