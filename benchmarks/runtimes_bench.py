@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.harness import missing_exports, reported, temporary_server
 from benchmarks.load import make_request, run_load
+from benchmarks.model_speed import calls_per_second
 from scripts import serve
 from serving.config import MODEL_CONFIG
 from serving.core import ListingService, Request, ServingOptions
@@ -44,7 +45,7 @@ def peak_gflops(runtime: str, seconds: float = 3.0, size: int = MATMUL_SIZE) -> 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return 2 * size**3 * _calls_per_second(lambda: torch.mm(first, second), seconds) / 1e9
+            return 2 * size**3 * calls_per_second(torch.mm, (first, second), seconds) / 1e9
         finally:
             torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
@@ -52,7 +53,7 @@ def peak_gflops(runtime: str, seconds: float = 3.0, size: int = MATMUL_SIZE) -> 
         from serving.runtimes import OnnxMethod
 
         method = OnnxMethod(program, runtime, threads=1)
-        return 2 * size**3 * _calls_per_second(lambda: method(first, second), seconds) / 1e9
+        return 2 * size**3 * calls_per_second(method, (first, second), seconds) / 1e9
 
 
 def _matmul_program(path: Path, size: int) -> Path:
@@ -67,15 +68,6 @@ def _matmul_program(path: Path, size: int) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, str(path))
     return path
-
-
-def _calls_per_second(call, seconds: float) -> float:
-    call()
-    calls, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds or calls < 3:
-        call()
-        calls += 1
-    return calls / (time.perf_counter() - started)
 
 
 def flops_per_item(folder: Path, requests: list[dict]) -> float:
@@ -199,23 +191,20 @@ def _core_request(request: dict) -> Request:
 def test_accuracy(folder: Path, runtime: str | None, data_dir: Path) -> float:
     """Accuracy per listing on the test split of a cleaned folder, in process under `runtime`."""
     from training.data import CleanData
+    from training.export_runtimes import pooled_accuracy
     from training.features import load_model_image
 
     exported = ExportedModel.load(folder, runtime=runtime, threads=torch.get_num_threads())
     data = CleanData.load(data_dir)
     samples = data.samples(exported.kind, "test")
-    listing = samples["product_id"] if exported.kind.per_photo else samples["id"]
-    rows = []
+    logits = []
     for start in range(0, len(samples), 16):
         chosen = samples.iloc[start:start + 16]
         images = [load_model_image(data.image_path(i), exported.settings.image.size) for i in chosen["id"]] \
             if exported.kind.uses_image else None
         texts = list(chosen["text"]) if exported.kind.uses_text else None
-        rows.append(torch.log_softmax(exported.model(*exported.inputs(images, texts)), 1))
-    pooled, frame = torch.cat(rows), samples.assign(listing=listing.to_numpy())
-    correct = sum(int(pooled[group.index.tolist()].mean(0).argmax() == group["label"].iloc[0])
-                  for _, group in frame.groupby("listing", sort=False))
-    return correct / max(frame["listing"].nunique(), 1)
+        logits.append(exported.model(*exported.inputs(images, texts)))
+    return pooled_accuracy(logits, samples, exported.kind)
 
 
 # ------------------------------------------------------------------ the run and its report

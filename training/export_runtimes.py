@@ -186,23 +186,26 @@ def items_per_second(program, batches: list[tuple], seconds: float = MEASURE_SEC
 
 @torch.inference_mode()
 def listing_accuracy(program, config: TrainConfig, data: CleanData, tokenizer, split: str) -> float:
-    """Accuracy per listing on `split` through `program` (a listing's photos pooled by the mean of
-    their log-probabilities, as served)."""
+    """Accuracy per listing on `split` through `program` (a listing's photos pooled as served)."""
     from training.export import sample_inputs
 
     samples = data.samples(config.model, split)
-    listing = samples["product_id"] if config.kind.per_photo else samples["id"]
-    log_probabilities = []
-    for start in range(0, len(samples), 16):
-        chosen = samples.iloc[start:start + 16]
-        logits = program(*sample_inputs(config, data, chosen, tokenizer))
-        log_probabilities.append(torch.log_softmax(logits, 1))
-    frame = samples.assign(listing=listing.to_numpy())
-    pooled = torch.cat(log_probabilities)
-    correct = 0
-    for _, rows in frame.groupby("listing", sort=False):
-        correct += int(pooled[rows.index.tolist()].mean(0).argmax().item() == rows["label"].iloc[0])
-    return correct / max(frame["listing"].nunique(), 1)
+    logits = [program(*sample_inputs(config, data, samples.iloc[start:start + 16], tokenizer))
+              for start in range(0, len(samples), 16)]
+    return pooled_accuracy(logits, samples, config.kind)
+
+
+def pooled_accuracy(logits: list[torch.Tensor], samples, kind: ModelKind) -> float:
+    """Accuracy per listing of the logits of `samples` (rows of CleanData.samples, in order):
+    each listing's rows pooled by calibration.pool_by_listing, as the server pools photos."""
+    from training.calibration import pool_by_listing
+
+    if not logits:
+        return 0.0
+    listing = samples["product_id"] if kind.per_photo else samples["id"]
+    labels = torch.tensor(samples["label"].to_numpy())
+    _, pooled, listing_labels = pool_by_listing(torch.cat(logits), labels, listing)
+    return (pooled.argmax(1) == listing_labels).float().mean().item()
 
 
 def export_runtimes(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer,
