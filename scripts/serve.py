@@ -202,8 +202,9 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
         raise ServeError(f"{model_store} lacks {', '.join(m + '.mar' for m in missing)}: "
                          "run `python scripts/archive.py` first")
     state_dir.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs"),
-                        "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_folder(state_dir))}
+    env = server_environment(state_dir) | {
+        "LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs"),
+        "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_folder(state_dir))}
     command = [torchserve_binary(), "--start", "--ts-config", str(config.resolve()),
                "--model-store", str(model_store.resolve()), "--ncs"]
     if disable_token_auth:
@@ -330,11 +331,21 @@ def stop_kserve_ray(state_dir: Path, timeout: float = 60) -> str:
     return "second engine stopped"
 
 
+def server_environment(state_dir: Path) -> dict[str, str]:
+    """The environment TorchServe starts and stops with: its temporary folder (where it keeps its
+    pid file and unpacks archives) inside the state folder, so that each state folder has its own
+    server and two can run side by side on different ports."""
+    temporary = state_dir / "tmp"
+    temporary.mkdir(parents=True, exist_ok=True)
+    temporary.chmod(0o700)
+    return os.environ | {"TMPDIR": str(temporary), "TEMP": str(temporary.resolve())}
+
+
 def stop(state_dir: Path) -> str:
     state_dir.mkdir(parents=True, exist_ok=True)
     stop_exporter(state_dir)
     result = subprocess.run([torchserve_binary(), "--stop"], cwd=state_dir, capture_output=True,
-                            text=True)
+                            text=True, env=server_environment(state_dir))
     return (result.stdout + result.stderr).strip()
 
 

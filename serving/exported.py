@@ -49,12 +49,14 @@ class ExportedModel:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | None = None, optimize_for_inference: bool = False,
-             runtime: str | None = None, threads: int = 0, int8: bool | None = None) -> ExportedModel:
+             runtime: str | None = None, threads: int = 0, int8: bool | None = None,
+             bf16: bool | None = None) -> ExportedModel:
         """Read `folder` (SettingsError or FileNotFoundError naming what is wrong) and its model
         under `runtime` (default: the one preprocessing.json names) on `device` (default CPU).
         TorchScript is frozen and fused when `optimize_for_inference`; the ONNX runtimes run on
         the CPU with `threads` threads (0: torch's count), and a GPU worker serves the TorchScript.
-        `int8`: the int8 ONNX programs (default: where the folder chose them for this runtime)."""
+        `int8`, `bf16`: the int8 ONNX programs, OpenVINO's bfloat16 (default: where the folder
+        chose them for this runtime)."""
         folder, device = Path(folder), device or torch.device("cpu")
         settings = ModelSettings.load(folder)
         kind = model_kind(settings.model)
@@ -65,7 +67,9 @@ class ExportedModel:
         else:
             if int8 is None:
                 int8 = settings.onnx_int8 and runtime == settings.runtime
-            model = load_onnx_model(folder, kind, runtime, threads or torch.get_num_threads(), int8)
+            if bf16 is None:
+                bf16 = settings.onnx_bf16 and runtime == settings.runtime
+            model = load_onnx_model(folder, kind, runtime, threads or torch.get_num_threads(), int8, bf16)
         tokenizer = load_tokenizer(folder, settings) if kind.uses_text else None
         return cls(folder, settings, kind, index_to_name, model, tokenizer, runtime)
 

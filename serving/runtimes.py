@@ -4,6 +4,7 @@ preprocessing.json; the serving core runs whichever the folder names, on every e
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,25 @@ def onnx_files(folder: Path, kind: ModelKind, int8: bool = False, runtime: str =
     return paths + [path.with_suffix(".bin") for path in paths if path.suffix == ".xml"]
 
 
-class OnnxMethod:
-    """One ONNX program under ONNX Runtime or OpenVINO (CPU, float32): called like the TorchScript
-    method it was exported from, with tensors in the same order, and answering a float tensor."""
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether this CPU has bfloat16 units OpenVINO computes with (AVX512-BF16, AMX); elsewhere a
+    folder that chose bf16 is served in float32."""
+    return "BF16" in _imported("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
-    def __init__(self, path: Path, runtime: str, threads: int = 1):
+
+class OnnxMethod:
+    """One ONNX program under ONNX Runtime or OpenVINO (CPU, float32, or bfloat16 under OpenVINO when
+    `bf16` and the CPU has it): called like the TorchScript method it was exported from, with
+    tensors in the same order, and answering a float tensor."""
+
+    def __init__(self, path: Path, runtime: str, threads: int = 1, bf16: bool = False):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} is missing: export the model with its ONNX programs")
+        if bf16 and runtime != OPENVINO:
+            raise ValueError(f"bfloat16 is OpenVINO's precision hint; {runtime} runs these in float32")
         self.path, self.runtime = Path(path), runtime
+        self.precision = "bf16" if bf16 and bf16_supported() else "f32"
         if runtime == ONNXRUNTIME:
             self.names, self._run = self._onnxruntime(threads)
         elif runtime == OPENVINO:
@@ -63,11 +75,13 @@ class OnnxMethod:
     def _openvino(self, threads: int):
         openvino = _imported("openvino")
 
-        # f32: on CPUs with bf16 units OpenVINO would otherwise compute in bf16 (1e-2 off, not 1e-5).
-        # No pinning: each worker process would pin its thread to the same core (two workers
-        # measured 21 photos/s each pinned, 54 unpinned).
+        # f32 unless asked: on CPUs with bf16 units OpenVINO would otherwise compute in bf16 (1e-2
+        # off, not 1e-5), which export adopts only behind the accuracy gate. No pinning: each
+        # worker process would pin its thread to the same core (two workers measured 21 photos/s
+        # each pinned, 54 unpinned).
         compiled = openvino.Core().compile_model(str(self.path), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False})
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": self.precision,
+            "ENABLE_CPU_PINNING": False})
         output = compiled.output(0)
         # an infer request per call: the compiled model's own one is not safe across threads
         return ([port.any_name for port in compiled.inputs],
@@ -114,7 +128,8 @@ class OnnxModel:
 
 
 def load_onnx_model(folder: Path, kind: ModelKind, runtime: str, threads: int = 1,
-                    int8: bool = False) -> OnnxModel:
-    """The ONNX programs of an exported folder under `runtime`, each on `threads` threads."""
-    return OnnxModel({method: OnnxMethod(onnx_path(folder, method, int8, runtime), runtime, threads)
+                    int8: bool = False, bf16: bool = False) -> OnnxModel:
+    """The ONNX programs of an exported folder under `runtime`, each on `threads` threads (in
+    bfloat16 when `bf16`: OpenVINO only)."""
+    return OnnxModel({method: OnnxMethod(onnx_path(folder, method, int8, runtime), runtime, threads, bf16)
                       for method in onnx_methods(kind)})

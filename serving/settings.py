@@ -77,7 +77,8 @@ class ModelSettings:
     target_precision: float = 0.95  # what review_threshold was chosen for, on validation
     runtime: str = TORCHSCRIPT  # what the serving core runs: model.pt, or onnx/ under a runtime
     onnx_int8: bool = False  # the ONNX programs with int8 matmuls (onnx/<method>.int8.onnx)
-    runtime_choice: dict | None = None  # how export chose: items/s per runtime, the int8 gate
+    onnx_bf16: bool = False  # OpenVINO computes in bfloat16 where the CPU has bf16 units, else float32
+    runtime_choice: dict | None = None  # how export chose: items/s per runtime, the precision gates
 
     def __post_init__(self) -> None:
         if self.model not in KINDS:
@@ -94,8 +95,15 @@ class ModelSettings:
             raise SettingsError(f"unknown runtime {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")
         if self.onnx_int8 and self.runtime == TORCHSCRIPT:
             raise SettingsError("onnx_int8 needs an ONNX runtime, not torchscript")
+        if self.onnx_bf16 and self.runtime != OPENVINO:
+            raise SettingsError(f"onnx_bf16 is OpenVINO's precision hint, not {self.runtime}'s")
         if self.review_threshold is not None and not 0 <= self.review_threshold <= 1:
             raise SettingsError(f"review_threshold must be in [0, 1], not {self.review_threshold}")
+
+    @property
+    def runtime_label(self) -> str:
+        """The runtime with its precision variant: e.g. `openvino bf16`, `onnxruntime int8`."""
+        return self.runtime + (" int8" if self.onnx_int8 else " bf16" if self.onnx_bf16 else "")
 
     @property
     def inputs(self) -> list[str]:

@@ -66,7 +66,7 @@ def artifacts(trained, tmp_path_factory) -> Path:
     for kind, runtime in EXPORT_RUNTIMES.items():
         # int8 gates are tested on their own (tests/test_runtimes.py): not tried here, for time
         export(trained["paths"][kind], trained["data_dir"], root / "artifacts", runtime=runtime,
-               measure_seconds=0.1, try_int8=False)
+               measure_seconds=0.1, try_reduced_precision=False)
     return root / "artifacts"
 
 
@@ -85,8 +85,10 @@ def handlers_in_process(artifacts) -> dict:
     return built
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(artifacts, tmp_path_factory):
+    """One TorchServe with the three test archives for every module that serves them (a start
+    costs about a minute on two cores); a test that stops or restarts it leaves it running."""
     work = tmp_path_factory.mktemp("serving")
     store = artifacts.parent / "model_store"  # the archive builder keeps to the project folder
     # a long batch delay so that concurrent test requests share a batch

@@ -75,6 +75,7 @@ def test_the_runtimes_benchmark_measures_the_machine_the_models_and_one_worker(a
     from serving.settings import RUNTIMES
 
     assert all(runtimes_bench.peak_gflops(runtime, seconds=0.05, size=256) > 0 for runtime in RUNTIMES)
+    assert runtimes_bench.peak_gflops("openvino", seconds=0.05, size=256, bf16=True) > 0
     rng = random.Random(0)
     for model in ("image", "text", "combined"):
         requests = [make_request(model, rng) for _ in range(4)]

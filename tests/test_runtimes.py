@@ -15,14 +15,17 @@ from scripts.hostile import ordinary_photo, v1_photos
 from serving.config import MODEL_CONFIG
 from serving.core import ListingService, Request, ServingOptions
 from serving.exported import ExportedModel, chosen_runtime
-from serving.runtimes import load_onnx_model, onnx_path
+from serving.runtimes import bf16_supported, load_onnx_model, onnx_path
 from serving.settings import ONNXRUNTIME, OPENVINO, TORCHSCRIPT, ModelSettings, SettingsError
 from training import export_runtimes
 from training.checkpoints import config_from, load_checkpoint
 from training.data import CleanData
 from training.export import example_batches, export
 from training.export_runtimes import (
+    VARIANTS,
     RuntimeExportError,
+    Variant,
+    bf16_gate,
     check_onnx_fresh_process,
     check_onnx_parity,
     export_onnx,
@@ -55,11 +58,13 @@ def test_export_names_the_fastest_runtime_it_measured(text_fastest):
     speeds = choice["items_per_second"]
     assert {TORCHSCRIPT, ONNXRUNTIME, OPENVINO} <= set(speeds) and all(rate > 0 for rate in speeds.values())
     fastest = max(speeds, key=speeds.get)
-    expected = (ONNXRUNTIME, True) if fastest == "onnxruntime_int8" else (fastest, False)
-    assert (settings.runtime, settings.onnx_int8) == expected
+    expected = VARIANTS.get(fastest, Variant(fastest))
+    assert (settings.runtime, settings.onnx_int8, settings.onnx_bf16) == (expected.runtime, expected.int8,
+                                                                          expected.bf16)
     gate = choice["int8_gate"]
     int8_file = onnx_path(text_fastest, "forward", int8=True)
     assert gate["adopted"] == ("onnxruntime_int8" in speeds) == int8_file.exists()
+    assert choice["bf16_gate"]["adopted"] == ("openvino_bf16" in speeds)
     assert max(choice["max_abs_diff"].values()) <= 1e-4
     assert ExportedModel.load(text_fastest).runtime == settings.runtime
 
@@ -94,7 +99,7 @@ def test_every_runtime_answers_as_the_torchscript_does(artifacts, text_fastest, 
     for runtime in (ONNXRUNTIME, OPENVINO):
         service = ListingService(folder, ServingOptions(runtime=runtime))
         assert service.runtime == runtime
-        service.model = ExportedModel.load(folder, runtime=runtime, int8=False).model  # the float programs
+        service.model = ExportedModel.load(folder, runtime=runtime, int8=False, bf16=False).model  # float32
         served = probabilities(service.handle(requests))
         worst = max(abs(a - b) for row, other in zip(served, expected, strict=True)
                     for a, b in zip(row, other, strict=True))
@@ -105,13 +110,13 @@ def test_the_int8_gate_adopts_within_its_margin_and_refuses_beyond_it(trained, t
     model, config, data, tokenizer, batches = loaded(trained, "text")
     for call in method_calls(config.kind, batches[1]):
         export_onnx(model, call, onnx_path(tmp_path, call.name))
-    monkeypatch.setattr(export_runtimes, "INT8_MAX_DROP", 1.0)
+    monkeypatch.setattr(export_runtimes, "PRECISION_MAX_DROP", 1.0)
     adopted = int8_gate(model, config, data, tokenizer, tmp_path)
     assert adopted["adopted"] and onnx_path(tmp_path, "forward", int8=True).exists()
     assert set(adopted["test_listing_accuracy"]) == {"fp32", "int8"}
     accuracy = adopted["validation_listing_accuracy"]
     assert 0 <= accuracy["int8"] <= 1 and 0 <= accuracy["fp32"] <= 1
-    monkeypatch.setattr(export_runtimes, "INT8_MAX_DROP", -1.0)  # no variant can pass
+    monkeypatch.setattr(export_runtimes, "PRECISION_MAX_DROP", -1.0)  # no variant can pass
     refused = int8_gate(model, config, data, tokenizer, tmp_path)
     assert not refused["adopted"] and "test_listing_accuracy" not in refused  # test split unread
     assert not onnx_path(tmp_path, "forward", int8=True).exists()
@@ -122,7 +127,7 @@ def test_the_image_models_static_int8_is_calibrated_gated_and_served(trained, tm
     (call,) = method_calls(config.kind, batches[1])
     export_onnx(model, call, onnx_path(tmp_path, "forward"))
     int8_program = onnx_path(tmp_path, "forward", True, OPENVINO)
-    monkeypatch.setattr(export_runtimes, "INT8_MAX_DROP", 1.0)
+    monkeypatch.setattr(export_runtimes, "PRECISION_MAX_DROP", 1.0)
     adopted = int8_gate(model, config, data, tokenizer, tmp_path, OPENVINO)
     assert adopted["adopted"] and adopted["runtime"] == OPENVINO
     assert int8_program.exists() and int8_program.with_suffix(".bin").stat().st_size > 0
@@ -131,9 +136,50 @@ def test_the_image_models_static_int8_is_calibrated_gated_and_served(trained, tm
         expected = model(*batches[2])
     assert answered.shape == expected.shape  # int8: close to the float answers, not equal
     assert (answered.argmax(1) == expected.argmax(1)).float().mean() >= 0.5
-    monkeypatch.setattr(export_runtimes, "INT8_MAX_DROP", -1.0)
+    monkeypatch.setattr(export_runtimes, "PRECISION_MAX_DROP", -1.0)
     assert not int8_gate(model, config, data, tokenizer, tmp_path, OPENVINO)["adopted"]
     assert not int8_program.exists() and not int8_program.with_suffix(".bin").exists()
+
+
+def test_the_bf16_gate_adopts_within_its_margin_where_the_cpu_has_bf16(trained, tmp_path, monkeypatch):
+    # the text model: the tiny image model's features are all but dead, its logits the same for every photo
+    model, config, data, tokenizer, batches = loaded(trained, "text")
+    (call,) = method_calls(config.kind, batches[1])
+    export_onnx(model, call, onnx_path(tmp_path, "forward"))
+    if not bf16_supported():  # the hint would compute in float32: nothing to gate
+        gate = bf16_gate(config, data, tokenizer, tmp_path)
+        assert not gate["adopted"] and "no bfloat16 units" in gate["not_tried"]
+        return
+    monkeypatch.setattr(export_runtimes, "PRECISION_MAX_DROP", 1.0)
+    adopted = bf16_gate(config, data, tokenizer, tmp_path)
+    assert adopted["adopted"] and adopted["runtime"] == OPENVINO
+    accuracy = adopted["validation_listing_accuracy"]
+    assert set(adopted["test_listing_accuracy"]) == set(accuracy) == {"fp32", "bf16"}
+    with torch.inference_mode():
+        in_bf16 = load_onnx_model(tmp_path, config.kind, OPENVINO, bf16=True)(*batches[2])
+        in_fp32 = load_onnx_model(tmp_path, config.kind, OPENVINO)(*batches[2])
+        expected = model(*batches[2])
+    assert (in_fp32 - expected).abs().max() <= 1e-4
+    assert (in_bf16 - expected).abs().max() > 1e-4  # the hint took effect: bf16, not float32
+    assert (in_bf16.argmax(1) == expected.argmax(1)).float().mean() >= 0.5
+    monkeypatch.setattr(export_runtimes, "PRECISION_MAX_DROP", -1.0)
+    refused = bf16_gate(config, data, tokenizer, tmp_path)
+    assert not refused["adopted"] and "test_listing_accuracy" not in refused  # test split unread
+
+
+def test_a_folder_that_chose_bf16_is_served_in_bf16_and_only_under_openvino(artifacts, tmp_path):
+    folder = tmp_path / "image"
+    shutil.copytree(artifacts / "image", folder)
+    settings = ModelSettings.load(folder)
+    replace(settings, onnx_bf16=True).save(folder)
+    served = ExportedModel.load(folder)
+    in_bf16 = "bf16" if bf16_supported() else "f32"  # a CPU without bf16 units serves it in float32
+    assert served.runtime == OPENVINO and served.model.methods["forward"].precision == in_bf16
+    assert ModelSettings.load(folder).runtime_label == "openvino bf16"
+    elsewhere = ExportedModel.load(folder, runtime=ONNXRUNTIME)  # another runtime: its float programs
+    assert elsewhere.model.methods["forward"].precision == "f32"
+    with pytest.raises(ValueError, match="OpenVINO's precision hint"):
+        load_onnx_model(folder, served.kind, ONNXRUNTIME, bf16=True)
 
 
 def test_a_program_that_differs_from_the_model_is_refused(trained, tmp_path):
@@ -168,6 +214,8 @@ def test_settings_refuse_an_unknown_runtime_and_int8_torchscript(artifacts):
         ModelSettings.from_json(settings | {"runtime": "tensorrt"})
     with pytest.raises(SettingsError, match="onnx_int8 needs an ONNX runtime"):
         ModelSettings.from_json(settings | {"runtime": TORCHSCRIPT, "onnx_int8": True})
+    with pytest.raises(SettingsError, match="onnx_bf16 is OpenVINO's precision hint, not onnxruntime's"):
+        ModelSettings.from_json(settings | {"runtime": ONNXRUNTIME, "onnx_bf16": True})
     with pytest.raises(ValueError, match="unknown runtime 'fast'"):
         ListingService(artifacts / "image", ServingOptions(runtime="fast"))
 

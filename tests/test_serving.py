@@ -239,7 +239,8 @@ def test_stop_and_start_under_load_refuses_but_never_answers_wrong(server):
         time.sleep(1)
         serve.stop(server["state"])
         time.sleep(1)
-        serve.start(server["state"].parent / "config.properties", store, server["state"], timeout=300)
+        server["info"] = serve.start(server["state"].parent / "config.properties", store, server["state"],
+                                     timeout=300)
         server["token"] = serve.read_key(server["state"] / "key_file.json")
         time.sleep(1)
     finally:

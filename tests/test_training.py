@@ -126,8 +126,8 @@ def test_evaluation_writes_its_reports(trained, tmp_path):
 
 
 def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tmp_path):
-    for kind in ("image", "text", "combined"):
-        result = export(trained["paths"][kind], trained["data_dir"], tmp_path)
+    for kind in ("image", "text", "combined"):  # the ONNX runtimes: tests/test_runtimes.py
+        result = export(trained["paths"][kind], trained["data_dir"], tmp_path, runtime="torchscript")
         folder = tmp_path / kind
         assert result["max_abs_diff"] <= 1e-4
         settings = ModelSettings.load(folder)

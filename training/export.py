@@ -173,7 +173,7 @@ def split_accuracy(model, config: TrainConfig, data: CleanData, tokenizer) -> fl
 
 def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: bool = False,
            target_precision: float = DEFAULT_TARGET_PRECISION, runtime: str = FASTEST,
-           measure_seconds: float = MEASURE_SECONDS, try_int8: bool = True) -> dict:
+           measure_seconds: float = MEASURE_SECONDS, try_reduced_precision: bool = True) -> dict:
     """Write artifacts/<model>/ (or <model>_int8/ with the text encoder quantised): model.pt,
     index_to_name.json, preprocessing.json, tokenizer/, and onnx/ with the programs ONNX Runtime
     and OpenVINO run. `runtime`: what preprocessing.json names for serving, `fastest` (measured
@@ -225,11 +225,12 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     chosen = None
     if not int8 and runtime != TORCHSCRIPT:
         chosen = export_runtimes(model, config, data, tokenizer, batches, scripted, out, runtime,
-                                 PARITY_TOLERANCE, measure_seconds, try_int8)
+                                 PARITY_TOLERANCE, measure_seconds, try_reduced_precision)
         result |= chosen
     card["export"] = {"torchscript_max_abs_diff": worst, "int8_text_encoder": int8,
                       "runtime": (chosen or {}).get("runtime", TORCHSCRIPT),
                       "onnx_int8": (chosen or {}).get("onnx_int8", False),
+                      "onnx_bf16": (chosen or {}).get("onnx_bf16", False),
                       "runtime_choice": (chosen or {}).get("runtime_choice")}
     write_card(card, out)
     reference = reference_distributions(model, config, data, answers, task)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from serving.model_kinds import LEXICAL_INPUTS, ModelKind
-from serving.runtimes import OnnxModel, load_onnx_model, onnx_files, onnx_methods, onnx_path
+from serving.runtimes import OnnxModel, bf16_supported, load_onnx_model, onnx_files, onnx_methods, onnx_path
 from serving.settings import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCHSCRIPT
 from training.config import TrainConfig
 from training.data import CleanData
@@ -22,7 +22,7 @@ from training.data import CleanData
 ONNX_RUNTIMES = (ONNXRUNTIME, OPENVINO)
 FASTEST = "fastest"
 OPSET = 17
-INT8_MAX_DROP = 0.005  # listing accuracy on validation an int8 variant may lose and still be chosen
+PRECISION_MAX_DROP = 0.005  # listing accuracy on validation an int8 or bf16 variant may lose and be chosen
 MEASURE_SECONDS = 3.0
 CALIBRATION_PHOTOS = 300  # training photos NNCF calibrates the image model's int8 ranges on
 
@@ -210,10 +210,11 @@ def pooled_accuracy(logits: list[torch.Tensor], samples, kind: ModelKind) -> flo
 
 def export_runtimes(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer,
                     batches: list[tuple], scripted, folder: Path, runtime: str, tolerance: float,
-                    seconds: float = MEASURE_SECONDS, try_int8: bool = True) -> dict:
-    """Write folder/onnx/, check it under both ONNX runtimes (and int8 behind the accuracy gate),
-    measure every runtime on the real batches, and say which to serve: `runtime` when it
-    names one, else the fastest that passed. Returns what preprocessing.json records."""
+                    seconds: float = MEASURE_SECONDS, try_reduced_precision: bool = True) -> dict:
+    """Write folder/onnx/, check it under both ONNX runtimes, try the reduced-precision variants
+    (int8, bfloat16) behind the accuracy gate, measure every runtime and variant on the real
+    batches, and say which to serve: `runtime` when it names one, else the fastest that passed.
+    Returns what preprocessing.json records."""
     kind, threads = config.kind, torch.get_num_threads()
     for call in method_calls(kind, batches[1]):
         export_onnx(model, call, onnx_path(folder, call.name))
@@ -229,26 +230,52 @@ def export_runtimes(model: torch.nn.Module, config: TrainConfig, data: CleanData
         speed[name] = items_per_second(onnx_model, batches, seconds)
     sizes = "/".join(str(len(batch[0])) for batch in batches)
     choice = {"measured_on": f"real batches of {sizes} rows in turn, one thread, rows/s",
-              "items_per_second": {name: round(rate, 2) for name, rate in speed.items()},
-              "max_abs_diff": parity}
-    int8 = False
+              "items_per_second": speed, "max_abs_diff": parity}
     # int8 where it may pay: the text encoder's matmuls (dynamic, ONNX Runtime), or the image
-    # model's convolutions (static, NNCF's calibration, OpenVINO)
+    # model's convolutions (static, NNCF's calibration, OpenVINO); and OpenVINO's bfloat16
     int8_runtime = ONNXRUNTIME if kind.uses_text else OPENVINO
-    gate = int8_gate(model, config, data, tokenizer, folder, int8_runtime) if try_int8 else {"adopted": False}
-    choice["int8_gate"] = gate if try_int8 else "not tried"
-    if gate["adopted"]:
-        speed[f"{int8_runtime}_int8"] = items_per_second(
-            load_onnx_model(folder, kind, int8_runtime, threads=1, int8=True), batches, seconds)
-        choice["items_per_second"][f"{int8_runtime}_int8"] = round(speed[f"{int8_runtime}_int8"], 2)
+    gates = {"int8_gate": lambda: int8_gate(model, config, data, tokenizer, folder, int8_runtime),
+             "bf16_gate": lambda: bf16_gate(config, data, tokenizer, folder)}
+    for name, gate in gates.items():
+        choice[name] = gate() if try_reduced_precision else "not tried"
+        if isinstance(choice[name], dict) and choice[name]["adopted"]:
+            variant = VARIANTS[f"{choice[name]['runtime']}_{name.removesuffix('_gate')}"]
+            speed[variant.name] = items_per_second(variant.load(folder, kind), batches, seconds)
     torch.set_num_threads(threads)
-    fastest = max(speed, key=speed.get)
+    choice["items_per_second"] = {name: round(rate, 2) for name, rate in speed.items()}
     if runtime == FASTEST:
-        runtime, int8 = (int8_runtime, True) if fastest.endswith("_int8") else (fastest, False)
-    elif runtime not in RUNTIMES:
+        fastest = VARIANTS.get(max(speed, key=speed.get), Variant(max(speed, key=speed.get)))
+    elif runtime in RUNTIMES:
+        fastest = Variant(runtime)
+    else:
         raise ValueError(f"unknown runtime {runtime!r}; choose fastest or one of {', '.join(RUNTIMES)}")
-    choice["chosen"] = runtime + (" int8" if int8 else "")
-    return {"runtime": runtime, "onnx_int8": int8, "runtime_choice": choice}
+    choice["chosen"] = fastest.label
+    return {"runtime": fastest.runtime, "onnx_int8": fastest.int8, "onnx_bf16": fastest.bf16,
+            "runtime_choice": choice}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A runtime, with int8 programs or OpenVINO's bfloat16 where a precision gate adopted them."""
+
+    runtime: str
+    int8: bool = False
+    bf16: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.runtime + ("_int8" if self.int8 else "_bf16" if self.bf16 else "")
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("_", " ")
+
+    def load(self, folder: Path, kind: ModelKind) -> OnnxModel:
+        return load_onnx_model(folder, kind, self.runtime, threads=1, int8=self.int8, bf16=self.bf16)
+
+
+VARIANTS = {variant.name: variant for variant in
+            (Variant(ONNXRUNTIME, int8=True), Variant(OPENVINO, int8=True), Variant(OPENVINO, bf16=True))}
 
 
 def quantise_image_program(source: Path, target: Path, config: TrainConfig, data: CleanData,
@@ -275,28 +302,44 @@ def quantise_image_program(source: Path, target: Path, config: TrainConfig, data
 
 def int8_gate(model: torch.nn.Module, config: TrainConfig, data: CleanData, tokenizer, folder: Path,
               runtime: str = ONNXRUNTIME) -> dict:
-    """The int8 programs against the float ones under `runtime`: listing accuracy on the
-    validation split; adopted when it drops by INT8_MAX_DROP or less (then, for the report, the
-    test split is read once for both)."""
-    methods = onnx_methods(config.kind)
-    for method in methods:
+    """The int8 programs against the float ones under `runtime` (precision_gate); a refused
+    variant's files are deleted."""
+    for method in onnx_methods(config.kind):
         if runtime == OPENVINO:
             quantise_image_program(onnx_path(folder, method), onnx_path(folder, method, True, OPENVINO),
                                    config, data)
         else:
             quantise_onnx(onnx_path(folder, method), onnx_path(folder, method, int8=True))
-
-    def accuracy(int8: bool, split: str) -> float:
-        return listing_accuracy(load_onnx_model(folder, config.kind, runtime, int8=int8), config, data,
-                                tokenizer, split)
-
-    fp32, int8 = accuracy(False, "val"), accuracy(True, "val")
-    gate = {"runtime": runtime, "max_drop": INT8_MAX_DROP, "adopted": fp32 - int8 <= INT8_MAX_DROP,
-            "validation_listing_accuracy": {"fp32": round(fp32, 4), "int8": round(int8, 4)}}
-    if gate["adopted"]:  # the test split is read once a variant is chosen, for the report
-        gate["test_listing_accuracy"] = {name: round(accuracy(name == "int8", "test"), 4)
-                                         for name in ("fp32", "int8")}
-    else:
+    gate = precision_gate(Variant(runtime, int8=True), config, data, tokenizer, folder)
+    if not gate["adopted"]:
         for path in onnx_files(folder, config.kind, True, runtime):
             path.unlink()
+    return gate
+
+
+def bf16_gate(config: TrainConfig, data: CleanData, tokenizer, folder: Path) -> dict:
+    """The float programs under OpenVINO computing in bfloat16 against float32 (precision_gate);
+    not tried on a CPU without bfloat16 units, where the hint would change nothing."""
+    if not bf16_supported():
+        return {"runtime": OPENVINO, "adopted": False,
+                "not_tried": "this CPU has no bfloat16 units; OpenVINO would compute in float32"}
+    return precision_gate(Variant(OPENVINO, bf16=True), config, data, tokenizer, folder)
+
+
+def precision_gate(variant: Variant, config: TrainConfig, data: CleanData, tokenizer, folder: Path) -> dict:
+    """A reduced-precision variant against the float programs under its runtime: listing accuracy
+    on the validation split; adopted when it drops by PRECISION_MAX_DROP or less (then, for the
+    report, the test split is read once for both)."""
+    reduced = "int8" if variant.int8 else "bf16"
+
+    def accuracy(name: str, split: str) -> float:
+        program = (variant if name == reduced else Variant(variant.runtime)).load(folder, config.kind)
+        return listing_accuracy(program, config, data, tokenizer, split)
+
+    on_validation = {name: accuracy(name, "val") for name in ("fp32", reduced)}
+    adopted = on_validation["fp32"] - on_validation[reduced] <= PRECISION_MAX_DROP
+    gate = {"runtime": variant.runtime, "max_drop": PRECISION_MAX_DROP, "adopted": adopted,
+            "validation_listing_accuracy": {name: round(value, 4) for name, value in on_validation.items()}}
+    if adopted:  # the test split is read once a variant is chosen, for the report
+        gate["test_listing_accuracy"] = {name: round(accuracy(name, "test"), 4) for name in ("fp32", reduced)}
     return gate
