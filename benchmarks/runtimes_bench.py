@@ -249,8 +249,8 @@ def run(artifacts: Path, models: list[str], seconds: float, out: Path, data_dir:
 
 
 def markdown(report: dict) -> str:
-    cores = report["cores"]
-    peaks = ", ".join(f"{name} {rate} GFLOP/s" for name, rate in report["peak_gflops_one_core"].items())
+    cores, peaks_by_runtime = report["cores"], report["peak_gflops_one_core"]
+    peaks = ", ".join(f"{name} {rate} GFLOP/s" for name, rate in peaks_by_runtime.items())
     lines = [f"Served at concurrency {report['concurrency']} on {cores} cores "
              f"({report['workers']} workers per model, one thread each); peak of one core, a large "
              f"matmul (float32 unless named): {peaks}.", "",
@@ -262,7 +262,7 @@ def markdown(report: dict) -> str:
         accuracy = figures.get("test_listing_accuracy", {})
         for label, served, runtime in (("old", old, TORCHSCRIPT), ("new", new, figures["runtime"])):
             achieved = figures["gflops_per_item"] * served["throughput"]
-            peaks_by_runtime = report["peak_gflops_one_core"]  # a bf16 variant against bf16's peak
+            # a bf16 variant against bf16's peak, an int8 one against its runtime's float32 peak
             peak = peaks_by_runtime.get(runtime, peaks_by_runtime[runtime.split()[0]]) * cores
             speedup = f"{served['throughput'] / old['throughput']:.2f}x" if label == "new" else ""
             lines.append(f"| {model} | {runtime} | {served['throughput']} | {served['p99_ms']} | "

@@ -64,6 +64,11 @@ class ImageSettings:
             raise SettingsError(f"pad_colour {list(self.pad_colour)}: this code pads with {list(PAD_COLOUR)}")
 
 
+def runtime_label(runtime: str, int8: bool = False, bf16: bool = False) -> str:
+    """A runtime with its precision variant: e.g. `openvino bf16`, `onnxruntime int8`."""
+    return runtime + (" int8" if int8 else " bf16" if bf16 else "")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     model: str
@@ -102,8 +107,7 @@ class ModelSettings:
 
     @property
     def runtime_label(self) -> str:
-        """The runtime with its precision variant: e.g. `openvino bf16`, `onnxruntime int8`."""
-        return self.runtime + (" int8" if self.onnx_int8 else " bf16" if self.onnx_bf16 else "")
+        return runtime_label(self.runtime, self.onnx_int8, self.onnx_bf16)
 
     @property
     def inputs(self) -> list[str]:

@@ -22,7 +22,6 @@ from training.checkpoints import config_from, load_checkpoint
 from training.data import CleanData
 from training.export import example_batches, export
 from training.export_runtimes import (
-    VARIANTS,
     RuntimeExportError,
     Variant,
     bf16_gate,
@@ -58,7 +57,7 @@ def test_export_names_the_fastest_runtime_it_measured(text_fastest):
     speeds = choice["items_per_second"]
     assert {TORCHSCRIPT, ONNXRUNTIME, OPENVINO} <= set(speeds) and all(rate > 0 for rate in speeds.values())
     fastest = max(speeds, key=speeds.get)
-    expected = VARIANTS.get(fastest, Variant(fastest))
+    expected = Variant.named(fastest)
     assert (settings.runtime, settings.onnx_int8, settings.onnx_bf16) == (expected.runtime, expected.int8,
                                                                           expected.bf16)
     gate = choice["int8_gate"]

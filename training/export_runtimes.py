@@ -15,7 +15,7 @@ import torch
 
 from serving.model_kinds import LEXICAL_INPUTS, ModelKind
 from serving.runtimes import OnnxModel, bf16_supported, load_onnx_model, onnx_files, onnx_methods, onnx_path
-from serving.settings import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCHSCRIPT
+from serving.settings import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCHSCRIPT, runtime_label
 from training.config import TrainConfig
 from training.data import CleanData
 
@@ -230,27 +230,27 @@ def export_runtimes(model: torch.nn.Module, config: TrainConfig, data: CleanData
         speed[name] = items_per_second(onnx_model, batches, seconds)
     sizes = "/".join(str(len(batch[0])) for batch in batches)
     choice = {"measured_on": f"real batches of {sizes} rows in turn, one thread, rows/s",
-              "items_per_second": speed, "max_abs_diff": parity}
+              "max_abs_diff": parity}
     # int8 where it may pay: the text encoder's matmuls (dynamic, ONNX Runtime), or the image
     # model's convolutions (static, NNCF's calibration, OpenVINO); and OpenVINO's bfloat16
     int8_runtime = ONNXRUNTIME if kind.uses_text else OPENVINO
-    gates = {"int8_gate": lambda: int8_gate(model, config, data, tokenizer, folder, int8_runtime),
-             "bf16_gate": lambda: bf16_gate(config, data, tokenizer, folder)}
-    for name, gate in gates.items():
+    gates = {"int8_gate": (Variant(int8_runtime, int8=True),
+                           lambda: int8_gate(model, config, data, tokenizer, folder, int8_runtime)),
+             "bf16_gate": (Variant(OPENVINO, bf16=True), lambda: bf16_gate(config, data, tokenizer, folder))}
+    for name, (variant, gate) in gates.items():
         choice[name] = gate() if try_reduced_precision else "not tried"
-        if isinstance(choice[name], dict) and choice[name]["adopted"]:
-            variant = VARIANTS[f"{choice[name]['runtime']}_{name.removesuffix('_gate')}"]
+        if try_reduced_precision and choice[name]["adopted"]:
             speed[variant.name] = items_per_second(variant.load(folder, kind), batches, seconds)
     torch.set_num_threads(threads)
     choice["items_per_second"] = {name: round(rate, 2) for name, rate in speed.items()}
     if runtime == FASTEST:
-        fastest = VARIANTS.get(max(speed, key=speed.get), Variant(max(speed, key=speed.get)))
+        chosen = Variant.named(max(speed, key=speed.get))
     elif runtime in RUNTIMES:
-        fastest = Variant(runtime)
+        chosen = Variant(runtime)
     else:
         raise ValueError(f"unknown runtime {runtime!r}; choose fastest or one of {', '.join(RUNTIMES)}")
-    choice["chosen"] = fastest.label
-    return {"runtime": fastest.runtime, "onnx_int8": fastest.int8, "onnx_bf16": fastest.bf16,
+    choice["chosen"] = chosen.label
+    return {"runtime": chosen.runtime, "onnx_int8": chosen.int8, "onnx_bf16": chosen.bf16,
             "runtime_choice": choice}
 
 
@@ -262,20 +262,22 @@ class Variant:
     int8: bool = False
     bf16: bool = False
 
-    @property
-    def name(self) -> str:
-        return self.runtime + ("_int8" if self.int8 else "_bf16" if self.bf16 else "")
+    @classmethod
+    def named(cls, name: str) -> Variant:
+        """The variant a `name` stands for: `openvino`, `onnxruntime_int8`, `openvino_bf16`..."""
+        runtime, _, precision = name.partition("_")
+        return cls(runtime, int8=precision == "int8", bf16=precision == "bf16")
 
     @property
     def label(self) -> str:
-        return self.name.replace("_", " ")
+        return runtime_label(self.runtime, self.int8, self.bf16)
+
+    @property
+    def name(self) -> str:
+        return self.label.replace(" ", "_")
 
     def load(self, folder: Path, kind: ModelKind) -> OnnxModel:
         return load_onnx_model(folder, kind, self.runtime, threads=1, int8=self.int8, bf16=self.bf16)
-
-
-VARIANTS = {variant.name: variant for variant in
-            (Variant(ONNXRUNTIME, int8=True), Variant(OPENVINO, int8=True), Variant(OPENVINO, bf16=True))}
 
 
 def quantise_image_program(source: Path, target: Path, config: TrainConfig, data: CleanData,
