@@ -1,13 +1,14 @@
 """The second engine: KServe's model server (REST v1 and the Open Inference Protocol v2) in front
-of Ray Serve, whose replicas run the serving core (serving/core.py) and whose `@serve.batch` does
-the dynamic batching. No JVM and no TorchServe.
+of Ray Serve, whose replicas run the serving core (serving/core.py) and batch by cost
+(serving/admission.py). No JVM and no TorchServe.
 
 Usage: python -m kserve_ray.server --artifacts-dir artifacts [--models image text combined]
        [--http-port 8085] [--grpc-port 8086 | --no-grpc] [--host 127.0.0.1] [--replicas 2]
-       [--max-batch-size 4] [--batch-wait-ms 10] [--state-dir .serve/ray]
+       [--max-batch-size 4] [--batch-wait-ms 10] [--state-dir .serve/kserve_ray]
 Runs in .venv-engine (`make engine-venv`): KServe pins pandas < 3 and protobuf < 7, the project
 newer ones. REST and the Open Inference Protocol's gRPC bind to 127.0.0.1 unless --host says
-otherwise; Ray's own ports need its cluster token (SECURITY.md). The runtime image
+otherwise; Ray's own ports listen on 127.0.0.1 and need its cluster token, kept in
+<state-dir>/ray_token (SECURITY.md). The runtime image
 (deploy/kserve/Dockerfile.ray) runs this module.
 Ready (`/v2/models/<m>/ready`) once every replica of the model has loaded it.
 """
@@ -16,21 +17,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MESSAGE_CHARS = 1000
-MAX_GRPC_MESSAGE_BYTES = 20 * 1024 * 1024  # TorchServe's max_request_size in config.properties
+LOOPBACK = "127.0.0.1"
+RAY_TOKEN_FILE = "ray_token"
+CONNECTION_LIMIT = 1024  # connections and requests in progress; beyond it uvicorn answers 503
 # KServe's model repository API (load/unload without any authentication) and explanations
 HIDDEN_PREFIXES, HIDDEN_SUFFIXES = ("/v2/repository",), (":explain",)
 
 
 def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_size: int,
                        batch_wait_s: float):
-    """A Ray Serve deployment of one exported model: each replica is a ListingService, and Ray
-    Serve gathers concurrent requests into batches of up to `max_batch_size`."""
+    """A Ray Serve deployment of one exported model: each replica is a ListingService whose
+    CostBatcher (serving/admission.py) admits requests by their cost before batching them, as
+    TorchServe's workers do per batch, and answers 503 + Retry-After to what does not fit."""
     from ray import serve
 
     @serve.deployment(name=model_dir.name, num_replicas=replicas, ray_actor_options={"num_cpus": 0},
@@ -39,24 +44,35 @@ def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_
         def __init__(self):
             import logging
 
+            from serving.admission import CostBatcher
             from serving.core import ListingService, ServingOptions
 
             logging.basicConfig(level=logging.INFO)  # the core's batch lines, in the replica's log
-
-            self.service = ListingService(model_dir, ServingOptions.from_options(options),
-                                          model_name=model_dir.name)
-
-        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)
-        async def answer(self, bodies: list) -> list[tuple[int, dict, dict]]:
-            from serving.core import Request
-
-            answers = self.service.handle([Request({"body": body}, "application/json") for body in bodies])
-            return [(answer.status, answer.body, answer.headers) for answer in answers]
+            service = ListingService(model_dir, ServingOptions.from_options(options),
+                                     model_name=model_dir.name)
+            self.batcher = CostBatcher(service, max_batch_size, batch_wait_s)
 
         async def __call__(self, body) -> tuple[int, dict, dict]:
-            return await self.answer(body)
+            from serving.core import Request
+
+            answer = await self.batcher.submit(Request({"body": body}, "application/json"))
+            return answer.status, answer.body, answer.headers
 
     return ListingDeployment
+
+
+class Refused(Exception):
+    """The core's refusal, answered over REST with its own status, JSON body and headers."""
+
+    def __init__(self, status: int, body: dict, headers: dict):
+        super().__init__(body.get("error", ""))
+        self.status, self.body, self.headers = status, body, headers
+
+
+async def refused_handler(_, error: Refused):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
 
 def kserve_model(name: str, handle):
@@ -79,7 +95,9 @@ def kserve_model(name: str, handle):
                     raise InvalidInput("the binary tensor extension is not accepted: send BYTES inputs "
                                        "as JSON strings (base64 for photos) or gRPC bytes_contents")
             with PREDICT_HIST_TIME.labels(model_name=name).time():  # KServe's own Prometheus histogram
-                status, answer, _ = await handle.remote(body)
+                status, answer, headers = await handle.remote(body)
+            if status != 200 and not over_grpc:
+                raise Refused(status, answer, headers)
             if status == 503:
                 raise ServerNotReady(answer["error"])
             if status != 200:
@@ -126,8 +144,10 @@ def grpc_server(host: str):
 
     class BoundGRPCServer(GRPCServer):
         async def start(self, max_workers):
-            limits = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
-                      ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES)]
+            from serving.config import MAX_REQUEST_BYTES
+
+            limits = [("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+                      ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)]
             self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                       interceptors=(ExceptionToStatusInterceptor(),), options=limits)
             servicer = WithoutRepository(self._data_plane, self._model_repository_extension)
@@ -144,13 +164,24 @@ def grpc_server(host: str):
 def rest_server(host: str):
     """KServe's RESTServer, bound to `host` (KServe binds 0.0.0.0) and without the model
     repository API (`/v2/repository/...`), which lets anyone who reaches the port unload a model:
-    the counterpart of TorchServe's enable_model_api=false."""
+    the counterpart of TorchServe's enable_model_api=false. Its front door (kserve_ray/front.py)
+    caps bodies, their structure and their time, and the time of each request head; uvicorn
+    caps the connections."""
     from kserve.protocol.rest.server import RESTServer
+
+    from kserve_ray.front import BodyGuard, HeaderDeadline
+    from serving.config import MAX_REQUEST_BYTES
 
     class BoundRESTServer(RESTServer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.config.host = host
+            self.config.http = HeaderDeadline
+            self.config.limit_concurrency = CONNECTION_LIMIT
+
+        def _add_exception_handlers(self, app) -> None:
+            super()._add_exception_handlers(app)
+            app.add_exception_handler(Refused, refused_handler)
 
         def _add_middlewares(self, app) -> None:
             from fastapi.responses import JSONResponse
@@ -164,7 +195,39 @@ def rest_server(host: str):
                     return JSONResponse({"error": "not found"}, status_code=404)
                 return await call_next(request)
 
+            app.add_middleware(BodyGuard, max_bytes=MAX_REQUEST_BYTES)  # the outermost: first to run
+
     return BoundRESTServer
+
+
+def private_folder(path: Path) -> Path:
+    """`path`, created if need be, readable and writable by this user only."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def lock_down_ray(state_dir: Path) -> Path:
+    """Ray's settings for one machine, set by the project rather than left to Ray's defaults:
+    token authentication on, with its token in a 0600 file of the state folder (not the
+    user's ~/.ray); Ray's temporary folder inside the state folder, which is private (Ray makes
+    its own folders world-writable: RAY_TEMP's parent keeps others out). Returns Ray's folder."""
+    private_folder(state_dir)
+    token = state_dir / RAY_TOKEN_FILE
+    if not token.exists():
+        descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    return private_folder(state_dir / "ray")
+
+
+def make_private(folder: Path) -> None:
+    """Take group and other permissions off every folder Ray made (it makes them 0777)."""
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o700)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,37 +241,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address of REST and gRPC (a pod: 0.0.0.0, behind its NetworkPolicy)")
     parser.add_argument("--replicas", type=int, default=2, help="replicas per model (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=4)
-    parser.add_argument("--batch-wait-ms", type=float, default=10)
-    parser.add_argument("--state-dir", type=Path, default=ROOT / ".serve" / "ray")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="requests per batch (default: the archives' batchSize, serving/config.py)")
+    parser.add_argument("--batch-wait-ms", type=float, default=None,
+                        help="how long a batch waits for more (default: the archives' maxBatchDelay)")
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".serve" / "kserve_ray",
+                        help="the engine's own folder (private): Ray's files, its token")
     args = parser.parse_args(argv)
     missing = [m for m in args.models if not (args.artifacts_dir / m / "model.pt").exists()]
     if missing:
         print(f"error: {args.artifacts_dir} has no exported {', '.join(missing)} model", file=sys.stderr)
         return 2
+    from serving.config import MODEL_CONFIG
+
+    batch_size = args.max_batch_size or MODEL_CONFIG["batchSize"]
+    batch_wait_ms = MODEL_CONFIG["maxBatchDelay"] if args.batch_wait_ms is None else args.batch_wait_ms
     sys.argv = sys.argv[:1]  # kserve parses the command line when imported; these are not its options
     started = time.monotonic()
+    ray_temp = lock_down_ray(args.state_dir.resolve())  # before Ray is imported: it reads them then
     import kserve.model_server
     import ray
     from ray import serve
 
-    from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
+    from serving.config import MODEL_HANDLER_OPTIONS
+    from serving.core import available_cores
 
-    args.state_dir.mkdir(parents=True, exist_ok=True)
     # the replicas import serving/ from the project
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1", _temp_dir=str(args.state_dir.resolve()))
+    ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False,
+             _node_ip_address=LOOPBACK, _temp_dir=str(ray_temp))
     serve.start(http_options={"location": "NoServer"})  # KServe's server takes the requests
-    threads = {"threads": max(1, (os.cpu_count() or 1) // args.replicas)}
+    threads = {"threads": max(1, available_cores() // args.replicas)}
     models = []
     for name in args.models:
         folder = (args.artifacts_dir / name).resolve()
         options = MODEL_CONFIG["handler"] | MODEL_HANDLER_OPTIONS.get(name, {}) | threads
-        deployment = listing_deployment(folder, options, args.replicas, args.max_batch_size,
-                                        args.batch_wait_ms / 1000)
+        deployment = listing_deployment(folder, options, args.replicas, batch_size, batch_wait_ms / 1000)
         handle = serve.run(deployment.bind(), name=name, route_prefix=None)
         models.append(kserve_model(name, handle))
+    make_private(ray_temp)  # once Ray and every replica have made their folders
     grpc_note = "" if args.no_grpc else f" and grpc://{args.host}:{args.grpc_port}"
     print(f"ready after {time.monotonic() - started:.1f} s: {', '.join(args.models)} on "
           f"http://{args.host}:{args.http_port}{grpc_note}", file=sys.stderr, flush=True)

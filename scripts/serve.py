@@ -203,6 +203,9 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
                          "run `python scripts/archive.py` first")
     state_dir.mkdir(parents=True, exist_ok=True)
     env = server_environment(state_dir) | {
+        # the worker hands JSON bodies to the handler as bytes: the core counts a body's values
+        # before parsing it (serving/payloads.py), where TorchServe would build them all first
+        "TS_DECODE_INPUT_REQUEST": "false",
         "LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs"),
         "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_folder(state_dir))}
     command = [torchserve_binary(), "--start", "--ts-config", str(config.resolve()),
@@ -279,15 +282,17 @@ def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PO
                      timeout: float = 600, batch_size: int = 4, batch_wait_ms: float = 10,
                      grpc_port: int | None = KSERVE_RAY_GRPC_PORT) -> dict:
     """Start the second engine in the background from the exported folders and wait until every
-    model is loaded (`/v2/health/ready`). `grpc_port` None: REST only."""
+    model is loaded (`/v2/health/ready`). `grpc_port` None: REST only. `state_dir` is the
+    engine's own (engine_state: its metrics, exporter, Ray's files and token), never TorchServe's."""
     if not ENGINE_PYTHON.exists():
         raise ServeError("the second engine's environment is missing: run `make engine-venv`")
     state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)
     log = state_dir / "kserve_ray.log"
     command = [str(ENGINE_PYTHON), "-m", "kserve_ray.server", "--artifacts-dir",
                str(Path(artifacts).resolve()), "--http-port", str(port), "--replicas", str(replicas),
                "--max-batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
-               "--state-dir", str(state_dir / "ray")]
+               "--state-dir", str(state_dir)]
     command += ["--no-grpc"] if grpc_port is None else ["--grpc-port", str(grpc_port)]
     # the replicas (Ray's worker processes) inherit where to write their signals
     env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_folder(state_dir))}
@@ -310,6 +315,13 @@ def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PO
     tail = log.read_text(errors="replace").splitlines()[-15:]
     raise ServeError(f"the second engine did not get ready after {timeout:.0f}s; last log lines:\n"
                      + "\n".join(tail))
+
+
+def engine_state(state_dir: Path, engine: str) -> Path:
+    """Each engine's own state folder: TorchServe's is `state_dir` itself (key file, logs,
+    metrics/, exporter.pid), the second engine's a folder inside it, so that starting one never
+    empties the other's metrics folder or overwrites its exporter's pid file."""
+    return state_dir if engine == "torchserve" else state_dir / engine
 
 
 def stop_kserve_ray(state_dir: Path, timeout: float = 60) -> str:
@@ -376,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout", action="store_true",
                         help="turn on the registration API (loopback, token) for scripts.rollout")
     args = parser.parse_args(argv)
-    state = args.state_dir.resolve()
+    state = engine_state(args.state_dir.resolve(), args.engine)
     try:
         if args.engine == "kserve_ray":
             if args.action == "start":

@@ -18,3 +18,7 @@ MODEL_CONFIG = {
 # Handler options that measured better for one model only (see serving/core.py, ServingOptions).
 MODEL_HANDLER_OPTIONS = {"image": {"optimize_for_inference": True},
                          "combined": {"optimize_for_inference": True}}
+# The largest request body any engine reads (config.properties' max_request_size for TorchServe,
+# the second engine's REST and gRPC limits, the proxy's client_max_body_size): a 10 MB photo,
+# base64-encoded in JSON, stays under it. tests/test_engines.py keeps them equal.
+MAX_REQUEST_BYTES = 20 * 1024 * 1024

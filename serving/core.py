@@ -17,18 +17,17 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, fields
-from http import HTTPStatus
 from pathlib import Path
 
 import torch
 
 from serving.budget import Cost, WorkBudget, admit, batch_full, check_request
+from serving.errors import refusal
 from serving.exported import ExportedModel
 from serving.payloads import DEFAULT_MAX_PHOTOS, Listing
 from serving.processing import (
     DEFAULT_MAX_PIXELS,
     InputError,
-    ascii_message,
     describe_probabilities,
     fit_to_square,
     image_to_tensor,
@@ -47,11 +46,6 @@ from serving.signals import Signals
 
 logger = logging.getLogger(__name__)
 
-MAX_ERROR_CHARS = 1000
-# gRPC status names for the HTTP codes the core answers with, for clients of a gRPC API whose
-# engine cannot send a per-request status (TorchServe 0.12: see SECURITY.md).
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
-              415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
 
 @dataclass(frozen=True)
@@ -203,9 +197,20 @@ class ListingService:
         """Parse each request, check its work against the budget, admit the batch's cheapest
         requests within the batch budget, then decode the admitted ones' photos."""
         started = time.perf_counter()
-        parsed = self.admit([self.guarded(index, "parsing", lambda r=request: self.read(r))
-                             for index, request in enumerate(requests)])
-        return Batch([self.decode(index, request) for index, request in enumerate(parsed)], started=started)
+        return self.prepare_read([self.read_one(request, index) for index, request in enumerate(requests)],
+                                 started)
+
+    def read_one(self, request: Request, index: int = 0) -> Envelope | Exception:
+        """One request parsed and its cost known (photo headers read, nothing decoded), or the
+        exception refusing it."""
+        return self.guarded(index, "parsing", lambda: self.read(request))
+
+    def prepare_read(self, parsed: list, started: float | None = None) -> Batch:
+        """Requests already read (`read_one`): the batch's cheapest within the batch budget
+        admitted, their photos decoded."""
+        admitted = self.admit(parsed)
+        return Batch([self.decode(index, request) for index, request in enumerate(admitted)],
+                     started=started or time.perf_counter())
 
     def predict(self, batch: Batch) -> Batch:
         """One row of probabilities per listing of the admitted requests: its photos' answers
@@ -401,12 +406,12 @@ class ListingService:
 
     @staticmethod
     def refusal(error: Exception) -> Answer:
-        """A refusal's status and JSON body (`error`, `status`, `grpc_code`): the message is
-        ASCII, at most MAX_ERROR_CHARS, and quotes the request only through `quote`; an
-        unexpected failure says only its exception type."""
-        code = error.status if isinstance(error, InputError) else 500
-        message = str(error) if isinstance(error, InputError) else f"internal error: {type(error).__name__}"
-        body = {"error": ascii_message(message, MAX_ERROR_CHARS), "status": code,
-                "grpc_code": GRPC_CODES.get(code, "UNKNOWN")}
-        headers = {"Retry-After": "1"} if code == HTTPStatus.SERVICE_UNAVAILABLE else {}
-        return Answer(code, body, headers)
+        """A refusal's status, JSON body and headers (serving/errors.py)."""
+        return Answer(*refusal(error))
+
+    def refuse(self, error: Exception) -> Answer:
+        """The answer to a request refused outside a batch (an engine's own admission), counted
+        in the signals as a batch's refusals are."""
+        answer = self.refusal(error)
+        self.signals.refused(answer.status)
+        return answer

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from serving.processing import (
     InputError,
+    OverBudget,
     UnsupportedMediaType,
     free_text,
     listing_text,
@@ -29,6 +30,12 @@ DEFAULT_TOP_K = 3
 # An empty type is what gRPC requests carry.
 ACCEPTED_TYPES = ("application/json", "application/octet-stream", "multipart/form-data")
 MAX_FIELDS = 32  # more parts than this in one request is not a listing
+# Values (list entries, object members) one JSON body may hold: the largest request any protocol
+# admits (64 listings of 10 photo slots and every other field: about 1,300) with room to spare.
+# json.loads of a 20 MB `[{},{},...]` builds 6.6 million objects (half a gigabyte) before any
+# other check could look at them, so this is counted on the body's bytes first.
+MAX_JSON_VALUES = 4096
+JSON_STRING = re.compile(rb'"[^"]*"')  # once escaped quotes and backslashes are taken out
 
 
 @dataclass
@@ -130,7 +137,26 @@ def _raw_body_fields(body: bytes, media: str, needs: frozenset[str]) -> dict:
     return {"text": body}
 
 
+def json_values(body: bytes) -> int:
+    """About how many values a JSON body holds (an upper bound: commas, '[' and '{' outside
+    strings), counted on its bytes without building anything; linear time on any input."""
+    rough = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if rough <= MAX_JSON_VALUES:  # the common case: no copy of the body at all
+        return rough
+    structure = JSON_STRING.sub(b"", body.replace(b"\\\\", b"").replace(b'\\"', b""))
+    return structure.count(b",") + structure.count(b"[") + structure.count(b"{")
+
+
+def check_json_size(body: bytes) -> None:
+    """Refuse (413) a JSON body with more values than any request may hold, before parsing it."""
+    values = json_values(body)
+    if values > MAX_JSON_VALUES:
+        raise OverBudget(f"the JSON body holds about {values} values; a request holds at most "
+                         f"{MAX_JSON_VALUES} (64 listings of at most {DEFAULT_MAX_PHOTOS} photos)")
+
+
 def _load_json(body: bytes):
+    check_json_size(body)
     try:
         return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as error:
