@@ -25,9 +25,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.harness import missing_exports, temporary_server
+from benchmarks.harness import missing_exports, temporary_server, torchserve_frontend
 from benchmarks.load import run_load, sample_photo, sample_text
-from benchmarks.server_memory import server_rss_mib
 from scripts import serve
 from scripts.hostile import v1
 from serving.config import MODEL_CONFIG
@@ -166,7 +165,7 @@ def measure_engine(engine: str, artifacts: Path, models: list[str], seconds: flo
             ready = time.monotonic() - started
             answers = listing_answers(url, token, models, listings)
             served = load_models(url, token, models, seconds)
-            rss = server_rss_mib(state.resolve())["total_mib"]
+            rss = tree_rss_mib(torchserve_frontend(state))
     else:
         with kserve_ray(artifacts) as (url, root):
             ready = time.monotonic() - started

@@ -39,6 +39,16 @@ def reported(work, markdown, written: str) -> int:
     return 0
 
 
+def torchserve_frontend(state: Path):
+    """The TorchServe frontend (java) started from the state folder `state`."""
+    import psutil
+
+    for process in psutil.process_iter(["name", "cwd"]):
+        if process.info["name"] == "java" and process.info["cwd"] == str(state.resolve()):
+            return process
+    raise RuntimeError(f"no TorchServe frontend found running in {state}")
+
+
 @contextmanager
 def temporary_server(artifacts: Path, models: list[str], model_config: dict):
     """A TorchServe from the project's config.properties serving fresh archives of `models`;

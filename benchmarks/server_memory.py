@@ -1,76 +1,189 @@
-"""Memory of a whole TorchServe (frontend JVM and every worker) serving archives, after warm-up
-requests: what a container's memory request and limit must hold.
+"""Memory of each engine as a whole (every process it starts: TorchServe's frontend and workers;
+the second engine's driver, Ray's processes and replicas), in PSS so that shared pages count
+once: at start, after warm-up, at its peak under the heaviest admitted load (four of each of the
+largest requests the work budget admits at once, per model, beside ordinary traffic), and after
+a flood of refused 20 MB bodies. This is what a container's memory request and limit must hold.
 
-Usage: python -m benchmarks.server_memory [--model-store model_store] [--requests 8]
-Starts a server from config.properties on free ports, prints one JSON line (MiB), stops it.
+Usage: python -m benchmarks.server_memory [--artifacts-dir artifacts] [--engines torchserve kserve_ray]
+       [--out reports/memory]
+Writes memory.json and memory.md under --out and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import random
 import sys
-import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import requests
 
-from benchmarks.load import make_request, post_payload
+from benchmarks.budget_bench import requests_for
+from benchmarks.engines_bench import kserve_ray, torchserve
+from benchmarks.harness import missing_exports, torchserve_frontend
+from benchmarks.load import make_request
 from scripts import serve
+from serving.budget import WorkBudget
+from serving.config import MAX_REQUEST_BYTES, MODEL_CONFIG
 from serving.model_kinds import MODEL_KINDS
 
 ROOT = serve.ROOT
+MIB = 2**20
+AT_ONCE = 4  # the largest requests sent together: one batch's worth (batchSize)
+WARM_UP = 8  # ordinary requests per model before measuring
+HEADROOM = 1.25  # a limit is the peak plus a quarter, rounded up to a whole GiB
 
 
-def server_rss_mib(state_dir: Path) -> dict:
-    """RSS of the frontend (the java process started from state_dir) and its worker processes."""
-    frontends = [p for p in psutil.process_iter(["name", "cwd"]) if p.info["name"] == "java"
-                 and p.info["cwd"] == str(state_dir)]
-    if not frontends:
-        raise RuntimeError(f"no TorchServe frontend found running in {state_dir}")
-    frontend = frontends[0]
-    workers = frontend.children(recursive=True)
-    mib = 1024 * 1024
-    front, behind = frontend.memory_info().rss, sum(w.memory_info().rss for w in workers)
-    return {"frontend_mib": round(front / mib), "workers": len(workers),
-            "workers_mib": round(behind / mib), "total_mib": round((front + behind) / mib)}
+def tree_pss_mib(root: psutil.Process) -> int:
+    """PSS of `root` and every process below it."""
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += process.memory_full_info().pss
+    return round(total / MIB)
 
 
-def measure(model_store: Path, models: list[str], requests_per_model: int) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        config, state = Path(folder) / "config.properties", Path(folder) / "state"
-        properties = serve.loopback_config(config, {
-            "model_store": str(model_store.resolve()), "load_models": ",".join(f"{m}.mar" for m in models)})
-        started = time.monotonic()
-        try:
-            serve.start(config, model_store, state, timeout=600)
-            ready_seconds = time.monotonic() - started
-            at_start = server_rss_mib(state.resolve())
-            token = serve.read_key(state / "key_file.json")
-            rng, answered, headers = random.Random(0), 0, {"Authorization": f"Bearer {token}"}
-            for model in models:
-                url = f"{properties['inference_address']}/predictions/{model}"
-                answered += sum(post_payload(url, headers, make_request(model, rng))
-                                for _ in range(requests_per_model))
-            return {"models": models, "ready_seconds": round(ready_seconds, 1), "at_start": at_start,
-                    "after_requests": server_rss_mib(state.resolve()), "answered": answered}
-        finally:
-            serve.stop(state)
+class PeakSampler:
+    """The highest tree PSS seen, sampled in the background while a load runs."""
+
+    def __init__(self, root: psutil.Process, every_s: float = 0.25):
+        self.root, self.every_s, self.peak = root, every_s, 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        while not self.stop_event.is_set():
+            self.peak = max(self.peak, tree_pss_mib(self.root))
+            self.stop_event.wait(self.every_s)
+
+    def __enter__(self) -> PeakSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+def post(url: str, headers: dict, body: bytes) -> int:
+    try:
+        return requests.post(url, data=body, timeout=300,
+                             headers=headers | {"Content-Type": "application/json"}).status_code
+    except requests.RequestException:
+        return 0
+
+
+def ordinary_bodies(model: str, count: int, seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [json.dumps({"instances": [make_request(model, rng)]}).encode() for _ in range(count)]
+
+
+def heaviest_load(url: str, headers: dict, models: list[str], budget: WorkBudget) -> dict[str, list[int]]:
+    """For each model and each of its largest admitted requests: AT_ONCE of them at once while one
+    client keeps sending ordinary requests; the statuses of each kind."""
+    statuses: dict[str, list[int]] = {"heavy": [], "ordinary": []}
+    for model in models:
+        target, ordinary = url.format(model=model), ordinary_bodies(model, 16)
+        for body in requests_for(model, budget).values():
+            with ThreadPoolExecutor(AT_ONCE + 1) as pool:
+                heavy = [pool.submit(post, target, headers, body) for _ in range(AT_ONCE)]
+                while not all(answer.done() for answer in heavy):
+                    statuses["ordinary"].append(post(target, headers, random.choice(ordinary)))
+                statuses["heavy"] += [answer.result() for answer in heavy]
+    return statuses
+
+
+def refused_bodies(url: str, headers: dict, model: str, count: int = 4) -> list[int]:
+    """Bodies just inside the size limit holding millions of empty listings."""
+    items = (MAX_REQUEST_BYTES - 64) // 3
+    body = b'{"instances": [' + b"{}," * items + b"{}]}"
+    return [post(url.format(model=model), headers, body) for _ in range(count)]
+
+
+def measure_engine(root: psutil.Process, url: str, headers: dict, models: list[str]) -> dict:
+    figures = {"at_start_mib": tree_pss_mib(root)}
+    for model in models:
+        for body in ordinary_bodies(model, WARM_UP, seed=1):
+            post(url.format(model=model), headers, body)
+    figures["after_warm_up_mib"] = tree_pss_mib(root)
+    budget = WorkBudget.from_options(MODEL_CONFIG["handler"])
+    with PeakSampler(root) as sampler:
+        statuses = heaviest_load(url, headers, models, budget)
+    figures |= {"peak_under_load_mib": sampler.peak, "after_load_mib": tree_pss_mib(root)}
+    figures["refused_statuses"] = refused_bodies(url, headers, "text" if "text" in models else models[0])
+    figures["after_refused_mib"] = tree_pss_mib(root)
+    figures["processes"] = 1 + len(root.children(recursive=True))
+    figures["heavy_statuses"] = counted(statuses["heavy"])
+    figures["ordinary_statuses"] = counted(statuses["ordinary"])
+    figures["limit_gib"] = math.ceil(figures["peak_under_load_mib"] * HEADROOM / 1024)
+    return figures
+
+
+def measure(engine: str, artifacts: Path, models: list[str]) -> dict:
+    started = time.monotonic()
+    if engine == "torchserve":
+        with torchserve(artifacts, models) as (url, token, state):
+            figures = measure_engine(torchserve_frontend(state), url, {"Authorization": f"Bearer {token}"},
+                                     models)
+    else:
+        with kserve_ray(artifacts) as (url, driver):
+            figures = measure_engine(driver, url, {}, models)
+    return {"engine": engine, "models": models, "workers_per_model": MODEL_CONFIG["minWorkers"],
+            "seconds": round(time.monotonic() - started)} | figures
+
+
+def counted(codes: list[int]) -> dict[str, int]:
+    return {str(code): codes.count(code) for code in sorted(set(codes))}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| engine | processes | at start | after warm-up | peak, heaviest admitted load | after it | "
+             "after 4 refused 20 MB bodies | heavy statuses | ordinary statuses | limit (peak x 1.25) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['engine']} | {row['processes']} | {row['at_start_mib']:,} MiB | "
+                     f"{row['after_warm_up_mib']:,} MiB | {row['peak_under_load_mib']:,} MiB | "
+                     f"{row['after_load_mib']:,} MiB | {row['after_refused_mib']:,} MiB | "
+                     f"{statuses(row['heavy_statuses'])} | {statuses(row['ordinary_statuses'])} | "
+                     f"{row['limit_gib']} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+def statuses(counts: dict) -> str:
+    return ", ".join(f"{count}x {code}" for code, count in counts.items())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--model", nargs="+", default=list(MODEL_KINDS))
-    parser.add_argument("--requests", type=int, default=8, help="warm-up requests per model")
+    parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
+    parser.add_argument("--engines", nargs="+", default=["torchserve", "kserve_ray"],
+                        choices=("torchserve", "kserve_ray"))
+    parser.add_argument("--model", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "memory")
     args = parser.parse_args(argv)
-    try:
-        print(json.dumps(measure(args.model_store, args.model, args.requests)))
-    except (serve.ServeError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    error = missing_exports(args.artifacts_dir, args.model)
+    if error:
+        print(error, file=sys.stderr)
         return 2
+    rows = []
+    try:
+        for engine in args.engines:
+            rows.append(measure(engine, args.artifacts_dir, args.model))
+            print(json.dumps(rows[-1]), flush=True)
+    except (serve.ServeError, RuntimeError) as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "memory.md").write_text(markdown(rows))
+    print(markdown(rows))
     return 0
 
 

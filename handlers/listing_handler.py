@@ -3,6 +3,7 @@ module (image_, text_, combined_handler.py) is only the file its archive names."
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from http import HTTPStatus
@@ -16,6 +17,7 @@ from serving.core import Batch, ListingService, Request, ServingOptions, availab
 
 # HTTP/1.1 requests always carry these after TorchServe's aggregator; gRPC requests carry none.
 HTTP_ONLY_HEADERS = ("host", "content-length", "transfer-encoding")
+TS_DECODE_SETTING = "TS_DECODE_INPUT_REQUEST"
 
 
 class ListingHandler(BaseHandler):
@@ -26,6 +28,10 @@ class ListingHandler(BaseHandler):
     needs: frozenset[str] = frozenset()  # what the model of this handler's archive is given
 
     def initialize(self, context) -> None:
+        # TorchServe's worker json.loads every application/json body before the handler sees it
+        # (20 MB of `[{},{},...]` is 6.6 million objects); it reads this setting per request, so
+        # from here on bodies arrive as bytes and the core counts their values first.
+        os.environ[TS_DECODE_SETTING] = "false"
         properties = context.system_properties
         config = getattr(context, "model_yaml_config", None) or {}
         options = ServingOptions.from_options(config.get("handler", {}) or {})

@@ -203,9 +203,6 @@ def start(config: Path, model_store: Path, state_dir: Path, timeout: float = 180
                          "run `python scripts/archive.py` first")
     state_dir.mkdir(parents=True, exist_ok=True)
     env = server_environment(state_dir) | {
-        # the worker hands JSON bodies to the handler as bytes: the core counts a body's values
-        # before parsing it (serving/payloads.py), where TorchServe would build them all first
-        "TS_DECODE_INPUT_REQUEST": "false",
         "LOG_LOCATION": str(state_dir / "logs"), "METRICS_LOCATION": str(state_dir / "logs"),
         "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_folder(state_dir))}
     command = [torchserve_binary(), "--start", "--ts-config", str(config.resolve()),

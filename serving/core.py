@@ -64,7 +64,7 @@ class ServingOptions:
     runtime: str = ""  # torchscript, onnxruntime or openvino; "": the one preprocessing.json names
     request_log_dir: str = ""  # a folder: the opt-in request log (serving/request_log.py); "": off
     request_log_sample: float = 0.1  # share of answered listings it records
-    request_log_max_mb: int = 100  # per worker process; it stops at the cap
+    request_log_max_mb: int = 100  # the folder's total, all processes and restarts; oldest files go first
     budget: WorkBudget = field(default_factory=WorkBudget)
 
     @classmethod

@@ -128,7 +128,10 @@ def decode_image(data: bytes, draft_size: int | None = None,
 
 
 def load_photo(image: Image.Image, data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode a photo that open_photo accepted (`data` its bytes, for the error message)."""
+    """Decode a photo that open_photo accepted (`data` its bytes, for the error message). With
+    `draft_size`, a JPEG is decoded at a reduced DCT scale and any other photo is reduced right
+    after decoding, both toward twice `draft_size`, so that a 50-megapixel photo's full-size
+    buffer lives only until then (its conversions work on the reduced one)."""
     with _pillow_refusals(data):
         width, height = image.size
         if draft_size and image.format in JPEG_FORMATS:
@@ -136,7 +139,19 @@ def load_photo(image: Image.Image, data: bytes, draft_size: int | None = None) -
             if scale < 1:
                 image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
         image.load()
-    return to_rgb(image)
+        if draft_size:
+            image = reduce_toward(image, draft_size)
+    return to_rgb(image, in_place=True)
+
+
+REDUCIBLE_MODES = ("RGB", "RGBA", "L", "LA")
+
+
+def reduce_toward(image: Image.Image, size: int) -> Image.Image:
+    """`image` box-reduced by a whole factor to no less than twice `size` on its longer side
+    (the final resize then has pixels enough to work with); unchanged when that factor is 1."""
+    factor = max(image.size) // (2 * size)
+    return image.reduce(factor) if factor >= 2 and image.mode in REDUCIBLE_MODES else image
 
 
 @contextmanager
@@ -201,14 +216,19 @@ def _unreadable_reason(data: bytes, error: Exception) -> str:
     return quote(detail or type(error).__name__, 80).strip("'")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert any mode to RGB (transparency onto the pad colour)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "P":
+def to_rgb(image: Image.Image, in_place: bool = False) -> Image.Image:
+    """Apply EXIF orientation and convert any mode to RGB (transparency onto the pad colour).
+    `in_place`: `image` is the caller's to change, so no copy of it is made."""
+    if in_place:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGB", image.size, PAD_COLOUR)
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image if image.mode == "RGB" else image.convert("RGB")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,21 @@ def server(artifacts, tmp_path_factory):
                "token": serve.read_key(state / "key_file.json"), "artifacts": artifacts}
     finally:
         serve.stop(state)
+
+
+@pytest.fixture(scope="session")
+def kserve_ray(artifacts):
+    """One second engine (KServe's server with Ray Serve, one replica a model) for every module
+    that serves through it."""
+    if not serve.ENGINE_PYTHON.exists():
+        pytest.skip("the second engine's environment is missing: make engine-venv (make test builds it)")
+    port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
+    grpc_port = serve.free_port()
+    try:
+        started = serve.start_kserve_ray(artifacts, state, port=port, replicas=1, timeout=300,
+                                         grpc_port=grpc_port)
+        yield {"base": f"http://127.0.0.1:{port}", "port": port, "state": state, "pid": started["pid"],
+               "grpc": started["grpc"], "grpc_port": grpc_port, "signals": started["signals"]}
+    finally:
+        serve.stop_kserve_ray(state)
+        shutil.rmtree(state, ignore_errors=True)

@@ -5,23 +5,27 @@ alone with `pytest -m engines`."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
-import shutil
+import socket
+import stat
 import subprocess
-import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
 from scripts import serve
 from scripts.hostile import ordinary_photo, round_one, triggers
+from serving.budget import WorkBudget
+from serving.config import MAX_REQUEST_BYTES
 from tests.helpers import TEXTS, as_vector, in_process
 
 pytestmark = [pytest.mark.serving, pytest.mark.engines]
-READY_TIMEOUT = 300  # a bound on a hung start, not a measurement
 
 
 class Engine:
@@ -42,25 +46,14 @@ class Engine:
         return self.post(self.v2_url.format(model=model), body)
 
 
+def address(url: str) -> tuple[str, int]:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    return host, int(port)
+
+
 def replica_pids() -> list[int]:
     found = subprocess.run(["pgrep", "-f", "ray::ServeReplica"], capture_output=True, text=True)
     return sorted(int(pid) for pid in found.stdout.split())
-
-
-@pytest.fixture(scope="module")
-def kserve_ray(artifacts):
-    if not serve.ENGINE_PYTHON.exists():
-        pytest.skip("the second engine's environment is missing: make engine-venv (make test builds it)")
-    port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
-    grpc_port = serve.free_port()
-    try:
-        started = serve.start_kserve_ray(artifacts, state, port=port, replicas=1, timeout=READY_TIMEOUT,
-                                         grpc_port=grpc_port)
-        yield {"base": f"http://127.0.0.1:{port}", "port": port, "state": state,
-               "grpc": started["grpc"], "grpc_port": grpc_port, "signals": started["signals"]}
-    finally:
-        serve.stop_kserve_ray(state)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=["torchserve", "kserve_ray"])
@@ -168,7 +161,7 @@ def test_the_second_engine_batches_concurrent_requests(kserve_ray):
     logs = "".join(path.read_text(errors="replace")
                    for path in (kserve_ray["state"] / "ray").rglob("worker-*") if path.is_file())
     sizes = [int(size) for size in re.findall(r"batch_size=(\d+) valid", logs)]
-    assert sizes and max(sizes) > 1  # Ray Serve's @serve.batch gathered requests, not our code
+    assert sizes and max(sizes) > 1  # the replica's CostBatcher gathered concurrent requests
 
 
 # ---------------------------------------------------------------- Open Inference Protocol over gRPC
@@ -283,3 +276,162 @@ def test_every_engine_exports_the_cores_signals_of_every_worker(engine):
     exported = requests.get(engine.signals, timeout=30).text
     assert "marketplace_drift_window_listings{" in exported
     assert "marketplace_top_probability_bucket{" in exported
+
+
+# ---------------------------------------------------------------- limits before the work
+def send_until_answered(engine: Engine, head: bytes, body_chunks) -> tuple[int, bytes]:
+    """Send a request head, then body chunks until the server answers or closes; returns how many
+    body bytes went out and what came back."""
+    host, port = address(engine.v1_url)
+    with socket.create_connection((host, port), timeout=60) as connection:
+        connection.sendall(head)
+        sent = 0
+        try:
+            for chunk in body_chunks:
+                connection.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                received += chunk
+    return sent, received
+
+
+def request_head(engine: Engine, model: str, framing: str) -> bytes:
+    path = "/" + engine.v1_url.format(model=model).split("//")[1].split("/", 1)[1]
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json", framing,
+             "Connection: close"] + [f"{name}: {value}" for name, value in engine.headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_an_over_limit_body_is_refused_before_it_is_read(engine):
+    """Declared (800 MB) and chunked bodies over the 20 MB limit: 413 with the JSON error body,
+    after a few MiB at most (what the sockets' buffers hold) for a declared one."""
+    mib = b"x" * 2**20
+    declared = request_head(engine, "text", "Content-Length: 800000000")
+    sent, received = send_until_answered(engine, declared, (mib for _ in range(800)))
+    assert received.startswith(b"HTTP/1.1 413"), received[:200]
+    assert sent <= 16 * 2**20, sent
+    chunked = request_head(engine, "text", "Transfer-Encoding: chunked")
+    chunks = (b"%x\r\n" % len(mib) + mib + b"\r\n" for _ in range(800))
+    sent, received = send_until_answered(engine, chunked, chunks)
+    assert received.startswith(b"HTTP/1.1 413"), received[:200]
+    assert sent <= MAX_REQUEST_BYTES + 16 * 2**20, sent
+    if engine.name == "kserve_ray":  # the core's JSON error body (TorchServe's frontend has its own)
+        error = json.loads(received.partition(b"\r\n\r\n")[2])
+        assert error["status"] == 413 and error["grpc_code"] == "RESOURCE_EXHAUSTED"
+
+
+def serving_memory(engine: Engine, kserve_ray_pid: int | None) -> int:
+    """The resident memory of every process that reads requests: workers (replicas) and, for the
+    second engine, its driver."""
+    workers = engine.workers()
+    pids = [pid for model in workers.values() for pid in model] if isinstance(workers, dict) else workers
+    pids += [kserve_ray_pid] if kserve_ray_pid else []
+    return sum(psutil.Process(pid).memory_info().rss for pid in pids)
+
+
+def test_a_body_of_millions_of_empty_listings_is_refused_unbuilt_and_leaves_no_memory(engine, request):
+    """6.6 million `{}` in 19.9 MB: json.loads would build them (+500 MB a worker, most of it
+    kept); counted on the bytes instead, each is refused (413) and memory stays put."""
+    driver = request.getfixturevalue("kserve_ray")["pid"] if engine.name == "kserve_ray" else None
+    body = b'{"instances": [' + b"{}," * 6_600_000 + b"{}]}"
+    assert len(body) < MAX_REQUEST_BYTES
+    engine.v1("text", json.dumps({"instances": [{"text": "kettle"}]}).encode())  # warm
+    before = serving_memory(engine, driver)
+    for _ in range(4):
+        response = engine.v1("text", body)
+        assert response.status_code == 413 and "values" in response.json()["error"], response.text[:200]
+    assert engine.v1("text", json.dumps({"instances": [{"text": "kettle"}]}).encode()).status_code == 200
+    grown = serving_memory(engine, driver) - before
+    assert grown < 150 * 2**20, f"{grown / 2**20:.0f} MB more after four refused bodies"
+
+
+def heavy_photo(seed: int, side: int = 1700) -> str:
+    """A smooth photo of about 3 megapixels that compresses small (a few hundred KB)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = (ramp[None, :, None] + ramp[:, None, None] * rng.random() + rng.integers(0, 8, (side, side, 3)))
+    encoded = io.BytesIO()
+    Image.fromarray((pixels % 255).astype(np.uint8)).save(encoded, "JPEG", quality=85)
+    return b64(encoded.getvalue())
+
+
+def test_heavy_requests_beside_ordinary_ones_are_admitted_by_cost_on_the_second_engine(kserve_ray):
+    """Four requests of a whole request budget each (32 photos of 3 MP) and ordinary one-photo
+    requests beside them: what does not fit a batch's budget is refused at once with 503 +
+    Retry-After, so the ordinary ones are answered rather than queued behind the heavy work."""
+    budget = WorkBudget()
+    photos = [heavy_photo(seed) for seed in range(4)]
+    heavy = json.dumps({"instances": [{"images": photos * 2} for _ in range(budget.photos_per_request // 8)]})
+    ordinary = json.dumps({"instances": [{"image": b64(PHOTOS[0])}]})
+    url = f"{kserve_ray['base']}/v1/models/image:predict"
+
+    def post(body: str) -> requests.Response:
+        return requests.post(url, data=body, timeout=120)
+
+    with ThreadPoolExecutor(8) as pool:
+        heavy_answers = [pool.submit(post, heavy) for _ in range(4)]
+        time.sleep(0.3)  # the heavy ones are waiting or running
+        ordinary_answers = [pool.submit(post, ordinary) for _ in range(3)]
+        heavy_answers = [answer.result() for answer in heavy_answers]
+        ordinary_answers = [answer.result() for answer in ordinary_answers]
+    assert [answer.status_code for answer in ordinary_answers] == [200] * 3, ordinary_answers[0].text[:200]
+    codes = [answer.status_code for answer in heavy_answers]
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    for answer in heavy_answers:
+        if answer.status_code == 503:
+            assert answer.headers["Retry-After"] == "1" and "did not fit" in answer.json()["error"]
+            assert answer.json()["grpc_code"] == "UNAVAILABLE"
+
+
+def test_the_second_engine_answers_the_cores_status_for_each_refusal(kserve_ray):
+    url = f"{kserve_ray['base']}/v1/models/image:predict"
+    too_many = json.dumps({"instances": [{"images": [b64(PHOTOS[0])] * 10}] * 4}).encode()
+    response = requests.post(url, data=too_many, timeout=60)
+    assert response.status_code == 413 and "photos per request" in response.json()["error"]
+    response = requests.post(url, data=b"x", headers={"Content-Type": "application/x-unknown"}, timeout=60)
+    assert response.status_code in (400, 415) and response.json()["error"]
+
+
+def test_ray_keeps_its_files_private_and_its_token_explicit(kserve_ray):
+    state = kserve_ray["state"]
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    token = state / "ray_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) >= 32
+    shared = [path for path in [state, *state.rglob("*")] if path.is_dir() and not path.is_symlink()
+              and path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
+    assert not shared, shared[:5]
+    # Ray's own processes (GCS, raylet), started by the driver after the server set them
+    ray_processes = [child for child in psutil.Process(kserve_ray["pid"]).children(recursive=True)
+                     if child.name() in ("gcs_server", "raylet")]
+    assert len(ray_processes) >= 2
+    for process in ray_processes:
+        environment = process.environ()
+        assert environment["RAY_AUTH_MODE"] == "token" and environment["RAY_AUTH_TOKEN_PATH"] == str(token)
+
+
+def test_each_engine_keeps_its_own_signals_and_exporter(tmp_path):
+    """Starting TorchServe empties its metrics folder only: the second engine's, in its own
+    folder, keeps the counters of its running replicas, and each has its own exporter pid file."""
+    second = serve.engine_state(tmp_path, "kserve_ray")
+    (second / "metrics").mkdir(parents=True)
+    (second / "metrics" / "counter_1.db").write_bytes(b"counts")
+    serve.fresh_metrics_folder(serve.engine_state(tmp_path, "torchserve"))
+    assert (second / "metrics" / "counter_1.db").read_bytes() == b"counts"
+    assert serve.engine_state(tmp_path, "torchserve") / serve.EXPORTER_PID != second / serve.EXPORTER_PID
+
+
+def test_every_front_door_reads_the_same_body_limit():
+    properties = serve.read_properties(serve.ROOT / "config.properties")
+    assert int(properties["max_request_size"]) == MAX_REQUEST_BYTES
+    from scripts.proxy import ProxySettings
+
+    assert ProxySettings().max_body == f"{MAX_REQUEST_BYTES // 2**20}m"

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from serving.core import ListingService, Request, ServingOptions
 from serving.metrics_exporter import DRIFT_THRESHOLD, DriftCollector, psi
 from serving.payloads import Listing
-from serving.request_log import RequestLog
+from serving.request_log import RequestLog, folder_bytes
 from serving.settings import REFERENCE_FILE, read_card
 from serving.signals import Signals
 
@@ -174,9 +174,28 @@ def test_the_request_log_is_off_by_default_sampled_and_capped(artifacts, tmp_pat
     assert record["text"] == "PS5 console \u00e9" and record["model"] == "combined"
     assert record["photos"] == [hashlib.sha256(photo_bytes).hexdigest()]  # the digest, not the photo
     assert set(record["answer"]) == {"category", "probability", "needs_review", "model_version"}
-    service.request_log.max_bytes = path.stat().st_size + 10  # the cap reached: nothing more written
+    service.request_log.max_bytes = path.stat().st_size + 10  # room for one line: the older one goes
     assert service.handle([Request({"body": body}, "application/json")])[0].status == 200
-    assert len(path.read_text().splitlines()) == 1 and service.request_log.full
+    (newer,) = tmp_path.glob("requests-*.jsonl")
+    assert len(newer.read_text().splitlines()) == 1 and folder_bytes(tmp_path) <= path.stat().st_size + 10
     sampled = RequestLog(tmp_path / "sampled", 0.25, 2**20, "text", "v1", seed=0)
     written = sum(sampled.record(Listing(text=f"listing {i}"), {"category": "x"}) for i in range(400))
     assert 60 < written < 140
+
+
+def test_the_request_log_folder_stays_within_its_cap_across_restarts(tmp_path):
+    """Five processes in turn (restarts), each writing more than the whole cap: the folder never
+    holds more than the cap, and the oldest files are the ones removed."""
+    cap, names = 20_000, []
+    for restart in range(5):
+        log = RequestLog(tmp_path, 1.0, cap, "text", f"v{restart}")
+        for index in range(120):
+            listing = Listing(text=f"restart {restart} listing {index} " + "x" * 100)
+            assert log.record(listing, {"category": "a"})
+            assert folder_bytes(tmp_path) <= cap
+        names.append(log.path.name)
+    left = sorted(path.name for path in tmp_path.glob("requests-*.jsonl"))
+    assert names[-1] in left and left == sorted(left, key=lambda name: int(name.split("-")[1]))
+    lines = [line for name in left for line in (tmp_path / name).read_text().splitlines()]
+    versions = {json.loads(line)["version"] for line in lines}
+    assert versions == {"v4"}  # everything older was removed first

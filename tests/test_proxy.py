@@ -1,11 +1,15 @@
-"""nginx in front of a real TorchServe (scripts/proxy.py, deploy/nginx/): the frontend defects no
-handler can fix, replayed through it. TorchServe alone fails each of these tests."""
+"""nginx in front of a real TorchServe and of the second engine (scripts/proxy.py, deploy/nginx/):
+the frontend defects no handler can fix, replayed through it. TorchServe alone fails each of the
+TorchServe tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -29,7 +33,7 @@ def proxied(server):
     settings = nginx.ProxySettings(listen=f"127.0.0.1:{serve.free_port()}",
                                    grpc_listen=f"127.0.0.1:{serve.free_port()}",
                                    max_connections=4, client_timeout=3)
-    nginx.start(server["config"], server["state"], settings)
+    nginx.start(nginx.torchserve_upstream(server["config"], server["state"]), server["state"], settings)
     try:
         host, port = settings.listen.split(":")
         yield server | {"address": (host, int(port)), "rest": f"http://{settings.listen}",
@@ -192,8 +196,91 @@ def test_grpc_through_the_proxy_needs_the_token_and_only_predicts(proxied):
 
 
 def test_reload_keeps_serving(proxied):
-    nginx.reload(proxied["config"], proxied["state"], proxied["settings"])
+    nginx.reload(nginx.torchserve_upstream(proxied["config"], proxied["state"]), proxied["state"],
+                 proxied["settings"])
     response = requests.post(f"{proxied['rest']}/predictions/text", data=b"kettle", timeout=60,
                              headers={"Authorization": f"Bearer {proxied['token']}",
                                       "Content-Type": "text/plain"})
     assert response.status_code == 200
+
+
+# ---------------------------------------------------------------- the same proxy in front of either engine
+@pytest.fixture(scope="module", params=["torchserve", "kserve_ray"])
+def fronted(request):
+    """The shipped template rendered for one engine, with a short header timeout."""
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("nginx is not installed (make test installs nginx-light where it runs as root)")
+    if request.param == "torchserve":
+        server = request.getfixturevalue("server")
+        state = server["state"] / "front"
+        upstream = nginx.torchserve_upstream(server["config"], server["state"])
+        predict = ("/predictions/text", b"kettle", "text/plain")
+    else:
+        engine = request.getfixturevalue("kserve_ray")
+        state = engine["state"] / "front"
+        upstream = nginx.kserve_ray_upstream(f"127.0.0.1:{engine['port']}", engine["grpc"],
+                                             ["image", "text", "combined"], state)
+        predict = ("/v1/models/text:predict", json.dumps({"instances": [{"text": "kettle"}]}).encode(),
+                   "application/json")
+    settings = nginx.ProxySettings(listen=f"127.0.0.1:{serve.free_port()}",
+                                   grpc_listen=f"127.0.0.1:{serve.free_port()}", header_timeout=20)
+    nginx.start(upstream, state, settings)
+    try:
+        host, port = settings.listen.split(":")
+        yield {"engine": request.param, "address": (host, int(port)), "rest": f"http://{settings.listen}",
+               "token": upstream.client_token, "predict": predict, "settings": settings}
+    finally:
+        nginx.stop(state)
+
+
+def predicted(fronted) -> requests.Response:
+    path, body, content_type = fronted["predict"]
+    headers = {"Authorization": f"Bearer {fronted['token']}", "Content-Type": content_type}
+    return requests.post(fronted["rest"] + path, data=body, timeout=60, headers=headers)
+
+
+def test_the_proxy_answers_ping_without_a_token_and_predictions_only_with_it(fronted):
+    ping = requests.get(fronted["rest"] + "/ping", timeout=30)
+    assert ping.status_code == 200, ping.text[:200]
+    assert predicted(fronted).status_code == 200
+    path, body, content_type = fronted["predict"]
+    refused = requests.post(fronted["rest"] + path, data=body, timeout=60,
+                            headers={"Content-Type": content_type})
+    assert refused.status_code == 401 and refused.json()["grpc_code"] == "UNAUTHENTICATED"
+
+
+def hold_half_sent(address: tuple[str, int], count: int, sources: int) -> list[socket.socket]:
+    """`count` connections from `sources` loopback addresses, each with an unfinished request head."""
+    held = []
+    for index in range(count):
+        connection = socket.socket()
+        connection.bind((f"127.0.0.{2 + index % sources}", 0))
+        connection.settimeout(SOCKET_TIMEOUT)
+        connection.connect(address)
+        connection.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        held.append(connection)
+    return held
+
+
+def test_the_proxy_keeps_answering_while_thousands_of_half_sent_requests_are_held(fronted):
+    """More half-sent requests than the 4,096 connections nginx used to have, from 66 client
+    addresses (each within the per-client cap): a new client is still answered, and the held
+    ones are closed once their header timeout passes."""
+    count = 4300
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < count + 1000:
+        pytest.skip(f"this process may open {hard} files; the test holds {count} connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 1000), hard))
+    held = hold_half_sent(fronted["address"], count, sources=66)
+    try:
+        assert requests.get(fronted["rest"] + "/ping", timeout=30).status_code == 200
+        assert predicted(fronted).status_code == 200
+        time.sleep(fronted["settings"].header_timeout + 2)
+        closed = b""
+        with contextlib.suppress(ConnectionResetError):
+            closed = held[0].recv(65536)
+        assert closed == b"" or closed.startswith(b"HTTP/1.1 408"), closed[:100]
+    finally:
+        for connection in held:
+            connection.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
