@@ -48,6 +48,7 @@ def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_
             from serving.core import ListingService, ServingOptions
 
             logging.basicConfig(level=logging.INFO)  # the core's batch lines, in the replica's log
+            bind_replica_grpc_to_loopback()
             service = ListingService(model_dir, ServingOptions.from_options(options),
                                      model_name=model_dir.name)
             self.batcher = CostBatcher(service, max_batch_size, batch_wait_s)
@@ -59,6 +60,22 @@ def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_
             return answer.status, answer.body, answer.headers
 
     return ListingDeployment
+
+
+def bind_replica_grpc_to_loopback() -> None:
+    """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to "[::]" (hard-coded, no
+    setting); on one machine every peer reaches it through the node address, 127.0.0.1, so the
+    replica binds it there. Runs in the replica before Ray Serve starts that server."""
+    import logging
+
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None:
+        logging.getLogger(__name__).warning("Ray Serve changed: its replicas' gRPC port stays on [::]")
+        return
+    replica.add_port_to_grpc_server = \
+        lambda server, address: bind(server, address.replace("[::]", LOOPBACK, 1))
 
 
 class Refused(Exception):
@@ -219,7 +236,13 @@ def lock_down_ray(state_dir: Path) -> Path:
         with os.fdopen(descriptor, "w") as stream:
             stream.write(secrets.token_hex(32))
     token.chmod(0o600)
-    os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                   # Ray's own Prometheus exporters listen on every interface; the project's
+                   # exporter (serving/metrics_exporter.py) serves the signals on loopback
+                   "RAY_enable_metrics_collection": "0",
+                   # one machine: Ray otherwise swaps the node address 127.0.0.1 for the host's
+                   # reachable one (GCS, agents); this is its switch for single-machine clusters
+                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     return private_folder(state_dir / "ray")
 
 

@@ -401,7 +401,15 @@ def test_the_second_engine_answers_the_cores_status_for_each_refusal(kserve_ray)
     assert response.status_code in (400, 415) and response.json()["error"]
 
 
-def test_ray_keeps_its_files_private_and_its_token_explicit(kserve_ray):
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+def test_ray_keeps_its_files_private_its_token_explicit_and_its_ports_on_loopback(kserve_ray):
+    driver = psutil.Process(kserve_ray["pid"])
+    listening = [(process.name(), socket_.laddr) for process in [driver, *driver.children(recursive=True)]
+                 for socket_ in process.net_connections("inet") if socket_.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 10  # REST, gRPC, GCS, raylet, agents, each replica...
+    assert [entry for entry in listening if entry[1].ip not in LOOPBACK_ADDRESSES] == []
     state = kserve_ray["state"]
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     token = state / "ray_token"
