@@ -182,3 +182,57 @@ def test_the_answer_does_not_depend_on_the_chunk_size(handlers_in_process):
     for a, b in zip(whole[0]["predictions"], chunked[0]["predictions"], strict=True):
         assert a["category"] == b["category"]
         assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) < 1e-5
+
+
+class RecordingService:
+    """What CostBatcher needs of a ListingService: its budget, and answers for the requests it
+    reads, runs and refuses (each answer names its request)."""
+
+    def __init__(self, costs: dict[str, Cost], budget: WorkBudget):
+        from serving.core import Answer
+
+        self.costs, self.budget, self.batches, self.answer_type = costs, budget, [], Answer
+
+    def read_one(self, request):
+        from serving.protocols import PLAIN, Envelope
+
+        return Envelope(PLAIN, request_id=request.fields["body"], cost=self.costs[request.fields["body"]])
+
+    def refuse(self, error):
+        from serving.core import ListingService
+
+        return ListingService.refusal(error)
+
+    def prepare_read(self, envelopes):
+        self.batches.append([envelope.request_id for envelope in envelopes])
+        return envelopes
+
+    def predict(self, envelopes):
+        return envelopes
+
+    def answer(self, envelopes):
+        return [self.answer_type(200, {"request": envelope.request_id}) for envelope in envelopes]
+
+
+def test_the_cost_batcher_runs_the_cheapest_first_and_refuses_what_does_not_fit_at_once():
+    import asyncio
+
+    from serving.admission import CostBatcher
+    from serving.core import Request
+
+    budget = WorkBudget(photos_per_request=32, photos_per_batch=64)
+    costs = {f"heavy{i}": Cost(32, 90_000_000) for i in range(4)} | {"ordinary": Cost(1, 500_000)}
+    service = RecordingService(costs, budget)
+    batcher = CostBatcher(service, max_batch_size=4, batch_wait_s=0.5)  # room for all five to arrive
+
+    async def together():
+        names = [f"heavy{i}" for i in range(4)] + ["ordinary"]
+        return await asyncio.gather(*(batcher.submit(Request({"body": name})) for name in names))
+
+    answers = dict(zip([f"heavy{i}" for i in range(4)] + ["ordinary"], asyncio.run(together()), strict=True))
+    assert answers["ordinary"].status == 200
+    assert service.batches[0][0] == "ordinary"  # the cheapest first, in the first batch
+    assert len(service.batches) == 1 and len(service.batches[0]) == 2  # 1 + 32 photos of 64 fit
+    refused = [name for name, answer in answers.items() if answer.status == 503]
+    assert len(refused) == 3 and all(answers[name].headers == {"Retry-After": "1"} for name in refused)
+    assert "did not fit" in answers[refused[0]].body["error"]

@@ -443,3 +443,15 @@ def test_every_front_door_reads_the_same_body_limit():
     from scripts.proxy import ProxySettings
 
     assert ProxySettings().max_body == f"{MAX_REQUEST_BYTES // 2**20}m"
+
+
+def test_the_second_engine_closes_a_connection_whose_request_head_stalls(kserve_ray):
+    """uvicorn alone would hold a connection that drips its headers for ever."""
+    from kserve_ray.front import HEADER_TIMEOUT_S
+
+    with socket.create_connection(("127.0.0.1", kserve_ray["port"]), timeout=HEADER_TIMEOUT_S + 20) as held:
+        held.sendall(b"POST /v1/models/text:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        closed = b""
+        with contextlib.suppress(ConnectionResetError):  # a socket timeout here: it was never closed
+            closed = held.recv(65536)
+        assert closed == b""
