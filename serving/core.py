@@ -12,6 +12,7 @@ own lifecycle onto three steps, as TorchServe's BaseHandler and KServe's Model d
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -126,6 +127,25 @@ def available_cores(root: Path = Path("/sys/fs/cgroup")) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     limit = cgroup_cpu_limit(root)
     return max(1, min(cores, math.ceil(limit))) if limit else cores
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the operating system (glibc's malloc_trim; nothing
+    elsewhere): after large bodies, memory that a worker freed but kept would otherwise count
+    against its container's limit until reused."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return library if library is not None and hasattr(library, "malloc_trim") else None
 
 
 def device_for(gpu_id: int | str | None) -> torch.device:

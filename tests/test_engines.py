@@ -325,11 +325,10 @@ def test_an_over_limit_body_is_refused_before_it_is_read(engine):
 
 
 def serving_memory(engine: Engine, kserve_ray_pid: int | None) -> int:
-    """The resident memory of every process that reads requests: workers (replicas) and, for the
-    second engine, its driver."""
+    """The resident memory of the processes that read the text model's requests: its workers
+    (TorchServe) or every replica and the driver (the second engine)."""
     workers = engine.workers()
-    pids = [pid for model in workers.values() for pid in model] if isinstance(workers, dict) else workers
-    pids += [kserve_ray_pid] if kserve_ray_pid else []
+    pids = list(workers["text"]) if isinstance(workers, dict) else workers + [kserve_ray_pid]
     return sum(psutil.Process(pid).memory_info().rss for pid in pids)
 
 
@@ -339,13 +338,15 @@ def test_a_body_of_millions_of_empty_listings_is_refused_unbuilt_and_leaves_no_m
     driver = request.getfixturevalue("kserve_ray")["pid"] if engine.name == "kserve_ray" else None
     body = b'{"instances": [' + b"{}," * 6_600_000 + b"{}]}"
     assert len(body) < MAX_REQUEST_BYTES
-    engine.v1("text", json.dumps({"instances": [{"text": "kettle"}]}).encode())  # warm
+    ordinary = json.dumps({"instances": [{"text": "kettle"}]}).encode()
+    with ThreadPoolExecutor(4) as pool:  # every worker warm before measuring
+        assert set(pool.map(lambda _: engine.v1("text", ordinary).status_code, range(8))) == {200}
     before = serving_memory(engine, driver)
     for _ in range(4):
         response = engine.v1("text", body)
         assert response.status_code == 413 and "values" in response.json()["error"], response.text[:200]
-    assert engine.v1("text", json.dumps({"instances": [{"text": "kettle"}]}).encode()).status_code == 200
     grown = serving_memory(engine, driver) - before
+    assert engine.v1("text", ordinary).status_code == 200
     assert grown < 150 * 2**20, f"{grown / 2**20:.0f} MB more after four refused bodies"
 
 
@@ -447,9 +448,7 @@ def test_every_front_door_reads_the_same_body_limit():
 
 def test_the_second_engine_closes_a_connection_whose_request_head_stalls(kserve_ray):
     """uvicorn alone would hold a connection that drips its headers for ever."""
-    from kserve_ray.front import HEADER_TIMEOUT_S
-
-    with socket.create_connection(("127.0.0.1", kserve_ray["port"]), timeout=HEADER_TIMEOUT_S + 20) as held:
+    with socket.create_connection(("127.0.0.1", kserve_ray["port"]), timeout=60) as held:  # deadline 10 s
         held.sendall(b"POST /v1/models/text:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
         closed = b""
         with contextlib.suppress(ConnectionResetError):  # a socket timeout here: it was never closed
