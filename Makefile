@@ -13,7 +13,7 @@ NPROC ?= 2
 MODEL ?= image
 ENGINE ?= torchserve
 
-.PHONY: install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes prometheus demo test bench soak lint check-java clean-demo train-ddp sample-data train-real \
+.PHONY: install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes prometheus demo test bench soak lint check-java clean-demo clean-all train-ddp sample-data train-real \
 	budget hostile-mix
 
 $(STAMP): pyproject.toml
@@ -127,5 +127,14 @@ hostile-mix: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# What `make demo` wrote, and nothing else: the real models (*/real/), other reports and the feature
+# cache (40 minutes of the real run) stay.
+DEMO_MODELS := image text combined
 clean-demo:
-	rm -rf $(DEMO_DIR) artifacts model_store reports runs cache
+	rm -rf $(DEMO_DIR) reports/summary.md \
+	  $(foreach m,$(DEMO_MODELS),checkpoints/$(m) artifacts/$(m) artifacts/$(m)_int8 model_store/$(m).mar reports/$(m) runs/$(m))
+
+# Everything built or measured here, the real models and the feature cache included.
+clean-all:
+	@echo "removing data/, checkpoints/, artifacts/, model_store/, reports/, runs/ and cache/ (real models and features included)"
+	rm -rf data checkpoints artifacts model_store reports runs cache
