@@ -10,10 +10,19 @@ from pathlib import Path
 
 import torch
 
+from serving.files import file_digest
 from serving.model_kinds import KINDS, ModelKind, model_kind
 from serving.processing import model_inputs
-from serving.runtimes import OnnxModel, load_onnx_model
-from serving.settings import LABELS_FILE, RUNTIMES, TORCHSCRIPT, ModelSettings, read_index_to_name
+from serving.runtimes import OnnxModel, load_onnx_model, onnx_files
+from serving.settings import (
+    LABELS_FILE,
+    RUNTIMES,
+    SETTINGS_FILE,
+    TORCHSCRIPT,
+    ModelSettings,
+    SettingsError,
+    read_index_to_name,
+)
 
 logger = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -62,6 +71,7 @@ class ExportedModel:
         kind = model_kind(settings.model)
         index_to_name = read_index_to_name(folder / LABELS_FILE, settings.num_classes)
         runtime = chosen_runtime(settings, runtime, device)
+        check_files(folder, settings, files_read(folder, settings, kind, runtime, int8))
         if runtime == TORCHSCRIPT:
             model = load_torchscript(folder, device, optimize_for_inference)
         else:
@@ -81,6 +91,38 @@ class ExportedModel:
                ) -> tuple[torch.Tensor, ...]:
         """What this model is called with for these decoded photos and/or texts."""
         return model_inputs(self.kind, images, texts, self.tokenizer, self.settings.text)
+
+
+def files_read(folder: Path, settings: ModelSettings, kind: ModelKind, runtime: str,
+               int8: bool | None) -> list[Path]:
+    """The files a load under `runtime` reads besides preprocessing.json."""
+    paths = [folder / LABELS_FILE]
+    if runtime == TORCHSCRIPT:
+        paths.append(folder / MODEL_FILE)
+    else:
+        int8 = settings.onnx_int8 and runtime == settings.runtime if int8 is None else int8
+        paths += onnx_files(folder, kind, int8, runtime)
+    if kind.uses_text:
+        paths += [path for path in sorted((folder / settings.text.tokenizer).rglob("*")) if path.is_file()]
+    return paths
+
+
+def check_files(folder: Path, settings: ModelSettings, paths: list[Path]) -> None:
+    """Refuse a folder whose files are not those exported with its preprocessing.json (a copy or
+    a re-export that mixed two versions). Folders exported before digests are read unchecked."""
+    if settings.files is None:
+        logger.warning("%s: exported without file digests, its files are not checked (export it again)",
+                    folder)
+        return
+    for path in paths:
+        if not path.exists():
+            continue  # the loader names what is missing
+        relative = path.relative_to(folder).as_posix()
+        expected = settings.files.get(relative)
+        if expected is None or file_digest(path) != expected:
+            raise SettingsError(f"{path} is not the file exported with {folder / SETTINGS_FILE} "
+                                f"({'not among its files' if expected is None else 'its SHA-256 differs'}): "
+                                "the folder mixes two exports; export it again")
 
 
 def chosen_runtime(settings: ModelSettings, asked: str | None, device: torch.device) -> str:

@@ -84,6 +84,7 @@ class ModelSettings:
     onnx_int8: bool = False  # the ONNX programs with int8 matmuls (onnx/<method>.int8.onnx)
     onnx_bf16: bool = False  # OpenVINO computes in bfloat16 where the CPU has bf16 units, else float32
     runtime_choice: dict | None = None  # how export chose: items/s per runtime, the precision gates
+    files: dict[str, str] | None = None  # SHA-256 of every other file of the export, by relative path
 
     def __post_init__(self) -> None:
         if self.model not in KINDS:

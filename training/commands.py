@@ -147,8 +147,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             command.add_argument("--runtime", choices=("fastest", *RUNTIMES), default="fastest",
                                  help="what preprocessing.json names for serving: the fastest measured "
                                       "here (ONNX Runtime and OpenVINO checked against the model; int8 "
-                                      "or bfloat16 when validation accuracy drops 0.5 points or less), "
-                                      "or one of them; torchscript writes no onnx/ (default: fastest)")
+                                      "or bfloat16 when validation accuracy drops 0.5 points or less; one "
+                                      "that lost any is chosen only when 1.25x faster than the best that "
+                                      "lost none), or one of them; torchscript writes no onnx/ "
+                                      "(default: fastest)")
         command.set_defaults(run=run)
 
     cross = commands.add_parser("cross-fit", help="out-of-fold answers of the text and frozen image "

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from serving.files import atomic_write
+from serving.files import atomic_write, folder_digests, staged_folder
 from serving.model_kinds import ModelKind
 from serving.processing import model_inputs
 from serving.settings import (
     LABELS_FILE,
     REFERENCE_FILE,
     RUNTIMES,
+    SETTINGS_FILE,
     TORCHSCRIPT,
     ImageSettings,
     ModelSettings,
@@ -219,25 +220,27 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
             worst = max(worst, check_parity(expected, scripted.listings,
                                             [listings_example_per_photo(b) for b in batches]))
     out = Path(artifacts_dir) / (config.model + ("_int8" if int8 else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "model.pt", lambda temporary: scripted.save(str(temporary)))
-    check_fresh_process(out / "model.pt", batches, expected)
-    chosen = None
-    if not int8 and runtime != TORCHSCRIPT:
-        chosen = export_runtimes(model, config, data, tokenizer, batches, scripted, out, runtime,
-                                 PARITY_TOLERANCE, measure_seconds, try_reduced_precision)
-        result |= chosen
-    card["export"] = {"torchscript_max_abs_diff": worst, "int8_text_encoder": int8,
-                      "runtime": (chosen or {}).get("runtime", TORCHSCRIPT),
-                      "onnx_int8": (chosen or {}).get("onnx_int8", False),
-                      "onnx_bf16": (chosen or {}).get("onnx_bf16", False),
-                      "runtime_choice": (chosen or {}).get("runtime_choice")}
-    write_card(card, out)
-    reference = reference_distributions(model, config, data, answers, task)
-    text = json.dumps(reference, indent=2) + "\n"
-    atomic_write(out / REFERENCE_FILE, lambda temporary: temporary.write_text(text))
-    write_index_to_name(checkpoint["index_to_name"], out / LABELS_FILE)
-    preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8, chosen).save(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out / "tokenizer"))
+    with staged_folder(out) as staging:  # the previous export serves until this one is complete
+        atomic_write(staging / "model.pt", lambda temporary: scripted.save(str(temporary)))
+        check_fresh_process(staging / "model.pt", batches, expected)
+        chosen = None
+        if not int8 and runtime != TORCHSCRIPT:
+            chosen = export_runtimes(model, config, data, tokenizer, batches, scripted, staging, runtime,
+                                     PARITY_TOLERANCE, measure_seconds, try_reduced_precision)
+            result |= chosen
+        card["export"] = {"torchscript_max_abs_diff": worst, "int8_text_encoder": int8,
+                          "runtime": (chosen or {}).get("runtime", TORCHSCRIPT),
+                          "onnx_int8": (chosen or {}).get("onnx_int8", False),
+                          "onnx_bf16": (chosen or {}).get("onnx_bf16", False),
+                          "runtime_choice": (chosen or {}).get("runtime_choice")}
+        write_card(card, staging)
+        reference = reference_distributions(model, config, data, answers, task)
+        text = json.dumps(reference, indent=2) + "\n"
+        atomic_write(staging / REFERENCE_FILE, lambda temporary: temporary.write_text(text))
+        write_index_to_name(checkpoint["index_to_name"], staging / LABELS_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging / "tokenizer"))
+        settings = preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8,
+                                          chosen)
+        replace(settings, files=folder_digests(staging, leave_out=(SETTINGS_FILE,))).save(staging)
     return result | {"path": str(out / "model.pt"), "max_abs_diff": worst}
