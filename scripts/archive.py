@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
+from serving.files import atomic_write
 from serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
 from serving.runtimes import onnx_files
 from serving.settings import (
@@ -152,10 +153,9 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
                                 env=os.environ | {"TMPDIR": temporary})
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed for {model}: {result.stderr.strip()[-500:]}")
-        # copied beside its final name, then renamed: a server never sees half an archive
-        partial = store / f".{file_name}.mar.partial"
-        shutil.move(str(staged / f"{model}.mar"), str(partial))
-        os.replace(partial, store / f"{file_name}.mar")
+        # moved beside its final name, then renamed: a server never sees half an archive
+        atomic_write(store / f"{file_name}.mar",
+                     lambda temporary: shutil.move(str(staged / f"{model}.mar"), str(temporary)))
     return store / f"{file_name}.mar"
 
 

@@ -161,7 +161,8 @@ def _check_keys(kind: type, data: dict, prefix: str) -> None:
 
 
 def write_index_to_name(mapping: dict[str, str], path: Path) -> None:
-    path.write_text(json.dumps(mapping, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(mapping, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def read_index_to_name(path: Path, num_classes: int | None = None) -> dict[str, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from serving.files import atomic_write
 from serving.model_kinds import LEXICAL_INPUTS, ModelKind
 from serving.runtimes import OnnxModel, bf16_supported, load_onnx_model, onnx_files, onnx_methods, onnx_path
 from serving.settings import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCHSCRIPT, runtime_label
@@ -80,18 +81,19 @@ class _Method(torch.nn.Module):
 
 def export_onnx(model: torch.nn.Module, call: MethodCall, path: Path) -> Path:
     """`call`'s method of the eager `model` as an ONNX program at `path` (written atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
     wrapper = _Method(model, call.name).eval()  # the exporter restores the mode it finds, recursively
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
-        # The TorchScript-based exporter: torch 2.14's dynamo exporter took 10x longer per method and
-        # is not needed for these graphs (no data-dependent control flow).
-        torch.onnx.export(wrapper, call.example, str(temporary), input_names=list(call.inputs),
-                          output_names=["logits"], dynamic_axes=dynamic_axes(call.inputs),
-                          opset_version=OPSET, dynamo=False)
+
+    def write(temporary: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
+            # The TorchScript-based exporter: torch 2.14's dynamo exporter took 10x longer per method
+            # and is not needed for these graphs (no data-dependent control flow).
+            torch.onnx.export(wrapper, call.example, str(temporary), input_names=list(call.inputs),
+                              output_names=["logits"], dynamic_axes=dynamic_axes(call.inputs),
+                              opset_version=OPSET, dynamo=False)
+
+    atomic_write(path, write)
     model.eval()
-    temporary.replace(path)
     return path
 
 
@@ -100,16 +102,13 @@ def quantise_onnx(source: Path, target: Path) -> Path:
     the heads are Gemm and the image backbone Conv, which stay float)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    temporary = target.with_name(target.name + ".partial")
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)  # the quantiser logs a pre-processing tip as a warning on every call
     try:
-        quantize_dynamic(str(source), str(temporary), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"])
+        return atomic_write(target, lambda temporary: quantize_dynamic(
+            str(source), str(temporary), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]))
     finally:
         root.setLevel(level)
-    temporary.replace(target)
-    return target
 
 
 def method_batches(kind: ModelKind, method: str, batches: list[tuple]) -> list[tuple]:
@@ -324,10 +323,9 @@ def quantise_image_program(source: Path, target: Path, config: TrainConfig, data
                for image in chosen["id"]]
     calibration = nncf.Dataset(batches, lambda images: {"images": images})
     quantised = nncf.quantize(openvino.Core().read_model(str(source)), calibration, subset_size=len(batches))
-    temporary = target.with_name(target.stem + ".partial.xml")
-    openvino.save_model(quantised, str(temporary), compress_to_fp16=False)
-    temporary.with_suffix(".bin").replace(target.with_suffix(".bin"))
-    temporary.replace(target)
+    # an IR is two files (.xml, .bin): written straight into the export's staged folder, which is
+    # swapped in whole (serving.files.staged_folder)
+    openvino.save_model(quantised, str(target), compress_to_fp16=False)
     return target
 
 
