@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) scripts/grpc_stubs.py > /dev/null
+	$(PY) -m marketplace_classifier.cli grpc-stubs > /dev/null
 	touch $(STAMP)
 
 install: check-java $(STAMP)
@@ -36,16 +36,16 @@ $(KSERVE_STAMP): deploy/kserve/wrapper/requirements.txt
 
 kserve-venv: $(KSERVE_STAMP)
 
-# The second engine (kserve_ray/: KServe's model server with Ray Serve batching) over the serving core.
-$(ENGINE_STAMP): kserve_ray/requirements.txt handlers/requirements.txt
+# The second engine (marketplace_classifier/engines/kserve_ray/: KServe's model server with Ray Serve batching) over the serving core.
+$(ENGINE_STAMP): marketplace_classifier/engines/kserve_ray/requirements.txt marketplace_classifier/serving/requirements.txt
 	$(PYTHON) -m venv $(ENGINE_VENV)
 	$(ENGINE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(ENGINE_VENV)/bin/python -m pip install --quiet -r kserve_ray/requirements.txt -r handlers/requirements.txt
+	$(ENGINE_VENV)/bin/python -m pip install --quiet -r marketplace_classifier/engines/kserve_ray/requirements.txt -r marketplace_classifier/serving/requirements.txt
 	touch $(ENGINE_STAMP)
 
 engine-venv: $(ENGINE_STAMP)
 
-# nginx for the reverse proxy (scripts/proxy.py) and its tests, from Debian's packages where this
+# nginx for the reverse proxy (marketplace_classifier/ops/proxy.py) and its tests, from Debian's packages where this
 # runs as root; elsewhere tests/test_proxy.py is skipped and says why.
 nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && \
@@ -78,9 +78,9 @@ train-ddp: install sample-data
 
 sample-data: install
 	@[ -f $(DEMO_DIR)/clean/splits.csv ] || { \
-		$(PY) -m training sample --out $(DEMO_DIR)/raw --products $(SAMPLE_PRODUCTS) --overwrite && \
-		$(PY) -m training clean --data-dir $(DEMO_DIR)/raw --out $(DEMO_DIR)/clean && \
-		$(PY) -m training split --data-dir $(DEMO_DIR)/clean --seed 0; }
+		$(PY) -m marketplace_classifier.cli sample --out $(DEMO_DIR)/raw --products $(SAMPLE_PRODUCTS) --overwrite && \
+		$(PY) -m marketplace_classifier.cli clean --data-dir $(DEMO_DIR)/raw --out $(DEMO_DIR)/clean && \
+		$(PY) -m marketplace_classifier.cli split --data-dir $(DEMO_DIR)/clean --seed 0; }
 
 # The real run on a raw marketplace export (default ../shared/data/marketplace), outputs under */real/.
 train-real: install
@@ -88,14 +88,14 @@ train-real: install
 
 # One switch for the engine: make serve ENGINE=torchserve|kserve_ray (and make stop ENGINE=...).
 serve: install
-	$(PY) scripts/serve.py start --engine $(ENGINE)
+	$(PY) -m marketplace_classifier.cli serve start --engine $(ENGINE)
 
 stop: install
-	$(PY) scripts/serve.py stop --engine $(ENGINE)
+	$(PY) -m marketplace_classifier.cli serve stop --engine $(ENGINE)
 
 # Both engines in one run on the same inputs (docs/engines.md).
 bench-engines: install engine-venv
-	$(PY) -m benchmarks.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
+	$(PY) -m marketplace_classifier.benchmarks.engines_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
 # make bench: TorchServe's full benchmark, then every model under TorchScript against the runtime its
 # export chose (make bench ARTIFACTS=artifacts/real CHECKPOINTS=checkpoints/real DATA=data/real: the
@@ -103,26 +103,26 @@ bench-engines: install engine-venv
 # p99, cold start, RSS) on the second engine alone.
 bench: install
 	@if [ "$(ENGINE)" = torchserve ]; then \
-	  $(PY) -m benchmarks.bench --artifacts-dir $(or $(ARTIFACTS),artifacts) \
+	  $(PY) -m marketplace_classifier.benchmarks.bench --artifacts-dir $(or $(ARTIFACTS),artifacts) \
 	    $(if $(CHECKPOINTS),--checkpoint-dir $(CHECKPOINTS)) && $(MAKE) bench-runtimes; else \
-	  $(MAKE) engine-venv && $(PY) -m benchmarks.engines_bench --engines $(ENGINE) \
+	  $(MAKE) engine-venv && $(PY) -m marketplace_classifier.benchmarks.engines_bench --engines $(ENGINE) \
 	    --artifacts-dir $(or $(ARTIFACTS),artifacts) --out reports/bench-$(ENGINE); fi
 
 # Old runtime against new, served side by side, with the server's CPU time per item (docs/benchmark.md).
 bench-runtimes: install
-	$(PY) -m benchmarks.runtimes_bench --artifacts-dir $(or $(ARTIFACTS),artifacts) \
+	$(PY) -m marketplace_classifier.benchmarks.runtimes_bench --artifacts-dir $(or $(ARTIFACTS),artifacts) \
 	  $(if $(DATA),--data-dir $(DATA)) --out $(or $(RUNTIMES_OUT),reports/runtimes)
 
 soak: install
-	$(PY) -m benchmarks.soak --minutes $(or $(SOAK_MINUTES),10)
+	$(PY) -m marketplace_classifier.benchmarks.soak --minutes $(or $(SOAK_MINUTES),10)
 
 # The work budget measured: the largest admitted requests, one core, alone and four to a batch.
 budget: install
-	$(PY) -m benchmarks.budget_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
+	$(PY) -m marketplace_classifier.benchmarks.budget_bench --artifacts-dir $(or $(ARTIFACTS),artifacts)
 
 # The outside test's mixed run: 16 ordinary clients and every hostile request among them.
 hostile-mix: install
-	$(PY) -m benchmarks.hostile_mix --artifacts-dir $(or $(ARTIFACTS),artifacts) --minutes $(or $(MINUTES),3)
+	$(PY) -m marketplace_classifier.benchmarks.hostile_mix --artifacts-dir $(or $(ARTIFACTS),artifacts) --minutes $(or $(MINUTES),3)
 
 lint: install
 	$(VENV)/bin/ruff check .

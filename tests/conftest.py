@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from scripts import serve
-from scripts.archive import build_archive
-from serving.config import MODEL_CONFIG
+from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.archive import build_archive
+from marketplace_classifier.serving.config import MODEL_CONFIG
+from marketplace_classifier.training.cleaning import clean
+from marketplace_classifier.training.sample import SampleConfig, generate
+from marketplace_classifier.training.splits import write_splits
 from tests.helpers import SERVER_BATCH_SIZE, FakeContext, write_test_config
-from training.cleaning import clean
-from training.sample import SampleConfig, generate
-from training.splits import write_splits
 
 SAMPLE_PRODUCTS = 200
 
@@ -42,7 +42,7 @@ def clean_sample(raw_sample, tmp_path_factory) -> tuple[Path, object]:
 @pytest.fixture(scope="session")
 def trained(clean_sample, tmp_path_factory) -> dict:
     """Tiny image, text and combined models trained on the clean sample (frozen encoders)."""
-    from training.train import TrainConfig, train
+    from marketplace_classifier.training.train import TrainConfig, train
 
     work = tmp_path_factory.mktemp("trained")
     common = {"data_dir": str(clean_sample[0]), "checkpoint_dir": str(work / "checkpoints"),
@@ -62,7 +62,7 @@ def trained(clean_sample, tmp_path_factory) -> dict:
 def artifacts(trained, tmp_path_factory) -> Path:
     """Exports of the tiny trained models, inside a throwaway project root, each naming the
     runtime of EXPORT_RUNTIMES: every served test then runs each runtime under each engine."""
-    from training.export import export
+    from marketplace_classifier.training.export import export
 
     root = tmp_path_factory.mktemp("project")
     for kind, runtime in EXPORT_RUNTIMES.items():
@@ -75,9 +75,9 @@ def artifacts(trained, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def handlers_in_process(artifacts) -> dict:
     """An initialised handler per model, exactly as a TorchServe worker builds it."""
-    from handlers.combined_handler import CombinedHandler
-    from handlers.image_handler import ImageHandler
-    from handlers.text_handler import TextHandler
+    from marketplace_classifier.engines.torchserve.combined_handler import CombinedHandler
+    from marketplace_classifier.engines.torchserve.image_handler import ImageHandler
+    from marketplace_classifier.engines.torchserve.text_handler import TextHandler
 
     built = {}
     for kind, cls in (("image", ImageHandler), ("text", TextHandler), ("combined", CombinedHandler)):

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from scripts import serve
-from serving.exported import ExportedModel
-from serving.model_kinds import TEXT
-from serving.processing import free_text, model_image_from_bytes, model_inputs
+from marketplace_classifier.ops import serve
+from marketplace_classifier.serving.exported import ExportedModel
+from marketplace_classifier.serving.model_kinds import TEXT
+from marketplace_classifier.serving.processing import free_text, model_image_from_bytes, model_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "marketplace"

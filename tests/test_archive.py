@@ -3,8 +3,8 @@ import zipfile
 import pytest
 import yaml
 
-from scripts.archive import ArchiveError, build_archive
-from serving.config import MODEL_CONFIG
+from marketplace_classifier.ops.archive import ArchiveError, build_archive
+from marketplace_classifier.serving.config import MODEL_CONFIG
 
 
 def test_archive_holds_everything_the_handler_reads(artifacts):
@@ -12,8 +12,10 @@ def test_archive_holds_everything_the_handler_reads(artifacts):
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"model.pt", "text_handler.py", "handlers/listing_handler.py", "serving/core.py",
-            "serving/processing.py", "serving/payloads.py", "serving/settings.py", "serving/budget.py",
+    core = [f"marketplace_classifier/serving/{name}.py"
+            for name in ("core", "processing", "payloads", "settings", "budget", "files")]
+    handler = "marketplace_classifier/engines/torchserve/listing_handler.py"
+    assert {"model.pt", "text_handler.py", handler, *core, "marketplace_classifier/__init__.py",
             "index_to_name.json", "preprocessing.json", "requirements.txt",
             "tokenizer/tokenizer.json", "MAR-INF/MANIFEST.json"} <= names
     assert {key: config[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",
@@ -38,7 +40,7 @@ def test_archive_refuses_paths_outside_the_project_and_missing_files(artifacts, 
 
 
 def test_configs_are_derived_in_one_way(tmp_path):
-    from scripts import serve
+    from marketplace_classifier.ops import serve
 
     source = tmp_path / "source.properties"
     source.write_text("# a comment=with equals\ninference_address=http://127.0.0.1:8080\nmodel_store=a\n")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from benchmarks import bench, bench_report
+from marketplace_classifier.benchmarks import bench, bench_report
 
 
 @pytest.mark.serving
@@ -37,7 +37,7 @@ def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, t
 
 
 def test_model_speed_measures_every_exported_model(artifacts, capsys):
-    from benchmarks import model_speed
+    from marketplace_classifier.benchmarks import model_speed
 
     folders = [artifacts / kind for kind in ("image", "text", "combined")]
     assert model_speed.main([*map(str, folders), "--seconds", "0.2", "--listing-photos", "1", "3"]) == 0
@@ -57,7 +57,11 @@ def test_bench_report_names_an_unreadable_report(tmp_path, capsys):
 
 
 def test_the_engines_comparison_sends_each_model_only_what_it_takes(trained):
-    from benchmarks.engines_bench import compared_payloads, held_out_listings, largest_difference
+    from marketplace_classifier.benchmarks.engines_bench import (
+        compared_payloads,
+        held_out_listings,
+        largest_difference,
+    )
 
     listings = held_out_listings(trained["data_dir"], 3)
     assert len(listings) == 3 and all(listing["images"] and listing["text"] for listing in listings)
@@ -70,9 +74,9 @@ def test_the_engines_comparison_sends_each_model_only_what_it_takes(trained):
 
 
 def test_the_runtimes_benchmark_measures_the_machine_the_models_and_one_worker(artifacts):
-    from benchmarks import runtimes_bench
-    from benchmarks.load import make_request
-    from serving.settings import RUNTIMES
+    from marketplace_classifier.benchmarks import runtimes_bench
+    from marketplace_classifier.benchmarks.load import make_request
+    from marketplace_classifier.serving.settings import RUNTIMES
 
     assert all(runtimes_bench.peak_gflops(runtime, seconds=0.05, size=256) > 0 for runtime in RUNTIMES)
     assert runtimes_bench.peak_gflops("openvino", seconds=0.05, size=256, bf16=True) > 0
@@ -94,7 +98,7 @@ def test_the_runtimes_benchmark_reads_the_cpu_time_of_the_processes_it_is_given(
 
     import psutil
 
-    from benchmarks import runtimes_bench
+    from marketplace_classifier.benchmarks import runtimes_bench
 
     busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 1.5\n"
                              "while time.process_time() < end: pass\ntime.sleep(30)"])

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from scripts.hostile import (
+from marketplace_classifier.ops.hostile import (
     encoded,
     lossless_webp,
     nested_b64,
@@ -21,10 +21,16 @@ from scripts.hostile import (
     triggers,
     v1_photos,
 )
-from serving.budget import Cost, WorkBudget, admit, check_request
-from serving.payloads import parse_request
-from serving.processing import InputError, OverBudget, decode_image, jpeg_scans, open_photo
-from serving.protocols import read_request
+from marketplace_classifier.serving.budget import Cost, WorkBudget, admit, check_request
+from marketplace_classifier.serving.payloads import parse_request
+from marketplace_classifier.serving.processing import (
+    InputError,
+    OverBudget,
+    decode_image,
+    jpeg_scans,
+    open_photo,
+)
+from marketplace_classifier.serving.protocols import read_request
 from tests.helpers import FakeContext, handler_dir
 
 TEXT, IMAGE = frozenset({"text"}), frozenset({"image"})
@@ -57,7 +63,7 @@ def test_a_budget_that_admits_nothing_is_refused(options):
 
 
 def test_the_archive_config_carries_the_budget():
-    from serving.config import MODEL_CONFIG
+    from marketplace_classifier.serving.config import MODEL_CONFIG
 
     assert WorkBudget.from_options(MODEL_CONFIG["handler"]) == WorkBudget()
 
@@ -189,17 +195,17 @@ class RecordingService:
     reads, runs and refuses (each answer names its request)."""
 
     def __init__(self, costs: dict[str, Cost], budget: WorkBudget):
-        from serving.core import Answer
+        from marketplace_classifier.serving.core import Answer
 
         self.costs, self.budget, self.batches, self.answer_type = costs, budget, [], Answer
 
     def read_one(self, request):
-        from serving.protocols import PLAIN, Envelope
+        from marketplace_classifier.serving.protocols import PLAIN, Envelope
 
         return Envelope(PLAIN, request_id=request.fields["body"], cost=self.costs[request.fields["body"]])
 
     def refuse(self, error):
-        from serving.core import ListingService
+        from marketplace_classifier.serving.core import ListingService
 
         return ListingService.refusal(error)
 
@@ -217,8 +223,8 @@ class RecordingService:
 def test_the_cost_batcher_runs_the_cheapest_first_and_refuses_what_does_not_fit_at_once():
     import asyncio
 
-    from serving.admission import CostBatcher
-    from serving.core import Request
+    from marketplace_classifier.serving.admission import CostBatcher
+    from marketplace_classifier.serving.core import Request
 
     budget = WorkBudget(photos_per_request=32, photos_per_batch=64)
     costs = {f"heavy{i}": Cost(32, 90_000_000) for i in range(4)} | {"ordinary": Cost(1, 500_000)}

@@ -5,9 +5,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from serving.settings import read_index_to_name
-from tests.helpers import REAL_DATA, tree_digest
-from training.cleaning import (
+from marketplace_classifier.serving.settings import read_index_to_name
+from marketplace_classifier.training.cleaning import (
     CleaningReport,
     check_clean_images,
     clean,
@@ -17,7 +16,8 @@ from training.cleaning import (
     read_raw_images,
     read_raw_products,
 )
-from training.sample import SampleConfig, generate
+from marketplace_classifier.training.sample import SampleConfig, generate
+from tests.helpers import REAL_DATA, tree_digest
 
 
 def test_carriage_returns_do_not_split_records(raw_sample):
@@ -153,7 +153,8 @@ def test_interrupted_cleaning_resumes_without_redoing_work_or_leaving_bad_images
         # a shell's background jobs inherit SIGINT ignored, and Python keeps an ignored SIGINT
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    process = subprocess.Popen([sys.executable, "-m", "training", "clean", "--data-dir", str(raw),
+    process = subprocess.Popen([sys.executable, "-m", "marketplace_classifier.training",
+                                "clean", "--data-dir", str(raw),
                                 "--out", str(out), "--image-size", "64", "--workers", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=child_setup)

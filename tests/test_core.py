@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from scripts.hostile import ordinary_photo, v1_photos
-from serving.core import ListingService, Request, ServingOptions, listing_chunks
-from serving.settings import ModelSettings
+from marketplace_classifier.ops.hostile import ordinary_photo, v1_photos
+from marketplace_classifier.serving.core import ListingService, Request, ServingOptions, listing_chunks
+from marketplace_classifier.serving.settings import ModelSettings
 from tests.helpers import ROOT, FakeContext, handler_dir
 
 
@@ -19,7 +19,8 @@ def services(artifacts) -> dict[str, ListingService]:
 
 
 def test_the_core_imports_no_engine():
-    code = "import sys, serving.core; print(sorted(m for m in ('ts', 'kserve', 'ray') if m in sys.modules))"
+    code = ("import sys, marketplace_classifier.serving.core; "
+            "print(sorted(m for m in ('ts', 'kserve', 'ray') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             check=True)
     assert result.stdout.strip() == "[]"
@@ -68,7 +69,7 @@ def test_options_come_from_flat_engine_settings():
 
 
 def test_an_archive_whose_handler_does_not_fit_its_model_is_refused(artifacts):
-    from handlers.image_handler import ImageHandler
+    from marketplace_classifier.engines.torchserve.image_handler import ImageHandler
 
     with pytest.raises(ValueError, match="is a text model"):
         ImageHandler().initialize(FakeContext(artifacts / "text"))

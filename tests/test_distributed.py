@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from training.distributed import Cluster, eval_order, per_process_batch, train_order
+from marketplace_classifier.training.distributed import Cluster, eval_order, per_process_batch, train_order
 
 
 def test_process_shards_are_disjoint_and_form_the_single_process_batches():
@@ -33,7 +33,8 @@ def test_global_batch_must_split_over_the_processes():
 def test_two_gloo_processes_train_like_one(trained, tmp_path):
     config = trained["configs"]["image"]  # the single-process run to compare with
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "training", "train", "--model", "image", "--data-dir", config.data_dir,
+               "-m", "marketplace_classifier.training",
+               "train", "--model", "image", "--data-dir", config.data_dir,
                "--image-backbone", config.image_backbone, "--image-weights", config.image_weights,
                "--image-size", str(config.image_size), "--epochs", str(config.epochs),
                "--batch-size", str(config.batch_size), "--lr", str(config.lr),
@@ -66,6 +67,6 @@ def test_two_gloo_processes_train_like_one(trained, tmp_path):
 
 
 def _train_images(config) -> int:
-    from training.data import CleanData
+    from marketplace_classifier.training.data import CleanData
 
     return len(CleanData.load(config.data_dir).samples("image", "train"))

@@ -1,5 +1,6 @@
-"""The same behaviour on both engines: TorchServe (handlers/) and KServe's model server with Ray
-Serve batching (kserve_ray/), both over the serving core and the same exported folders. Run them
+"""The same behaviour on both engines: TorchServe (engines/torchserve/) and KServe's model server with Ray
+Serve batching (marketplace_classifier/engines/kserve_ray/), both over the serving core and the same exported
+folders. Run them
 alone with `pytest -m engines`."""
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import psutil
 import pytest
 import requests
 
-from scripts import serve
-from scripts.hostile import ordinary_photo, round_one, triggers
-from serving.budget import WorkBudget
-from serving.config import MAX_REQUEST_BYTES
+from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.hostile import ordinary_photo, round_one, triggers
+from marketplace_classifier.serving.budget import WorkBudget
+from marketplace_classifier.serving.config import MAX_REQUEST_BYTES
 from tests.helpers import TEXTS, as_vector, in_process
 
 pytestmark = [pytest.mark.serving, pytest.mark.engines]
@@ -166,10 +167,11 @@ def test_the_second_engine_batches_concurrent_requests(kserve_ray):
 
 # ---------------------------------------------------------------- Open Inference Protocol over gRPC
 def grpc_answers(kserve_ray, bodies: list[dict]) -> list[dict]:
-    """Each v2 body sent over gRPC by KServe's own generated client (kserve_ray/grpc_client.py)."""
-    run = subprocess.run([str(serve.ENGINE_PYTHON), "-m", "kserve_ray.grpc_client", "--target",
-                          kserve_ray["grpc"]], input=json.dumps(bodies), capture_output=True, text=True,
-                         cwd=serve.ROOT, timeout=600)
+    """Each v2 body sent over gRPC by KServe's own generated client (engines/kserve_ray/grpc_client.py)."""
+    module = "marketplace_classifier.engines.kserve_ray.grpc_client"
+    run = subprocess.run([str(serve.ENGINE_PYTHON), "-m", module, "--target", kserve_ray["grpc"]],
+                         input=json.dumps(bodies), capture_output=True, text=True, cwd=serve.ROOT,
+                         timeout=600)
     assert run.returncode in (0, 1), run.stderr[-2000:]
     return json.loads(run.stdout)
 
@@ -239,7 +241,7 @@ print(json.dumps({"codes": codes, "ready": ready}))
 
 
 def test_the_cli_reaches_the_second_engine_over_rest_and_grpc(kserve_ray, artifacts, tmp_path, capsys):
-    from scripts import predict
+    from marketplace_classifier.ops import predict
 
     photo_file = tmp_path / "photo.jpg"
     photo_file.write_bytes(PHOTOS[0])
@@ -441,7 +443,7 @@ def test_each_engine_keeps_its_own_signals_and_exporter(tmp_path):
 def test_every_front_door_reads_the_same_body_limit():
     properties = serve.read_properties(serve.ROOT / "config.properties")
     assert int(properties["max_request_size"]) == MAX_REQUEST_BYTES
-    from scripts.proxy import ProxySettings
+    from marketplace_classifier.ops.proxy import ProxySettings
 
     assert ProxySettings().max_body == f"{MAX_REQUEST_BYTES // 2**20}m"
 

@@ -14,11 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from scripts.hostile import ordinary_photo
-from serving.core import ListingService, Request, ServingOptions
-from serving.exported import ExportedModel
-from serving.files import PARTIAL, folder_digests, remove_abandoned, staged_folder
-from serving.settings import LABELS_FILE, SETTINGS_FILE, TORCHSCRIPT, ModelSettings, SettingsError
+from marketplace_classifier.ops.hostile import ordinary_photo
+from marketplace_classifier.serving.core import ListingService, Request, ServingOptions
+from marketplace_classifier.serving.exported import ExportedModel
+from marketplace_classifier.serving.files import PARTIAL, folder_digests, remove_abandoned, staged_folder
+from marketplace_classifier.serving.settings import (
+    LABELS_FILE,
+    SETTINGS_FILE,
+    TORCHSCRIPT,
+    ModelSettings,
+    SettingsError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +80,8 @@ def test_a_killed_re_export_leaves_the_previous_folder_serving(trained, artifact
     root = tmp_path / "artifacts"
     shutil.copytree(artifacts / "image", root / "image")
     before, files = answer(root / "image"), ModelSettings.load(root / "image").files
-    command = [sys.executable, "-m", "training", "export", "--model", "image", "--runtime", TORCHSCRIPT,
+    command = [sys.executable, "-m", "marketplace_classifier.training",
+               "export", "--model", "image", "--runtime", TORCHSCRIPT,
                "--data-dir", str(trained["data_dir"]), "--artifacts-dir", str(root),
                "--checkpoint-dir", str(trained["work"] / "checkpoints")]
     log = tmp_path / "export.log"

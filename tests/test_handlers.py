@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.exported import ExportedModel
-from serving.payloads import parse_request
-from serving.processing import InputError
+from marketplace_classifier.serving.exported import ExportedModel
+from marketplace_classifier.serving.payloads import parse_request
+from marketplace_classifier.serving.processing import InputError
 from tests.helpers import FakeContext, handler_dir
 
 NAMES = 13
@@ -117,7 +117,7 @@ def test_decompression_bomb_is_refused(handlers_in_process):
 
 
 def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifacts):
-    from serving.processing import model_image_from_bytes
+    from marketplace_classifier.serving.processing import model_image_from_bytes
 
     handler = handlers_in_process["image"]
     photo = jpeg((1000, 750), (20, 120, 220))
@@ -134,7 +134,7 @@ def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifa
 
 
 def test_worker_threads_follow_the_container_cpu_quota(tmp_path):
-    from serving.core import available_cores, cgroup_cpu_limit
+    from marketplace_classifier.serving.core import available_cores, cgroup_cpu_limit
 
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     unlimited = available_cores(tmp_path / "no-cgroup")

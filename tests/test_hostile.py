@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.payloads import parse_request
-from serving.processing import MAX_FIELD_CHARS, InputError
-from serving.protocols import read_request
+from marketplace_classifier.serving.payloads import parse_request
+from marketplace_classifier.serving.processing import MAX_FIELD_CHARS, InputError
+from marketplace_classifier.serving.protocols import read_request
 from tests.helpers import FakeContext, handler_dir
 
 NEEDS = [frozenset({"image"}), frozenset({"text"}), frozenset({"image", "text"})]

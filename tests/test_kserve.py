@@ -14,11 +14,11 @@ import pytest
 import requests
 import yaml
 
-from scripts import serve
-from scripts.archive import MODELS, build_archive
-from scripts.kserve_storage import StorageError, lay_out, main
-from scripts.serve import free_port
-from serving.config import MODEL_CONFIG
+from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.archive import MODELS, build_archive
+from marketplace_classifier.ops.kserve_storage import StorageError, lay_out, main
+from marketplace_classifier.ops.serve import free_port
+from marketplace_classifier.serving.config import MODEL_CONFIG
 from tests.helpers import photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,10 +116,12 @@ def test_the_second_engines_runtime_has_no_jvm_and_room_for_its_measured_memory(
     commands = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
     assert not re.search(r"java|jdk|jre|torchserve", commands, re.IGNORECASE)
     assert re.search(r"^FROM python:3\.11-", commands, re.MULTILINE) and "USER 1000" in commands
-    for requirements in ("kserve_ray/requirements.txt", "handlers/requirements.txt"):
+    for requirements in ("marketplace_classifier/engines/kserve_ray/requirements.txt",
+                         "marketplace_classifier/serving/requirements.txt"):
         assert f"-r /opt/marketplace/{requirements}" in commands
         assert f"-r {requirements}" in (ROOT / "Makefile").read_text()  # what make engine-venv installs
-    assert '"-m", "kserve_ray.server", "--artifacts-dir", "/mnt/models"' in commands
+    assert ('"-m", "marketplace_classifier.engines.kserve_ray.server", "--artifacts-dir", "/mnt/models"'
+            in commands)
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     assert container["image"].split(":")[0] in [image["name"] for image in kustomization["images"]]
 
@@ -133,10 +135,11 @@ def test_runtime_image_installs_what_the_tests_ran():
     assert re.search(r"^FROM python:3\.11-", dockerfile, re.MULTILINE)
     for package in ("torchserve", "torch-model-archiver", "pyyaml"):
         assert f"{package}=={pins[package]}" in dockerfile
-    assert "-r /opt/marketplace/handlers-requirements.txt" in dockerfile
-    assert "COPY handlers/requirements.txt /opt/marketplace/handlers-requirements.txt" in dockerfile
+    assert "-r /opt/marketplace/serving-requirements.txt" in dockerfile
+    assert ("COPY marketplace_classifier/serving/requirements.txt /opt/marketplace/serving-requirements.txt"
+            in dockerfile)
     assert "-r /opt/marketplace/wrapper/requirements.txt" in dockerfile
-    requirements = (ROOT / "handlers" / "requirements.txt").read_text().split()
+    requirements = (ROOT / "marketplace_classifier" / "serving" / "requirements.txt").read_text().split()
     assert f"torch=={pins.get('torch', '2.14.1')}" in requirements
     assert f"transformers=={pins['transformers']}" in requirements
     makefile = (ROOT / "Makefile").read_text()
@@ -169,7 +172,7 @@ def test_storage_layout_and_pod_config(tmp_path, capsys):
     assert snapshot["image"]["1.0"]["maxBatchDelay"] == MODEL_CONFIG["maxBatchDelay"]
     (store / "text.mar").unlink()
     assert main(["--model-store", str(store), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().endswith("run `python scripts/archive.py` first")
+    assert capsys.readouterr().err.strip().endswith("run `marketplace-classifier archive` first")
     with pytest.raises(StorageError):
         lay_out(store, out, ["text"])
 
@@ -330,7 +333,8 @@ def test_a_multi_photo_listing_through_kserve_gets_one_answer_with_a_review_flag
 def run_schema_check(*files: Path) -> subprocess.CompletedProcess:
     if not KSERVE_PYTHON.exists():
         pytest.skip("KServe's environment is missing: make kserve-venv (make test builds it)")
-    return subprocess.run([str(KSERVE_PYTHON), "-m", "scripts.kserve_schema", *map(str, files)],
+    return subprocess.run([str(KSERVE_PYTHON), "-m", "marketplace_classifier.ops.kserve_schema",
+                           *map(str, files)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 

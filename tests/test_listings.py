@@ -8,7 +8,7 @@ import base64
 import pytest
 import torch
 
-from serving.payloads import DEFAULT_MAX_PHOTOS
+from marketplace_classifier.serving.payloads import DEFAULT_MAX_PHOTOS
 from tests.helpers import FakeContext, as_vector, handler_dir, in_process, photo
 
 COLOURS = [(30, 140, 60), (200, 20, 20), (20, 20, 200), (240, 240, 240), (90, 60, 10), (10, 200, 200),
@@ -132,7 +132,7 @@ def test_the_review_flag_follows_the_threshold_or_the_request(handlers_in_proces
 
 
 def test_listing_probabilities_pool_log_probabilities():
-    from serving.processing import listing_probabilities, pool_photos
+    from marketplace_classifier.serving.processing import listing_probabilities, pool_photos
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
     pooled = pool_photos(logits, torch.tensor([0, 0, 1]), 2)

@@ -2,12 +2,17 @@ import pytest
 import torch
 import torchvision
 
-from serving.model_kinds import COMBINED, IMAGE, TEXT, model_kind
-from serving.processing import model_inputs, tokenize
-from serving.settings import LexicalSettings, TextSettings
-from training.backbones import WeightsError, build_backbone
-from training.models import CombinedClassifier, ImageClassifier, TextClassifier, TextCNNHead
-from training.text_encoder import load_encoder
+from marketplace_classifier.serving.model_kinds import COMBINED, IMAGE, TEXT, model_kind
+from marketplace_classifier.serving.processing import model_inputs, tokenize
+from marketplace_classifier.serving.settings import LexicalSettings, TextSettings
+from marketplace_classifier.training.backbones import WeightsError, build_backbone
+from marketplace_classifier.training.models import (
+    CombinedClassifier,
+    ImageClassifier,
+    TextClassifier,
+    TextCNNHead,
+)
+from marketplace_classifier.training.text_encoder import load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ def test_weights_from_a_file_load_strictly(tmp_path):
 
 
 def test_imagenet_resnet_weights_come_from_the_torch_cache(tmp_path, monkeypatch):
-    from training import backbones
+    from marketplace_classifier.training import backbones
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     def no_download(*args, **kwargs):
@@ -97,8 +102,8 @@ def test_imagenet_resnet_weights_come_from_the_torch_cache(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_shipped_efficientnet_weights_load_strictly(name):
-    from training.backbones import _efficientnet_lite_imagenet_state
-    from training.efficientnet_lite import VARIANTS, EfficientNetLite
+    from marketplace_classifier.training.backbones import _efficientnet_lite_imagenet_state
+    from marketplace_classifier.training.efficientnet_lite import VARIANTS, EfficientNetLite
 
     backbone = build_backbone(name, "imagenet")  # strict: every key of the package's file
     assert backbone.network._conv_stem.weight.abs().sum() > 0
@@ -110,9 +115,9 @@ def test_shipped_efficientnet_weights_load_strictly(name):
 
 
 def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
-    from serving.processing import lexical_batch, lexical_ids
-    from serving.settings import LexicalSettings
-    from training.models import LexicalClassifier
+    from marketplace_classifier.serving.processing import lexical_batch, lexical_ids
+    from marketplace_classifier.serving.settings import LexicalSettings
+    from marketplace_classifier.training.models import LexicalClassifier
 
     torch.manual_seed(0)
     lexical = LexicalClassifier(1024, 13)
@@ -136,7 +141,7 @@ def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
 
 
 def test_text_model_answers_a_mix_of_its_branches(minilm):
-    from serving.processing import model_inputs
+    from marketplace_classifier.serving.processing import model_inputs
 
     encoder, tokenizer = minilm
     text = TextClassifier(encoder, 13, lexical_buckets=512).eval()

@@ -16,12 +16,12 @@ import yaml
 from PIL import Image
 from prometheus_client import CollectorRegistry, generate_latest
 
-from serving.core import ListingService, Request, ServingOptions
-from serving.metrics_exporter import DRIFT_THRESHOLD, DriftCollector, psi
-from serving.payloads import Listing
-from serving.request_log import RequestLog, folder_bytes
-from serving.settings import REFERENCE_FILE, read_card
-from serving.signals import Signals
+from marketplace_classifier.serving.core import ListingService, Request, ServingOptions
+from marketplace_classifier.serving.metrics_exporter import DRIFT_THRESHOLD, DriftCollector, psi
+from marketplace_classifier.serving.payloads import Listing
+from marketplace_classifier.serving.request_log import RequestLog, folder_bytes
+from marketplace_classifier.serving.settings import REFERENCE_FILE, read_card
+from marketplace_classifier.serving.signals import Signals
 
 
 def service_and_drift(artifacts, model: str) -> tuple[ListingService, DriftCollector, CollectorRegistry]:
@@ -58,8 +58,8 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift():
 def fresh_listings(tmp_path_factory):
     """Listings the models never saw, drawn as the training sample was (another seed of the same
     generator): what normal traffic looks like to these models."""
-    from training.cleaning import CleaningReport, clean_products, read_raw_products
-    from training.sample import SampleConfig, generate
+    from marketplace_classifier.training.cleaning import CleaningReport, clean_products, read_raw_products
+    from marketplace_classifier.training.sample import SampleConfig, generate
 
     folder = tmp_path_factory.mktemp("fresh")
     generate(folder, SampleConfig(products=400, seed=11))
@@ -68,7 +68,7 @@ def fresh_listings(tmp_path_factory):
 
 
 def test_normal_listings_do_not_drift_and_shifted_texts_do(artifacts, fresh_listings):
-    from serving.processing import listing_text
+    from marketplace_classifier.serving.processing import listing_text
 
     products = fresh_listings[1]
     texts = [listing_text(name, description) for name, description

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.processing import (
+from marketplace_classifier.serving.processing import (
     InputError,
     decode_image,
     describe_probabilities,
@@ -13,7 +13,7 @@ from serving.processing import (
     model_image_from_bytes,
     to_rgb,
 )
-from serving.settings import LexicalSettings, TextSettings
+from marketplace_classifier.serving.settings import LexicalSettings, TextSettings
 
 
 def _bytes(picture: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -76,7 +76,7 @@ def test_describe_probabilities_orders_and_maps_names():
 
 
 def test_lexical_ids_are_stable_hashed_n_grams():
-    from serving.processing import lexical_batch, lexical_ids, lexical_terms
+    from marketplace_classifier.serving.processing import lexical_batch, lexical_ids, lexical_terms
 
     settings = LexicalSettings(buckets=1000, max_chars=5_000)
     terms = lexical_terms("PS4 Pro", settings)
@@ -92,7 +92,7 @@ def test_lexical_ids_are_stable_hashed_n_grams():
 
 
 def test_the_first_words_also_count_as_terms_of_their_own():
-    from serving.processing import lexical_ids, lexical_terms
+    from marketplace_classifier.serving.processing import lexical_ids, lexical_terms
 
     plain_settings, headed_settings = LexicalSettings(1000, 5_000), LexicalSettings(1000, 5_000, head_words=2)
     plain = lexical_terms("Dyson fan, see the Dyson logo", plain_settings)
@@ -105,8 +105,8 @@ def test_the_first_words_also_count_as_terms_of_their_own():
 
 @pytest.mark.parametrize(("kind", "count"), [("image", 1), ("text", 4), ("combined", 5)])
 def test_model_inputs_follow_one_contract(kind, count):
-    from serving.processing import model_inputs
-    from training.text_encoder import load_tokenizer
+    from marketplace_classifier.serving.processing import model_inputs
+    from marketplace_classifier.training.text_encoder import load_tokenizer
 
     images = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2
     texts = ["oak table", "a kettle that boils"]
@@ -141,8 +141,8 @@ def _natural_photo(width: int, height: int, seed: int) -> bytes:
 def test_training_and_serving_prepare_a_photo_alike(width, height, size, tmp_path):
     """Training reads the cleaned copy (fit to 512, JPEG q95, then fit to the model size);
     serving decodes the raw photo in draft mode and fits it once. They must stay close."""
-    from training.cleaning import ImageJob, clean_one_image
-    from training.features import load_model_image
+    from marketplace_classifier.training.cleaning import ImageJob, clean_one_image
+    from marketplace_classifier.training.features import load_model_image
 
     raw = _natural_photo(width, height, seed=width + height)
     (tmp_path / "raw.jpg").write_bytes(raw)

@@ -11,11 +11,11 @@ import time
 import pytest
 import requests
 
-from scripts import serve
-from scripts.archive import build_archive
-from serving.config import MODEL_CONFIG
+from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.archive import build_archive
+from marketplace_classifier.serving.config import MODEL_CONFIG
+from marketplace_classifier.training.data import CleanData
 from tests.helpers import write_test_config
-from training.data import CleanData
 
 pytestmark = pytest.mark.serving
 MONITORING = serve.ROOT / "deploy" / "monitoring"

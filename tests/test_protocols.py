@@ -6,8 +6,8 @@ import io
 import pytest
 from PIL import Image
 
-from serving.processing import InputError
-from serving.protocols import MAX_LISTINGS, V1, V2, read_request
+from marketplace_classifier.serving.processing import InputError
+from marketplace_classifier.serving.protocols import MAX_LISTINGS, V1, V2, read_request
 from tests.helpers import FakeContext, handler_dir
 
 BOTH = frozenset({"image", "text"})

@@ -1,4 +1,4 @@
-"""nginx in front of a real TorchServe and of the second engine (scripts/proxy.py, deploy/nginx/):
+"""nginx in front of a real TorchServe and of the second engine (ops/proxy.py, deploy/nginx/):
 the frontend defects no handler can fix, replayed through it. TorchServe alone fails each of the
 TorchServe tests."""
 
@@ -17,9 +17,9 @@ import pytest
 import requests
 from google.protobuf import empty_pb2
 
-from scripts import proxy as nginx
-from scripts import serve
-from scripts.predict import ClientError, grpc_predict, grpc_stubs
+from marketplace_classifier.ops import proxy as nginx
+from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.predict import ClientError, grpc_predict, grpc_stubs
 from tests.helpers import TEXTS, as_vector, in_process, photo
 
 pytestmark = pytest.mark.serving

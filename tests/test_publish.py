@@ -1,4 +1,4 @@
-from scripts.publish import main, publish
+from marketplace_classifier.ops.publish import main, publish
 
 DOC = """# Results
 
@@ -21,7 +21,7 @@ def test_docs_are_filled_from_their_reports_and_checked(tmp_path, monkeypatch, c
     filled = publish(doc, root=tmp_path)
     assert "old table" not in filled and "Branches:\n<!-- end include -->" in filled
     assert "-->\n12.5 items/s\n<!-- end include -->" in filled
-    monkeypatch.setattr("scripts.publish.ROOT", tmp_path)
+    monkeypatch.setattr("marketplace_classifier.ops.publish.ROOT", tmp_path)
     assert main([str(doc), "--check"]) == 1
     assert main([str(doc)]) == 0 and doc.read_text() == filled
     assert main([str(doc), "--check"]) == 0

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from scripts import rollout, serve
-from scripts.archive import archive_version, build_archive
-from scripts.predict import ClientError, grpc_predict
-from serving.config import MODEL_CONFIG
+from marketplace_classifier.ops import rollout, serve
+from marketplace_classifier.ops.archive import archive_version, build_archive
+from marketplace_classifier.ops.predict import ClientError, grpc_predict
+from marketplace_classifier.serving.config import MODEL_CONFIG
 from tests.helpers import write_test_config
 
 pytestmark = [pytest.mark.rollout, pytest.mark.serving]
@@ -30,8 +30,8 @@ def versions(trained, tmp_path_factory) -> dict:
     """Three exports of the text model in one project folder: the live one (seed 0), a retrained
     one (seed 1) and a deliberately worse one (one epoch at a tiny learning rate), each archived
     under its own version in one model store; the live one as text.mar."""
-    from training.export import export
-    from training.train import train
+    from marketplace_classifier.training.export import export
+    from marketplace_classifier.training.train import train
 
     root = tmp_path_factory.mktemp("rollout")
     base = trained["configs"]["text"]

@@ -10,18 +10,25 @@ from dataclasses import replace
 import pytest
 import torch
 
-from scripts.archive import required_files, stage
-from scripts.hostile import ordinary_photo, v1_photos
-from serving.config import MODEL_CONFIG
-from serving.core import ListingService, Request, ServingOptions
-from serving.exported import ExportedModel, chosen_runtime
-from serving.runtimes import bf16_supported, load_onnx_model, onnx_path
-from serving.settings import ONNXRUNTIME, OPENVINO, TORCHSCRIPT, ModelSettings, SettingsError
-from training import export_runtimes
-from training.checkpoints import config_from, load_checkpoint
-from training.data import CleanData
-from training.export import example_batches, export
-from training.export_runtimes import (
+from marketplace_classifier.ops.archive import required_files, stage
+from marketplace_classifier.ops.hostile import ordinary_photo, v1_photos
+from marketplace_classifier.serving.config import MODEL_CONFIG
+from marketplace_classifier.serving.core import ListingService, Request, ServingOptions
+from marketplace_classifier.serving.exported import ExportedModel, chosen_runtime
+from marketplace_classifier.serving.runtimes import bf16_supported, load_onnx_model, onnx_path
+from marketplace_classifier.serving.settings import (
+    ONNXRUNTIME,
+    OPENVINO,
+    TORCHSCRIPT,
+    ModelSettings,
+    SettingsError,
+)
+from marketplace_classifier.training import export_runtimes
+from marketplace_classifier.training.checkpoints import config_from, load_checkpoint
+from marketplace_classifier.training.data import CleanData
+from marketplace_classifier.training.examples import example_batches
+from marketplace_classifier.training.export import export
+from marketplace_classifier.training.export_runtimes import (
     RuntimeExportError,
     Variant,
     bf16_gate,
@@ -33,12 +40,12 @@ from training.export_runtimes import (
     method_calls,
     validation_loss,
 )
-from training.text_encoder import load_tokenizer
+from marketplace_classifier.training.text_encoder import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def text_fastest(trained, tmp_path_factory):
-    """The tiny text model exported as `python -m training export` does by default."""
+    """The tiny text model exported as `marketplace-classifier export` does by default."""
     root = tmp_path_factory.mktemp("runtimes") / "artifacts"
     export(trained["paths"]["text"], trained["data_dir"], root, measure_seconds=0.2)
     return root / "text"

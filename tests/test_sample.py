@@ -3,9 +3,9 @@ import io
 import pandas as pd
 from PIL import Image
 
+from marketplace_classifier.training.categories import ROOT_CATEGORIES, root_category
+from marketplace_classifier.training.sample import SampleConfig, generate
 from tests.helpers import tree_digest
-from training.categories import ROOT_CATEGORIES, root_category
-from training.sample import SampleConfig, generate
 
 
 def test_generation_is_deterministic_for_a_seed(tmp_path):

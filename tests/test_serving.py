@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from scripts import serve
-from scripts.predict import ClientError, grpc_predict, rest_predict
-from tests.helpers import ROOT, SERVER_BATCH_SIZE, TEXTS, as_vector, in_process, photo
+from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.predict import ClientError, grpc_predict, rest_predict
+from tests.helpers import SERVER_BATCH_SIZE, TEXTS, as_vector, in_process, photo
 
 pytestmark = pytest.mark.serving
 
@@ -117,9 +117,11 @@ def test_model_registration_api_is_off(server):
 def test_client_cli_prints_the_answer_or_one_error_line(server, tmp_path):
     import subprocess
     import sys
+    from pathlib import Path
 
     config = server["state"].parent / "config.properties"
-    common = [sys.executable, str(ROOT / "scripts" / "predict.py"), "--config", str(config),
+    command = Path(sys.executable).parent / "marketplace-classifier"  # the installed entry point
+    common = [str(command), "predict", "--config", str(config),
               "--key-file", str(server["state"] / "key_file.json")]
     (tmp_path / "photo.jpg").write_bytes(photo())
     for protocol in ("rest", "grpc"):

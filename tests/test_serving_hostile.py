@@ -11,9 +11,9 @@ import grpc
 import pytest
 import requests
 
-from scripts import serve
-from scripts.hostile import round_one, triggers
-from scripts.predict import ClientError, grpc_predict, grpc_stubs
+from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.hostile import round_one, triggers
+from marketplace_classifier.ops.predict import ClientError, grpc_predict, grpc_stubs
 from tests.helpers import TEXTS, as_vector, in_process, photo
 
 pytestmark = pytest.mark.serving

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from serving.settings import (
+from marketplace_classifier.serving.settings import (
     PAD_COLOUR,
     ImageSettings,
     LexicalSettings,
@@ -58,7 +58,7 @@ def test_files_written_by_earlier_exports_still_load(tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path):
-    from serving.files import atomic_write
+    from marketplace_classifier.serving.files import atomic_write
 
     target = atomic_write(tmp_path / "a" / "settings.json", lambda temporary: temporary.write_text("old"))
 

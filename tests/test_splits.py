@@ -1,7 +1,7 @@
 import pandas as pd
 
-from training.cleaning import load_clean_images, load_clean_products
-from training.splits import assign_splits, read_splits
+from marketplace_classifier.training.cleaning import load_clean_images, load_clean_products
+from marketplace_classifier.training.splits import assign_splits, read_splits
 
 
 def test_splits_are_by_product_and_disjoint(clean_sample):

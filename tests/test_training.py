@@ -7,12 +7,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from serving.settings import ModelSettings
-from training.data import CleanData
-from training.evaluate import evaluate
-from training.export import export
-from training.tasks import frozen_task
-from training.train import TrainConfig, build_model, load_checkpoint, seed_everything, train
+from marketplace_classifier.serving.settings import ModelSettings
+from marketplace_classifier.training.data import CleanData
+from marketplace_classifier.training.evaluate import evaluate
+from marketplace_classifier.training.export import export
+from marketplace_classifier.training.tasks import frozen_task
+from marketplace_classifier.training.train import (
+    TrainConfig,
+    build_model,
+    load_checkpoint,
+    seed_everything,
+    train,
+)
 
 
 def test_training_lowers_the_loss_and_keeps_the_best_checkpoint(trained):
@@ -45,7 +51,7 @@ def test_training_is_deterministic_for_a_seed(trained, tmp_path):
 
 
 def test_feature_cache_is_reused_and_invalidated(trained, tmp_path, monkeypatch):
-    from training import tasks
+    from marketplace_classifier.training import tasks
 
     calls, stage_calls = [], []
     original = tasks.compute_features_from_stage_inputs
@@ -140,8 +146,8 @@ def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tm
             assert settings.image.size == 64
     scripted = torch.jit.load(str(tmp_path / "text" / "model.pt"), map_location="cpu")
     eager, _ = load_checkpoint(trained["paths"]["text"])
-    from serving.processing import model_inputs
-    from training.text_encoder import load_tokenizer
+    from marketplace_classifier.serving.processing import model_inputs
+    from marketplace_classifier.training.text_encoder import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
     text_settings = ModelSettings.load(tmp_path / "text").text
@@ -155,7 +161,8 @@ def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tm
 
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, clean_sample):
     result = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--model", "combined", "--data-dir",
+        [sys.executable, "-m", "marketplace_classifier.training",
+         "train", "--model", "combined", "--data-dir",
          str(clean_sample[0]), "--checkpoint-dir", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -189,7 +196,7 @@ def test_finetuning_the_last_stage_trains_only_it(trained, tmp_path):
 
 
 def test_backbones_split_at_the_last_stage_without_changing_their_answer():
-    from training.backbones import build_backbone
+    from marketplace_classifier.training.backbones import build_backbone
 
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
@@ -206,7 +213,7 @@ def test_backbones_split_at_the_last_stage_without_changing_their_answer():
 
 
 def test_photo_views_are_the_photo_its_mirror_and_repeatable_crops():
-    from training.features import photo_view
+    from marketplace_classifier.training.features import photo_view
 
     photo = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     assert torch.equal(photo_view(photo, 0, torch.Generator()), photo)
@@ -218,7 +225,7 @@ def test_photo_views_are_the_photo_its_mirror_and_repeatable_crops():
 
 def views_computed(monkeypatch) -> list[int]:
     """The views whose last-stage inputs are computed (not read from the cache), in order."""
-    from training import tasks
+    from marketplace_classifier.training import tasks
 
     computed = []
     original = tasks.compute_stage_inputs
@@ -229,8 +236,8 @@ def views_computed(monkeypatch) -> list[int]:
 
 
 def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, monkeypatch):
-    from training.features import load_model_image, photo_view
-    from training.tasks import make_task
+    from marketplace_classifier.training.features import load_model_image, photo_view
+    from marketplace_classifier.training.tasks import make_task
 
     computed = views_computed(monkeypatch)
     config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path / "a"), epochs=2,
@@ -262,8 +269,8 @@ def test_last_stage_finetuning_trains_on_cached_activations(trained, tmp_path, m
 
 
 def test_frozen_features_are_the_last_stage_over_its_cached_inputs(trained, tmp_path, monkeypatch):
-    from training.features import load_model_image
-    from training.tasks import make_task
+    from marketplace_classifier.training.features import load_model_image
+    from marketplace_classifier.training.tasks import make_task
 
     computed = views_computed(monkeypatch)
     config = replace(trained["configs"]["image"], cache_dir=str(tmp_path / "cache"))
@@ -281,8 +288,8 @@ def test_frozen_features_are_the_last_stage_over_its_cached_inputs(trained, tmp_
 
 
 def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
-    from serving.processing import model_inputs
-    from training.text_encoder import load_tokenizer
+    from marketplace_classifier.serving.processing import model_inputs
+    from marketplace_classifier.training.text_encoder import load_tokenizer
 
     result = export(trained["paths"]["text"], trained["data_dir"], tmp_path, int8=True)
     assert result["max_abs_diff"] <= 1e-4  # the TorchScript equals the quantised eager model
@@ -306,7 +313,7 @@ def test_interrupted_training_leaves_whole_checkpoints_and_resumes_exactly(train
     config = replace(trained["configs"]["image"], checkpoint_dir=str(tmp_path / "interrupted"),
                      runs_dir=str(tmp_path / "runs"), batch_size=4, epochs=100_000, patience=0)
     last = tmp_path / "interrupted" / "image" / "last.pt"
-    command = [sys.executable, "-m", "training", "train", "--model", "image",
+    command = [sys.executable, "-m", "marketplace_classifier.training", "train", "--model", "image",
                "--data-dir", config.data_dir, "--image-backbone", "efficientnet_lite0",
                "--image-weights", "none", "--image-size", "64", "--epochs", "100000",
                "--batch-size", "4", "--lr", str(config.lr), "--seed", str(config.seed),
@@ -351,14 +358,19 @@ def test_fine_tuning_starts_from_a_trained_run_and_combined_takes_branches_from_
 
 
 def test_evaluation_and_export_load_checkpoints_without_the_training_loop():
-    probe = ("import sys, training.evaluate, training.export; "
-             "print(sorted(m for m in sys.modules if 'tensorboard' in m or m == 'training.train'))")
+    probe = ("import sys, marketplace_classifier.training.evaluate, marketplace_classifier.training.export; "
+             "print(sorted(m for m in sys.modules\n"
+             "             if 'tensorboard' in m or m == 'marketplace_classifier.training.train'))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
 
 def test_temperature_scaling_lowers_the_validation_calibration_error(trained):
-    from training.calibration import expected_calibration_error, split_logits, validation_answers
+    from marketplace_classifier.training.calibration import (
+        expected_calibration_error,
+        split_logits,
+        validation_answers,
+    )
 
     model, checkpoint = load_checkpoint(trained["paths"]["text"])
     config = replace(trained["configs"]["text"], data_dir=str(trained["data_dir"]))
@@ -376,8 +388,13 @@ def test_temperature_scaling_lowers_the_validation_calibration_error(trained):
 def test_review_threshold_reaches_its_target_on_the_data_it_was_chosen_on(trained):
     import numpy as np
 
-    from serving.processing import listing_probabilities
-    from training.calibration import coverage_at, listing_logits, review_threshold, validation_answers
+    from marketplace_classifier.serving.processing import listing_probabilities
+    from marketplace_classifier.training.calibration import (
+        coverage_at,
+        listing_logits,
+        review_threshold,
+        validation_answers,
+    )
 
     rng = np.random.default_rng(0)
     confidence = rng.uniform(0.2, 1.0, 500)
@@ -407,7 +424,7 @@ def test_review_threshold_reaches_its_target_on_the_data_it_was_chosen_on(traine
 
 
 def test_learning_rates_warm_up_decay_and_differ_by_part(trained):
-    from training.train import lr_schedule, parameter_groups
+    from marketplace_classifier.training.train import lr_schedule, parameter_groups
 
     config = replace(trained["configs"]["text"], finetune_encoder=True, lr=1e-3, backbone_lr=1e-5,
                      warmup_epochs=1, decay="cosine", epochs=3)
@@ -434,7 +451,10 @@ def test_learning_rates_warm_up_decay_and_differ_by_part(trained):
 def test_the_ece_of_a_calibrated_model_tells_noise_from_miscalibration():
     import numpy as np
 
-    from training.calibration import ece_of_a_calibrated_model, expected_calibration_error
+    from marketplace_classifier.training.calibration import (
+        ece_of_a_calibrated_model,
+        expected_calibration_error,
+    )
 
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(750, 13)) * 3
@@ -454,7 +474,7 @@ def test_the_ece_of_a_calibrated_model_tells_noise_from_miscalibration():
 
 
 def test_complementarity_counts_what_the_photo_adds_to_the_text(tmp_path):
-    from training.evaluate import complementarity
+    from marketplace_classifier.training.evaluate import complementarity
 
     answers = {"image": {"a": True, "b": True, "c": False, "d": False},
                "text": {"a": True, "b": False, "c": False, "d": True, "e": False},
@@ -473,7 +493,7 @@ def test_cross_fitting_answers_each_training_listing_from_a_copy_that_did_not_tr
         trained, monkeypatch):
     import numpy as np
 
-    from training import cross_fit
+    from marketplace_classifier.training import cross_fit
 
     data = CleanData.load(trained["data_dir"])
     trained_on = []
@@ -500,7 +520,8 @@ def test_cross_fitting_answers_each_training_listing_from_a_copy_that_did_not_tr
 
 def test_cross_fit_command_reports_what_fusion_gains_on_validation(trained, tmp_path):
     out = tmp_path / "cross_fit.json"
-    command = [sys.executable, "-m", "training", "cross-fit", "--data-dir", str(trained["data_dir"]),
+    command = [sys.executable, "-m", "marketplace_classifier.training", "cross-fit",
+               "--data-dir", str(trained["data_dir"]),
                "--checkpoint-dir", str(trained["work"] / "checkpoints")]
     done = subprocess.run([*command, "--folds", "2", "--cache-dir", trained["configs"]["text"].cache_dir,
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
@@ -517,7 +538,7 @@ def test_cross_fit_command_reports_what_fusion_gains_on_validation(trained, tmp_
 
 
 def test_the_stacker_learns_which_branch_to_trust():
-    from training.cross_fit import fit_stacker
+    from marketplace_classifier.training.cross_fit import fit_stacker
 
     torch.manual_seed(0)
     labels = torch.randint(0, 3, (300,))

@@ -30,18 +30,18 @@ MAX_MESSAGE_CHARS = 1000
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    """key=value lines of a Java properties file (this image cannot import scripts/serve.py)."""
+    """key=value lines of a Java properties file (this image cannot import ops/serve.py)."""
     lines = (line.strip() for line in Path(path).read_text().splitlines())
     pairs = (line.split("=", 1) for line in lines if line and not line.startswith("#") and "=" in line)
     return {key.strip(): value.strip() for key, value in pairs}
 
 
 def model_names(properties: dict[str, str]) -> list[str]:
-    """The models of the pod's startup snapshot (scripts/kserve_storage.py writes it)."""
+    """The models of the pod's startup snapshot (marketplace_classifier/ops/kserve_storage.py writes it)."""
     snapshot = properties.get("model_snapshot")
     if not snapshot:
         raise SystemExit("error: the TorchServe config has no model_snapshot: lay the storage out "
-                         "with scripts/kserve_storage.py")
+                         "with marketplace_classifier/ops/kserve_storage.py")
     return list(json.loads(snapshot)["models"])
 
 

@@ -1,0 +1,2 @@
+"""The TorchServe adapter: handlers that map the serving core (../../serving/) onto TorchServe's
+BaseHandler hooks."""

@@ -1,0 +1,222 @@
+"""Classify a listing's photo, text, or both with the served models, over REST or gRPC.
+
+Usage: python -m marketplace_classifier.ops.predict --model image|text|combined [--image PHOTO [--image PHOTO
+...]]
+       [--text TEXT | --name NAME --description DESCRIPTION] [--protocol rest|grpc] [--top-k 3]
+       [--min-confidence P]
+One listing per call, with all its photos (sent as parts image, image_1, ...): one answer.
+Addresses come from config.properties, the token from TorchServe's key file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from marketplace_classifier.ops.serve import (
+    ENGINE_PYTHON,
+    KSERVE_RAY_GRPC_PORT,
+    ROOT,
+    read_key,
+    read_properties,
+)
+from marketplace_classifier.serving.model_kinds import MODEL_KINDS
+
+ENGINES = ("torchserve", "kserve_ray")
+KSERVE_RAY_URL = "http://127.0.0.1:8085"
+
+
+class ClientError(RuntimeError):
+    """The server refused the request or could not be reached."""
+
+
+def text_fields(text: str | None, name: str | None, description: str | None) -> dict[str, str]:
+    if text is not None:
+        return {"text": text}
+    return {key: value for key, value in (("product_name", name), ("product_description", description))
+            if value is not None}
+
+
+def photo_parts(photos: bytes | list[bytes] | None) -> dict[str, bytes]:
+    """A listing's photos under the names the handler reads: image, image_1, image_2, ..."""
+    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
+    return {("image" if index == 0 else f"image_{index}"): data for index, data in enumerate(photos)}
+
+
+def rest_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                 top_k: int, token: str | None, timeout: float = 60) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{base_url}/predictions/{model}"
+    try:
+        if photos:
+            parts = {name: ("photo", data, "application/octet-stream")
+                     for name, data in photo_parts(photos).items()}
+            response = requests.post(url, files=parts, data=fields | {"top_k": str(top_k)},
+                                     headers=headers, timeout=timeout)
+        else:
+            response = requests.post(url, json=fields | {"top_k": top_k}, headers=headers,
+                                     timeout=timeout)
+    except requests.ConnectionError as error:
+        raise ClientError(f"cannot reach {url}: is the server running?") from error
+    body = _json(response.content)
+    if response.status_code >= 400:
+        raise ClientError(f"HTTP {response.status_code}: {body.get('error') or body.get('message') or body}")
+    return body
+
+
+def kserve_v1_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                      top_k: int, timeout: float = 60) -> dict:
+    """The same listing as a KServe v1 request, to the second engine (engines/kserve_ray/server.py)."""
+    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
+    listing = fields | {"top_k": top_k} | ({"images": [base64.b64encode(p).decode() for p in photos]}
+                                           if photos else {})
+    url = f"{base_url}/v1/models/{model}:predict"
+    try:
+        response = requests.post(url, json={"instances": [listing]}, timeout=timeout)
+    except requests.ConnectionError as error:
+        raise ClientError(f"cannot reach {url}: is the engine running?") from error
+    body = _json(response.content)
+    if response.status_code >= 400:
+        raise ClientError(f"HTTP {response.status_code}: {body.get('error') or body}")
+    return body["predictions"][0]
+
+
+def kserve_grpc_predict(target: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                        top_k: int, timeout: float = 60) -> dict:
+    """The same listing as an Open Inference Protocol gRPC request to the second engine, sent by
+    marketplace_classifier/engines/kserve_ray/grpc_client.py in the engine's environment (KServe's generated
+    messages live there)."""
+    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
+    parameters = {"top_k": top_k} | ({"min_confidence": float(fields["min_confidence"])}
+                                     if "min_confidence" in fields else {})
+    inputs = [{"name": "image", "datatype": "BYTES", "shape": [1, len(photos)],
+               "data": [base64.b64encode(p).decode() for p in photos]}] if photos else []
+    inputs += [{"name": name, "datatype": "BYTES", "shape": [1], "data": [value]}
+               for name, value in fields.items() if name != "min_confidence"]
+    body = {"model": model, "inputs": inputs, "parameters": parameters}
+    if not ENGINE_PYTHON.exists():
+        raise ClientError("the second engine's environment is missing: run `make engine-venv`")
+    module = "marketplace_classifier.engines.kserve_ray.grpc_client"
+    run = subprocess.run([str(ENGINE_PYTHON), "-m", module, "--target", target, "--timeout", str(timeout)],
+                         input=json.dumps(body), capture_output=True, text=True, cwd=ROOT,
+                         timeout=timeout + 30)
+    answer = _json(run.stdout.encode())
+    if "code" in answer:
+        raise ClientError(f"gRPC {answer['code']}: {answer.get('details')}")
+    if run.returncode != 0 or "outputs" not in answer:
+        raise ClientError(f"gRPC: {run.stderr.strip().splitlines()[-1:] or answer}")
+    return first_listing(answer)
+
+
+def first_listing(answer: dict) -> dict:
+    """The first listing of an Open Inference Protocol answer, shaped like the REST answer."""
+    outputs = {output["name"]: output["data"] for output in answer["outputs"]}
+    k = len(outputs["top_categories"]) // len(outputs["category"])
+    result = {"category": outputs["category"][0], "probability": outputs["probability"][0],
+              "needs_review": outputs["needs_review"][0],
+              "top_k": [{"category": c, "probability": p} for c, p in
+                        zip(outputs["top_categories"][:k], outputs["top_probabilities"][:k], strict=True)]}
+    if "photos" in outputs:
+        result["photos"] = outputs["photos"][0]
+    return result
+
+
+def grpc_stubs():
+    try:
+        import inference_pb2
+        import inference_pb2_grpc
+    except ImportError:  # not generated at install time: generate now, beside the project
+        from marketplace_classifier.ops.grpc_stubs import generate
+
+        out = ROOT / "build" / "grpc"
+        generate(out)
+        sys.path.insert(0, str(out))
+        import inference_pb2
+        import inference_pb2_grpc
+    return inference_pb2, inference_pb2_grpc
+
+
+def grpc_predict(target: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
+                 top_k: int, token: str | None, timeout: float = 60) -> dict:
+    import grpc
+
+    messages, services = grpc_stubs()
+    inputs = {key: value.encode("utf-8") for key, value in fields.items()}
+    inputs["top_k"] = str(top_k).encode()
+    inputs |= photo_parts(photos)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(target) as channel:
+        stub = services.InferenceAPIsServiceStub(channel)
+        try:
+            reply = stub.Predictions(messages.PredictionsRequest(model_name=model, input=inputs),
+                                     metadata=metadata, timeout=timeout)
+        except grpc.RpcError as error:
+            raise ClientError(f"gRPC {error.code().name}: {error.details()}") from error
+    body = _json(reply.prediction)
+    if "error" in body:  # TorchServe 0.12 sends a handler's refusal with gRPC status OK
+        raise ClientError(f"gRPC {body.get('grpc_code', 'UNKNOWN')}: {body['error']}")
+    return body
+
+
+def _json(content: bytes) -> dict:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return {"error": content[:200].decode("utf-8", errors="replace")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODEL_KINDS, required=True)
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="a photo of the listing (repeat for each photo)")
+    parser.add_argument("--text", help="name and description as one text")
+    parser.add_argument("--name", help="product name")
+    parser.add_argument("--description", help="product description")
+    parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
+    parser.add_argument("--engine", choices=ENGINES, default="torchserve",
+                        help="the engine serving the models (kserve_ray: REST v1 at --engine-url, "
+                             "gRPC at --engine-grpc)")
+    parser.add_argument("--engine-url", default=KSERVE_RAY_URL)
+    parser.add_argument("--engine-grpc", default=f"127.0.0.1:{KSERVE_RAY_GRPC_PORT}")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--min-confidence", type=float,
+                        help="file automatically at or above this probability (default: the "
+                             "threshold chosen at export)")
+    parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
+    parser.add_argument("--key-file", type=Path, default=ROOT / ".serve" / "key_file.json")
+    args = parser.parse_args(argv)
+    try:
+        image = [path.read_bytes() for path in args.image]
+        properties = read_properties(args.config)
+        token = read_key(args.key_file) if args.key_file.exists() else None
+        fields = text_fields(args.text, args.name, args.description)
+        if args.min_confidence is not None:
+            fields["min_confidence"] = str(args.min_confidence)
+        if args.engine == "kserve_ray" and args.protocol == "grpc":
+            answer = kserve_grpc_predict(args.engine_grpc, args.model, image, fields, args.top_k)
+        elif args.engine == "kserve_ray":
+            answer = kserve_v1_predict(args.engine_url, args.model, image, fields, args.top_k)
+        elif args.protocol == "rest":
+            answer = rest_predict(properties["inference_address"], args.model, image, fields,
+                                  args.top_k, token)
+        else:
+            target = (f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
+                      f"{properties.get('grpc_inference_port', '7070')}")
+            answer = grpc_predict(target, args.model, image, fields, args.top_k, token)
+    except (ClientError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    answer.pop("probabilities", None)
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

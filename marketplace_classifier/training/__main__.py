@@ -1,0 +1,3 @@
+from marketplace_classifier.training.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Checkpoints: building the model a configuration describes, and saving and loading its
+weights atomically and strictly. Evaluation, export and the benchmark need only this module."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from marketplace_classifier.serving.files import atomic_write
+from marketplace_classifier.serving.model_kinds import COMBINED, IMAGE, TEXT
+from marketplace_classifier.training.backbones import build_backbone
+from marketplace_classifier.training.config import TrainConfig
+from marketplace_classifier.training.models import CombinedClassifier, ImageClassifier, TextClassifier
+from marketplace_classifier.training.text_encoder import load_encoder
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def _image_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    weights = config.image_weights if pretrained else "none"
+    return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
+
+
+def _text_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets)
+
+
+def _combined_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    image = build_model(config_from(config.branches["image"]), num_classes, pretrained)
+    text = build_model(config_from(config.branches["text"]), num_classes, pretrained)
+    return CombinedClassifier(image, text, num_classes)
+
+
+BUILDERS = {IMAGE: _image_model, TEXT: _text_model, COMBINED: _combined_model}
+
+
+def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The untrained model of the configuration's kind (ValueError for an unknown kind)."""
+    return BUILDERS[config.kind](config, num_classes, pretrained)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves half a file."""
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
+
+
+def config_from(saved: dict) -> TrainConfig:
+    """The configuration a checkpoint was trained with (older ones had no lexical branch)."""
+    return TrainConfig(**({"lexical_buckets": 0, "lexical_head_words": 0} | saved))
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
+    atomic_save({"config": asdict(config), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was trained as and load its weights strictly."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found: train that model first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = config_from(checkpoint["config"])
+    model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.eval(), checkpoint
