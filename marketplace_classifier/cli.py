@@ -13,7 +13,7 @@ import sys
 
 PROG = "marketplace-classifier"
 TRAINING = ("sample", "clean", "check", "split", "train", "evaluate", "export", "cross-fit")
-OPERATIONS = {"archive": "archive", "serve": "serve", "predict": "predict", "proxy": "proxy",
+OPERATIONS = {"archive": "archive", "serve": "engines", "predict": "predict", "proxy": "proxy",
               "rollout": "rollout", "kserve-storage": "kserve_storage", "grpc-stubs": "grpc_stubs",
               "publish": "publish", "classify-samples": "classify_samples"}
 

@@ -10,6 +10,7 @@ import pytest
 
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.archive import build_archive
+from marketplace_classifier.ops.engines import KServeRay
 from marketplace_classifier.serving.config import MODEL_CONFIG
 from marketplace_classifier.training.cleaning import clean
 from marketplace_classifier.training.sample import SampleConfig, generate
@@ -115,11 +116,11 @@ def kserve_ray(artifacts):
         pytest.skip("the second engine's environment is missing: make engine-venv (make test builds it)")
     port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
     grpc_port = serve.free_port()
+    engine = KServeRay(state, artifacts, timeout=300, port=port, grpc_port=grpc_port, replicas=1)
     try:
-        started = serve.start_kserve_ray(artifacts, state, port=port, replicas=1, timeout=300,
-                                         grpc_port=grpc_port)
-        yield {"base": f"http://127.0.0.1:{port}", "port": port, "state": state, "pid": started["pid"],
-               "grpc": started["grpc"], "grpc_port": grpc_port, "signals": started["signals"]}
+        with engine:
+            yield {"base": engine.addresses.rest, "port": port, "state": engine.state_dir,
+                   "pid": engine.addresses.pid, "grpc": engine.addresses.grpc, "grpc_port": grpc_port,
+                   "signals": engine.addresses.signals, "engine": engine}
     finally:
-        serve.stop_kserve_ray(state)
         shutil.rmtree(state, ignore_errors=True)

@@ -1,10 +1,15 @@
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
 
 from marketplace_classifier.ops.archive import ArchiveError, build_archive
 from marketplace_classifier.serving.config import MODEL_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_archive_holds_everything_the_handler_reads(artifacts):
@@ -22,6 +27,30 @@ def test_archive_holds_everything_the_handler_reads(artifacts):
                                          "responseTimeout", "deviceType")} == {
         key: MODEL_CONFIG[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",
                                            "responseTimeout", "deviceType")}
+
+
+def test_the_handler_imports_from_the_archive_alone(artifacts, tmp_path):
+    """A TorchServe worker finds marketplace_classifier in the archive's folder first; in a serving
+    image it is the only copy, so the archive must hold every module its handler imports."""
+    path = build_archive("combined", artifacts, artifacts.parent / "store", root=artifacts.parent)
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(tmp_path / "model")
+    model = str(tmp_path / "model")
+    probe = f"""
+import importlib, sys
+sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in type(finder).__module__]
+sys.path[:] = [{model!r}] + [entry for entry in sys.path if entry and entry != {str(ROOT)!r}]
+handler = importlib.import_module("combined_handler")
+import marketplace_classifier.serving.core
+loaded = [module.__file__ for name, module in sys.modules.items()
+          if name.startswith("marketplace_classifier")]
+assert all(file.startswith({model!r}) for file in loaded), loaded
+print(handler.CombinedHandler.__name__, len(loaded))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "CombinedHandler" and int(done.stdout.split()[1]) > 10
 
 
 def test_archive_refuses_paths_outside_the_project_and_missing_files(artifacts, tmp_path):

@@ -29,6 +29,7 @@ import psutil
 from marketplace_classifier.benchmarks.harness import missing_exports, temporary_server, torchserve_frontend
 from marketplace_classifier.benchmarks.load import run_load, sample_photo, sample_text
 from marketplace_classifier.ops import serve
+from marketplace_classifier.ops.engines import KServeRay, TorchServe
 from marketplace_classifier.ops.hostile import v1
 from marketplace_classifier.serving.config import MODEL_CONFIG
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS, model_kind
@@ -36,7 +37,7 @@ from marketplace_classifier.serving.model_kinds import MODEL_KINDS, model_kind
 ROOT = serve.ROOT
 CONCURRENCIES = (1, 4, 16)
 MIB = 1024 * 1024
-ENGINES = {"torchserve": "TorchServe 0.12.0", "kserve_ray": "KServe 0.21.0 + Ray Serve 2.60.0"}
+ENGINES = {engine.name: engine.title for engine in (TorchServe, KServeRay)}
 COMPARED_LISTINGS = 32  # per model, answered by both engines
 
 
@@ -83,12 +84,9 @@ def kserve_ray(artifacts: Path):
     """The second engine on a free port; yields (v1 URL pattern, its driver process)."""
     port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
-        info = serve.start_kserve_ray(artifacts, state, port=port, replicas=MODEL_CONFIG["minWorkers"],
-                                      batch_size=MODEL_CONFIG["batchSize"],
-                                      batch_wait_ms=MODEL_CONFIG["maxBatchDelay"])
-        yield f"http://127.0.0.1:{port}/v1/models/{{model}}:predict", psutil.Process(info["pid"])
+        with KServeRay(state, artifacts, port=port) as engine:
+            yield f"{engine.addresses.rest}/v1/models/{{model}}:predict", psutil.Process(engine.addresses.pid)
     finally:
-        serve.stop_kserve_ray(state)
         shutil.rmtree(state, ignore_errors=True)
 
 

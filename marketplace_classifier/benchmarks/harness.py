@@ -11,6 +11,7 @@ from pathlib import Path
 from marketplace_classifier.benchmarks.load import make_request, run_load
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.archive import build_archive
+from marketplace_classifier.ops.engines import TorchServe
 
 ROOT = serve.ROOT
 
@@ -61,11 +62,8 @@ def temporary_server(artifacts: Path, models: list[str], model_config: dict):
         config = Path(folder) / "config.properties"
         serve.derive_config(ROOT / "config.properties", config,
                             {"load_models": ",".join(m + ".mar" for m in models)})
-        try:
-            serve.start(config, store, state, timeout=300)
+        with TorchServe(state, config, store, timeout=300):
             yield serve.read_properties(config), state
-        finally:
-            serve.stop(state)
 
 
 def served(models: list[str], artifacts: Path, model_config: dict, requests_per_run: int,

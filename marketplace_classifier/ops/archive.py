@@ -34,15 +34,14 @@ from marketplace_classifier.serving.settings import (
 
 ROOT = PROJECT_ROOT
 # What each archive carries besides the model: the TorchServe adapter and the serving core.
-# Folders relative to the project root, laid out the same inside the archive (the worker imports
-# marketplace_classifier from the archive's folder).
+# Folders relative to the project root, laid out the same inside the archive: the worker imports
+# marketplace_classifier from the archive's folder (ahead of any installed copy), so the serving
+# core goes in whole.
 PACKAGES = {"marketplace_classifier": ("__init__.py",),
             "marketplace_classifier/engines": ("__init__.py",),
             "marketplace_classifier/engines/torchserve": ("__init__.py", "listing_handler.py"),
-            "marketplace_classifier/serving": (
-                "__init__.py", "core.py", "exported.py", "model_kinds.py", "settings.py", "files.py",
-                "runtimes.py", "signals.py", "request_log.py", "processing.py", "budget.py", "payloads.py",
-                "protocols.py")}
+            "marketplace_classifier/serving": tuple(sorted(
+                path.name for path in (ROOT / "marketplace_classifier" / "serving").glob("*.py")))}
 MODELS = MODEL_KINDS
 HANDLERS = ROOT / "marketplace_classifier" / "engines" / "torchserve"
 # What the serving core needs in the serving image; the KServe runtime images install the same file.

@@ -1,18 +1,11 @@
-"""Start, stop or check an engine serving the models: TorchServe with the project's
-config.properties (the default), or the second engine, KServe's model server with Ray Serve
-(marketplace_classifier/engines/kserve_ray/server.py), from the exported folders.
-
-Usage: marketplace-classifier serve start|stop|status [--engine torchserve|kserve_ray] [--config
-config.properties]
-       [--model-store model_store] [--artifacts-dir artifacts] [--state-dir .serve] [--timeout 180]
-       [--disable-token-auth]
-TorchServe writes the key file with the inference and management tokens to <state-dir>/key_file.json;
-the second engine has no tokens (loopback only: SECURITY.md).
+"""Processes of the two engines, for ops/engines.py (the Engine interface and the `serve`
+command): TorchServe with a config.properties and its archives, and the second engine, KServe's
+model server with Ray Serve (engines/kserve_ray/server.py), from the exported folders; configs
+derived from config.properties, keys, readiness, the signals exporter, each engine's state folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -371,48 +364,3 @@ def status(config: Path, key_file: Path) -> dict:
     key = key_file if key_file.exists() else None
     return {"running": True, "ping": ping.json() if ping.ok else ping.status_code,
             "models": {name: model_ready(properties, key, name) for name in model_names(properties)}}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("start", "stop", "status"))
-    parser.add_argument("--engine", choices=("torchserve", "kserve_ray"), default="torchserve")
-    parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
-    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts",
-                        help="the exported folders the second engine serves")
-    parser.add_argument("--state-dir", type=Path, default=ROOT / ".serve")
-    parser.add_argument("--timeout", type=float, default=180)
-    parser.add_argument("--disable-token-auth", action="store_true",
-                        help="serve without tokens (anyone who reaches the port may call it)")
-    parser.add_argument("--rollout", action="store_true",
-                        help="turn on the registration API (loopback, token) for rollout")
-    args = parser.parse_args(argv)
-    state = engine_state(args.state_dir.resolve(), args.engine)
-    try:
-        if args.engine == "kserve_ray":
-            if args.action == "start":
-                print(json.dumps(start_kserve_ray(args.artifacts_dir, state, timeout=max(args.timeout, 300)),
-                                 indent=2))
-            elif args.action == "stop":
-                print(stop_kserve_ray(state))
-            else:
-                ready = requests.get(f"http://127.0.0.1:{KSERVE_RAY_PORT}/v2/health/ready", timeout=5)
-                print(json.dumps({"running": True, "ready": ready.ok}))
-        elif args.action == "start":
-            print(json.dumps(start(args.config, args.model_store, state, args.timeout,
-                                   args.disable_token_auth, args.rollout), indent=2))
-        elif args.action == "stop":
-            print(stop(state))
-        else:
-            print(json.dumps(status(args.config, args.state_dir / "key_file.json"), indent=2))
-    except requests.ConnectionError:
-        print(json.dumps({"running": False}))
-    except ServeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,41 +10,7 @@ from pathlib import Path
 
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS
 from marketplace_classifier.serving.settings import RUNTIMES
-from marketplace_classifier.training.config import TrainConfig
-
-TRAIN_OPTIONS = {
-    "epochs": "passes over the training split",
-    "batch_size": "samples per step (under torchrun: the global batch, split over the processes)",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "patience": "stop after this many epochs without a better validation accuracy (0: off)",
-    "device": "auto, cpu, cuda or cuda:N",
-    "seed": "random seed (runs are deterministic on CPU)",
-    "image_backbone": "resnet50, efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2",
-    "image_weights": "imagenet, none, or the path of a state dict",
-    "image_size": "side of the square model input",
-    "finetune": "image backbone: none (frozen, cached features), last (last stage) or all",
-    "bn_stats": "fine-tuning: batch-norm running statistics 'frozen' as pretrained (default) or 'update'",
-    "cached_views": "--finetune last (image model): views of each training photo whose activations below "
-                    "the last stage are cached (1: the photo, 2: and its mirror, more: random crops too)",
-    "text_encoder": "minilm (shipped), a model folder, or a name in the local HF cache",
-    "max_length": "tokens kept of name + description",
-    "lexical_buckets": "hashed n-gram buckets of the text model's lexical branch (0: no lexical branch)",
-    "lexical_head_words": "the lexical branch also hashes the first N words (the name) apart (0: off)",
-    "lexical_lr": "AdamW learning rate of the lexical branch",
-    "backbone_lr": "AdamW learning rate of a fine-tuned image backbone or text encoder",
-    "warmup_epochs": "linear learning-rate warmup, in epochs (fractions allowed)",
-    "decay": "learning-rate decay after warmup, per step: none or cosine (to zero at the last epoch)",
-    "grad_clip": "clip the gradient norm to this (0: off)",
-    "feature_batch_size": "batch size when computing frozen features",
-    "num_workers": "data loader processes when fine-tuning",
-    "cache_dir": "where frozen features are cached",
-    "init_from": "start from this checkpoint's weights (same model), e.g. fine-tune from a frozen run",
-    "image_checkpoint": "combined: the image branch's checkpoint (default: <checkpoint-dir>/image/best.pt)",
-    "text_checkpoint": "combined: the text branch's checkpoint (default: <checkpoint-dir>/text/best.pt)",
-    "checkpoint_dir": "where checkpoints/<model>/best.pt goes",
-    "runs_dir": "TensorBoard logs",
-}
+from marketplace_classifier.training.config import TrainConfig, train_options
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -119,7 +85,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true",
                        help="continue after the last complete epoch (checkpoints/<model>/last.pt)")
     defaults = TrainConfig()
-    for name, text in TRAIN_OPTIONS.items():
+    for name, text in train_options().items():
         default = getattr(defaults, name)
         kind = type(default) if default is not None else str
         train.add_argument("--" + name.replace("_", "-"), type=kind, default=None,

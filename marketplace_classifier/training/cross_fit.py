@@ -10,6 +10,7 @@ on these answers sees how often each branch is right on listings it did not fit.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def out_of_fold(checkpoint_path: Path, data: CleanData, folds: int, cache_dir: s
     config = config_from(checkpoint["config"])
     if config.kind.fuses or not config.frozen:
         raise ValueError(f"{checkpoint_path}: cross-fitting takes a frozen-encoder image or text model")
-    config.cache_dir = cache_dir
+    config = replace(config, cache_dir=cache_dir)
     device = torch.device("cpu")
     task = make_task(full, config, data, device)
     samples = data.samples(config.model, "train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +48,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _combined_branches(config: TrainConfig) -> nn.Module:
-    """Combined model initialised from the trained image and text checkpoints."""
+IMAGE_BRANCH_SETTINGS = ("image_backbone", "image_weights", "image_size")
+TEXT_BRANCH_SETTINGS = ("text_encoder", "max_length", "lexical_buckets", "lexical_max_chars",
+                        "lexical_head_words")
+
+
+def _combined_branches(config: TrainConfig) -> tuple[nn.Module, TrainConfig]:
+    """Combined model initialised from the trained image and text checkpoints, and the
+    configuration with the branches' own settings (what preprocessing must match)."""
     folder = Path(config.checkpoint_dir)
     image, image_checkpoint = load_checkpoint(config.image_checkpoint or folder / "image" / "best.pt")
     text, text_checkpoint = load_checkpoint(config.text_checkpoint or folder / "text" / "best.pt")
-    config.branches = {"image": image_checkpoint["config"], "text": text_checkpoint["config"]}
-    for name in ("image_backbone", "image_weights", "image_size"):
-        setattr(config, name, config.branches["image"][name])
-    for name in ("text_encoder", "max_length", "lexical_buckets", "lexical_max_chars",
-                 "lexical_head_words"):
-        setattr(config, name, config.branches["text"].get(name, 0))
+    branches = {"image": image_checkpoint["config"], "text": text_checkpoint["config"]}
+    config = replace(config, branches=branches,
+                     **{name: branches["image"][name] for name in IMAGE_BRANCH_SETTINGS},
+                     **{name: branches["text"].get(name, 0) for name in TEXT_BRANCH_SETTINGS})
     model = CombinedClassifier(image, text, len(image_checkpoint["index_to_name"]))
     model.init_fusion_from_heads()
-    return model
+    return model, config
 
 
 # ---------------------------------------------------------------- the loop
@@ -175,8 +179,10 @@ def train(config: TrainConfig) -> Path:
         per_process_batch(config.batch_size, cluster)
         data = CleanData.load(Path(config.data_dir))
         with cluster.main_first():  # rank 0 fills the feature cache, the others read it
-            model = _combined_branches(config) if config.kind.fuses else \
-                build_model(config, data.num_classes)
+            if config.kind.fuses:
+                model, config = _combined_branches(config)
+            else:
+                model = build_model(config, data.num_classes)
             fit_lexical_idf(model, config, data.samples(TEXT, "train")["text"])
             if config.init_from:
                 start_from(model, Path(config.init_from), config)

@@ -1,0 +1,48 @@
+"""The training configuration: frozen, validated when built, and the one source of the `train`
+command's options and help."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from marketplace_classifier.training.cli import build_parser
+from marketplace_classifier.training.config import TrainConfig, train_options
+
+
+def test_the_configuration_is_frozen_and_changed_only_by_replace():
+    config = TrainConfig(model="text")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3
+    assert dataclasses.replace(config, epochs=3).epochs == 3 and config.epochs == 15
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"model": "audio"}, "--model 'audio': choose image, text, combined"),
+    ({"finetune": "half"}, "--finetune 'half': choose none or last or all"),
+    ({"bn_stats": "sometimes"}, "--bn-stats 'sometimes': choose frozen or update"),
+    ({"decay": "linear"}, "--decay 'linear': choose none or cosine"),
+    ({"epochs": 0}, "--epochs 0: must be at least 1"),
+    ({"cached_views": 0}, "--cached-views 0: must be at least 1"),
+    ({"lr": 0.0}, "--lr 0.0: must be positive"),
+    ({"grad_clip": -1.0}, "--grad-clip -1.0: must be at least 0"),
+])
+def test_a_bad_setting_is_refused_when_built_naming_its_option(changes, message):
+    with pytest.raises(ValueError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**changes)
+
+
+def test_the_train_commands_options_and_help_come_from_the_fields():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]  # argparse keeps its subcommands here
+    helps = {action.dest: action.help for action in train._actions}
+    options = train_options()
+    assert {"epochs", "lr", "decay", "cached_views", "image_checkpoint"} <= set(options)
+    assert not {"model", "data_dir", "branches", "resume"} & set(options)  # set by the code or own flags
+    for name, text in options.items():
+        default = getattr(TrainConfig(), name)
+        assert helps[name] == f"{text} (default: {default})"
+    args = parser.parse_args(["train", "--model", "text", "--data-dir", "d", "--decay", "cosine",
+                              "--warmup-epochs", "0.5"])
+    assert (args.decay, args.warmup_epochs) == ("cosine", 0.5)
