@@ -263,4 +263,4 @@ def test_the_archive_carries_the_programs_of_its_runtime(artifacts, tmp_path):
     stage("combined", artifacts, tmp_path / "extra", MODEL_CONFIG)
     assert (tmp_path / "extra" / "onnx" / "listings.onnx").stat().st_size == \
         onnx_path(artifacts / "combined", "listings").stat().st_size
-    assert (tmp_path / "extra" / "serving" / "runtimes.py").exists()
+    assert (tmp_path / "extra" / "marketplace_classifier" / "serving" / "runtimes.py").exists()

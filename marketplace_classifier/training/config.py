@@ -89,12 +89,10 @@ class TrainConfig:
         for name, least in (("epochs", 1), ("batch_size", 1), ("image_size", 16), ("cached_views", 1),
                             ("max_length", 1), ("feature_batch_size", 1), ("lexical_max_chars", 1),
                             ("patience", 0), ("lexical_buckets", 0), ("lexical_head_words", 0),
-                            ("num_workers", 0), ("weight_decay", 0), ("warmup_epochs", 0), ("grad_clip", 0)):
+                            ("num_workers", 0), ("weight_decay", 0), ("warmup_epochs", 0), ("grad_clip", 0),
+                            ("lr", 0), ("lexical_lr", 0), ("backbone_lr", 0)):
             if getattr(self, name) < least:
                 found.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
-        for name in ("lr", "lexical_lr", "backbone_lr"):
-            if not getattr(self, name) > 0:
-                found.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
         return found
 
     @property
