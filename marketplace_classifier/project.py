@@ -5,4 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-ROOT = PACKAGE.parent  # the checkout this package runs from (an editable install's source tree)
+
+
+def project_root() -> Path:
+    """The checkout this package runs from (a source tree or an editable install), else the
+    current folder: an installed package keeps no project files of its own."""
+    checkout = PACKAGE.parent
+    return checkout if (checkout / "config.properties").is_file() else Path.cwd()
+
+
+ROOT = project_root()

@@ -28,6 +28,7 @@ from marketplace_classifier.benchmarks.load import make_request
 from marketplace_classifier.ops import serve
 from marketplace_classifier.serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
 from marketplace_classifier.serving.exported import ExportedModel, optimise_for_device
+from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.model_kinds import IMAGE, MODEL_KINDS
 from marketplace_classifier.serving.processing import (
     decode_image,
@@ -175,7 +176,7 @@ def naive_baseline(model: str, checkpoint: Path, inputs: Inputs, threads: int, s
 def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
         models: tuple[str, ...] = MODELS) -> dict:
     for model in models:
-        for needed in (artifacts / model / "model.pt", checkpoints / model / "best.pt"):
+        for needed in (ExportLayout(artifacts / model).model, checkpoints / model / "best.pt"):
             if not needed.exists():
                 raise FileNotFoundError(f"{needed} not found: run `make demo` (or train and export) first")
     if shutil.which("java") is None:
@@ -211,7 +212,7 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
         report["models"][model]["served"] = on[model]
         report["models"][model]["batching_off"] = off[model][16]
         report["models"][model]["other_workers"] = split[model][16]
-    variants = [v for v in ("text_int8", "combined_int8") if (artifacts / v / "model.pt").exists()
+    variants = [v for v in ("text_int8", "combined_int8") if ExportLayout(artifacts / v).model.exists()
                 and v.removesuffix("_int8") in models]
     if variants:  # opt-in exports (`marketplace-classifier export --int8`), served beside the fp32 ones
         pairs = served([*variants, *(v.removesuffix("_int8") for v in variants)], artifacts, MODEL_CONFIG,

@@ -12,13 +12,14 @@ from marketplace_classifier.benchmarks.load import make_request, run_load
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.archive import build_archive
 from marketplace_classifier.ops.engines import TorchServe
+from marketplace_classifier.serving.layout import ExportLayout
 
 ROOT = serve.ROOT
 
 
 def missing_exports(artifacts: Path, models: list[str]) -> str | None:
     """A one-line error naming the models `artifacts` has no export of, or None."""
-    missing = [model for model in models if not (artifacts / model / "model.pt").exists()]
+    missing = [model for model in models if not ExportLayout(artifacts / model).model.exists()]
     if not missing:
         return None
     return (f"error: {artifacts} has no exported {', '.join(missing)} model "

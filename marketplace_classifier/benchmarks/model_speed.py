@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from marketplace_classifier.serving.exported import ExportedModel
+from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.processing import model_image_from_bytes
 from marketplace_classifier.serving.settings import RUNTIMES
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for folder in args.folders:
-        if not (folder / "model.pt").exists():
+        if not ExportLayout(folder).model.exists():
             parser.error(f"{folder} has no model.pt: export the model first")
         for runtime in args.runtime:
             name = {"folder": str(folder), "runtime": runtime or ExportedModel.load(folder).runtime}

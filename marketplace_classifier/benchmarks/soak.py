@@ -22,6 +22,7 @@ from marketplace_classifier.benchmarks.harness import temporary_server
 from marketplace_classifier.benchmarks.load import make_request, post_payload
 from marketplace_classifier.ops import serve
 from marketplace_classifier.serving.config import MODEL_CONFIG
+from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS
 
 ROOT = serve.ROOT
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "soak")
     args = parser.parse_args(argv)
     for model in MODELS:
-        if not (args.artifacts_dir / model / "model.pt").exists():
+        if not ExportLayout(args.artifacts_dir / model).model.exists():
             print(f"error: {args.artifacts_dir / model / 'model.pt'} not found: run `make demo` first",
                   file=sys.stderr)
             return 2

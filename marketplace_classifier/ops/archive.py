@@ -20,6 +20,7 @@ import yaml
 from marketplace_classifier.project import ROOT as PROJECT_ROOT
 from marketplace_classifier.serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
 from marketplace_classifier.serving.files import atomic_write
+from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
 from marketplace_classifier.serving.runtimes import onnx_files
 from marketplace_classifier.serving.settings import (
@@ -58,12 +59,13 @@ def required_files(artifacts: Path, model: str) -> list[Path]:
     """model.pt first (the archive's serialized file), then what the archive carries beside it:
     labels, settings, tokenizer, and the ONNX programs of the runtime preprocessing.json names."""
     folder = artifacts / model
-    files = [folder / name for name in ("model.pt", "index_to_name.json", "preprocessing.json")]
+    layout = ExportLayout(folder)
+    files = [layout.model, layout.labels, layout.settings]
     for optional in (CARD_FILE, REFERENCE_FILE):  # exports before cards and drift references have none
         if (folder / optional).exists():
             files.append(folder / optional)
     if archive_kind(model).uses_text:
-        files.append(folder / "tokenizer")
+        files.append(layout.tokenizer)
     settings = read_settings(folder)
     if settings is not None and settings.runtime != TORCHSCRIPT:
         files += onnx_files(folder, archive_kind(model), settings.onnx_int8, settings.runtime)
@@ -147,7 +149,7 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
         command = [
             shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver"),
             "--model-name", model, "--version", version,
-            "--serialized-file", str(artifacts / model / "model.pt"),
+            "--serialized-file", str(ExportLayout(artifacts / model).model),
             "--handler", str(HANDLERS / f"{kind}_handler.py"),
             "--extra-files", str(extra),
             "--config-file", str(extra / "model-config.yaml"),

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from marketplace_classifier.ops import serve
 from marketplace_classifier.serving.config import MAX_REQUEST_BYTES
+from marketplace_classifier.serving.layout import ExportLayout
 
 ROOT = serve.ROOT
 TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"
@@ -241,7 +242,7 @@ def upstream_of(args: argparse.Namespace, state: Path) -> Upstream:
     if args.engine == "torchserve":
         return torchserve_upstream(args.config, state)
     folders = args.artifacts_dir.iterdir() if args.artifacts_dir.is_dir() else []
-    models = sorted(folder.name for folder in folders if (folder / "model.pt").exists())
+    models = sorted(folder.name for folder in folders if ExportLayout(folder).model.exists())
     return kserve_ray_upstream(args.engine_url, args.engine_grpc, models, state)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from marketplace_classifier.serving.files import file_digest
+from marketplace_classifier.serving.layout import MODEL_FILE
 from marketplace_classifier.serving.model_kinds import KINDS, ModelKind, model_kind
 from marketplace_classifier.serving.processing import model_inputs
 from marketplace_classifier.serving.runtimes import OnnxModel, load_onnx_model, onnx_files
@@ -25,7 +26,6 @@ from marketplace_classifier.serving.settings import (
 )
 
 logger = logging.getLogger(__name__)
-MODEL_FILE = "model.pt"
 # what an export may hold beside forward (ModelKind.extra_methods), kept by optimise_for_device
 EXTRA_METHODS = tuple(sorted({name for kind in KINDS.values() for name in kind.extra_methods}))
 

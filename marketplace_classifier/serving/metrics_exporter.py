@@ -24,6 +24,7 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
+from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.settings import REFERENCE_FILE
 
 EPSILON = 1e-4  # a share never taken as exactly zero (PSI divides by it)
@@ -183,7 +184,7 @@ def references_in(store: Path | None, artifacts: Path | None) -> dict[tuple[str,
             found[(model["modelName"], model["modelVersion"])] = json.loads(opened.read(REFERENCE_FILE))
     for folder in sorted(artifacts.iterdir()) if artifacts else []:
         if (folder / REFERENCE_FILE).exists():
-            card = folder / "model_card.json"
+            card = ExportLayout(folder).card
             version = json.loads(card.read_text())["version"] if card.exists() else "*"
             found[(folder.name, version)] = json.loads((folder / REFERENCE_FILE).read_text())
     return found

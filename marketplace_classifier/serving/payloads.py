@@ -85,7 +85,7 @@ def parse_fields(fields: dict, needs: frozenset[str], num_classes: int,
     return listing
 
 
-def _check_content_type(content_type: str) -> str:
+def check_content_type(content_type: str) -> str:
     """The media type, lower case ("" for none), or UnsupportedMediaType."""
     media = content_type.split(";")[0].strip().lower()
     if media and media not in ACCEPTED_TYPES and not media.startswith(("image/", "text/")):
@@ -101,7 +101,7 @@ def read_fields(request: dict, content_type: str | None,
     {'image': bytes} / {'text': bytes} for a raw body (always the photo for a photo-only model)."""
     if not isinstance(request, dict):
         raise InputError("malformed request")
-    media = _check_content_type(content_type or "")
+    media = check_content_type(content_type or "")
     parts = {key: value for key, value in request.items() if key not in BODY_KEYS}
     body_keys = [key for key in BODY_KEYS if key in request]
     if parts and body_keys:

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marketplace_classifier.serving.layout import ONNX_FOLDER
 from marketplace_classifier.serving.model_kinds import ModelKind
 from marketplace_classifier.serving.settings import ONNXRUNTIME, OPENVINO
-
-ONNX_FOLDER = "onnx"
 
 
 def onnx_methods(kind: ModelKind) -> tuple[str, ...]:

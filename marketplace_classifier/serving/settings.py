@@ -8,12 +8,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from marketplace_classifier.serving.files import atomic_write
+from marketplace_classifier.serving.layout import (
+    CARD_FILE,
+    LABELS_FILE,
+    REFERENCE_FILE,
+    SETTINGS_FILE,
+    TOKENIZER_FOLDER,
+)
 from marketplace_classifier.serving.model_kinds import KINDS
 
-SETTINGS_FILE = "preprocessing.json"
-LABELS_FILE = "index_to_name.json"  # the one label decoder, written by cleaning and export
-REFERENCE_FILE = "reference.json"  # training's distributions, for drift (training/reference.py)
-CARD_FILE = "model_card.json"  # what a version is and how it did (training/card.py), written by export
+__all__ = ["CARD_FILE", "LABELS_FILE", "REFERENCE_FILE", "SETTINGS_FILE"]  # also read from here
+
 PAD_COLOUR = (0, 0, 0)
 TORCHSCRIPT, ONNXRUNTIME, OPENVINO = "torchscript", "onnxruntime", "openvino"
 RUNTIMES = (TORCHSCRIPT, ONNXRUNTIME, OPENVINO)  # marketplace_classifier/serving/runtimes.py runs them
@@ -50,7 +55,7 @@ class TextSettings:
     max_length: int
     lexical: LexicalSettings | None = None
     encoder: str = "minilm"
-    tokenizer: str = "tokenizer"  # folder beside the model
+    tokenizer: str = TOKENIZER_FOLDER  # folder beside the model
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from marketplace_classifier.serving.files import atomic_write, folder_digests, staged_folder
+from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.model_kinds import ModelKind
 from marketplace_classifier.serving.settings import (
     LABELS_FILE,
@@ -189,8 +190,9 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
                                             [listings_example_per_photo(b) for b in batches]))
     out = Path(artifacts_dir) / (config.model + ("_int8" if int8 else ""))
     with staged_folder(out) as staging:  # the previous export serves until this one is complete
-        atomic_write(staging / "model.pt", lambda temporary: scripted.save(str(temporary)))
-        check_fresh_process(staging / "model.pt", batches, expected)
+        layout = ExportLayout(staging)
+        atomic_write(layout.model, lambda temporary: scripted.save(str(temporary)))
+        check_fresh_process(layout.model, batches, expected)
         chosen = None
         if not int8 and runtime != TORCHSCRIPT:
             chosen = export_runtimes(model, config, data, tokenizer, batches, scripted, staging, runtime,
@@ -207,8 +209,8 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         atomic_write(staging / REFERENCE_FILE, lambda temporary: temporary.write_text(text))
         write_index_to_name(checkpoint["index_to_name"], staging / LABELS_FILE)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging / "tokenizer"))
+            tokenizer.save_pretrained(str(layout.tokenizer))
         settings = preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8,
                                           chosen)
         replace(settings, files=folder_digests(staging, leave_out=(SETTINGS_FILE,))).save(staging)
-    return result | {"path": str(out / "model.pt"), "max_abs_diff": worst}
+    return result | {"path": str(ExportLayout(out).model), "max_abs_diff": worst}

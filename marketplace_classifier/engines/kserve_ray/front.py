@@ -18,7 +18,7 @@ import json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from marketplace_classifier.serving.errors import error_body
-from marketplace_classifier.serving.payloads import check_json_size
+from marketplace_classifier.serving.payloads import check_content_type, check_json_size
 from marketplace_classifier.serving.processing import InputError
 
 HEADER_TIMEOUT_S = 10  # a request head is a few hundred bytes
@@ -44,6 +44,10 @@ class BodyGuard:
         if declared and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await respond(send, 413, f"request body over {self.max_bytes} bytes"
                                  if declared.isdigit() else "invalid Content-Length")
+        try:  # the core's rule, before the body is read: 415 as TorchServe's handlers answer it
+            check_content_type(headers.get(b"content-type", b"").decode("latin-1"))
+        except InputError as error:
+            return await respond(send, error.status, str(error))
         try:
             body = await self.read_body(receive)
         except InputError as error:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from marketplace_classifier.project import ROOT as PROJECT_ROOT
+from marketplace_classifier.serving.layout import ExportLayout
 
 ROOT = PROJECT_ROOT
 MAX_MESSAGE_CHARS = 1000
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".serve" / "kserve_ray",
                         help="the engine's own folder (private): Ray's files, its token")
     args = parser.parse_args(argv)
-    missing = [m for m in args.models if not (args.artifacts_dir / m / "model.pt").exists()]
+    missing = [m for m in args.models if not ExportLayout(args.artifacts_dir / m).model.exists()]
     if missing:
         print(f"error: {args.artifacts_dir} has no exported {', '.join(missing)} model", file=sys.stderr)
         return 2
