@@ -1,7 +1,6 @@
 """How the three models are served by default, whichever script builds or starts them: batching,
-workers, timeouts and the serving core's options (marketplace_classifier/serving/core.py, ServingOptions).
-TorchServe
-reads them from each archive's model-config.yaml (marketplace_classifier/ops/archive.py writes them there)."""
+workers, timeouts and the serving core's options (serving/core.py, ServingOptions). TorchServe
+reads them from each archive's model-config.yaml (ops/archive.py writes them there)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ frontend and the proxy refuse, refused as early here (SECURITY.md).
 - `BodyGuard` (ASGI): a body over the limit is refused with 413 from its Content-Length before it
   is read, and a chunked one as soon as it passes the limit; a body that stalls is answered 408;
   a JSON body with more values than any request may hold is refused (413) before anything parses
-  it (marketplace_classifier/serving/payloads.py, check_json_size), so no such body reaches Ray's object
-  store.
+  it (serving/payloads.py, check_json_size), so no such body reaches Ray's object store.
 - `HeaderDeadline` (uvicorn's protocol): a connection that has not sent a whole request head
   within the deadline is closed, on its first request and on every keep-alive request after it.
 """

@@ -38,8 +38,7 @@ HIDDEN_PREFIXES, HIDDEN_SUFFIXES = ("/v2/repository",), (":explain",)
 def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_size: int,
                        batch_wait_s: float):
     """A Ray Serve deployment of one exported model: each replica is a ListingService whose
-    CostBatcher (marketplace_classifier/serving/admission.py) admits requests by their cost before batching
-    them, as
+    CostBatcher (serving/admission.py) admits requests by their cost before batching them, as
     TorchServe's workers do per batch, and answers 503 + Retry-After to what does not fit."""
     from ray import serve
 
@@ -244,8 +243,7 @@ def lock_down_ray(state_dir: Path) -> Path:
     token.chmod(0o600)
     os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                    # Ray's own Prometheus exporters listen on every interface; the project's
-                   # exporter (marketplace_classifier/serving/metrics_exporter.py) serves the signals on
-                   # loopback
+                   # exporter (serving/metrics_exporter.py) serves the signals on loopback
                    "RAY_enable_metrics_collection": "0",
                    # one machine: Ray otherwise swaps the node address 127.0.0.1 for the host's
                    # reachable one (GCS, agents); this is its switch for single-machine clusters
