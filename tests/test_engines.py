@@ -367,7 +367,7 @@ def heavy_photo(seed: int, side: int = 1700) -> str:
     return b64(encoded.getvalue())
 
 
-def test_heavy_requests_beside_ordinary_ones_are_admitted_by_cost_on_the_second_engine(kserve_ray):
+def test_heavy_requests_beside_ordinary_ones_are_admitted_by_cost(engine):
     """Four requests of a whole request budget each (32 photos of 3 MP) and ordinary one-photo
     requests beside them: what does not fit a batch's budget is refused at once with 503 +
     Retry-After, so the ordinary ones are answered rather than queued behind the heavy work."""
@@ -375,10 +375,9 @@ def test_heavy_requests_beside_ordinary_ones_are_admitted_by_cost_on_the_second_
     photos = [heavy_photo(seed) for seed in range(4)]
     heavy = json.dumps({"instances": [{"images": photos * 2} for _ in range(budget.photos_per_request // 8)]})
     ordinary = json.dumps({"instances": [{"image": b64(PHOTOS[0])}]})
-    url = f"{kserve_ray['base']}/v1/models/image:predict"
 
     def post(body: str) -> requests.Response:
-        return requests.post(url, data=body, timeout=120)
+        return engine.v1("image", body.encode())
 
     with ThreadPoolExecutor(8) as pool:
         heavy_answers = [pool.submit(post, heavy) for _ in range(4)]
