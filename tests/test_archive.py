@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from marketplace_classifier.ops.archive import ArchiveError, build_archive
-from marketplace_classifier.serving.config import MODEL_CONFIG
+from marketplace_classifier.serving.config import MODEL_CONFIG, ServingPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +23,7 @@ def test_archive_holds_everything_the_handler_reads(artifacts):
     assert {"model.pt", "text_handler.py", handler, *core, "marketplace_classifier/__init__.py",
             "index_to_name.json", "preprocessing.json", "requirements.txt",
             "tokenizer/tokenizer.json", "MAR-INF/MANIFEST.json"} <= names
+    assert config["handler"] == ServingPlan.for_model("text").options
     assert {key: config[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",
                                          "responseTimeout", "deviceType")} == {
         key: MODEL_CONFIG[key] for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers",

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from marketplace_classifier.project import ROOT as PROJECT_ROOT
-from marketplace_classifier.serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
+from marketplace_classifier.serving.config import MODEL_CONFIG, ServingPlan
 from marketplace_classifier.serving.files import atomic_write
 from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
@@ -140,7 +140,7 @@ def build_archive(model: str, artifacts: Path, store: Path, root: Path = ROOT,
     for path in required_files(artifacts, model):
         check_inside(path, root)
     config = model_config or MODEL_CONFIG
-    config = config | {"handler": config.get("handler", {}) | MODEL_HANDLER_OPTIONS.get(kind, {})}
+    config = ServingPlan.for_model(kind, config).model_config(config)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as temporary:
         extra, staged = Path(temporary) / "extra", Path(temporary) / "archive"

@@ -280,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: {args.artifacts_dir} has no exported {', '.join(missing)} model", file=sys.stderr)
         return 2
-    from marketplace_classifier.serving.config import MODEL_CONFIG
+    from marketplace_classifier.serving.config import MODEL_CONFIG, ServingPlan
 
-    batch_size = args.max_batch_size or MODEL_CONFIG["batchSize"]
-    batch_wait_ms = MODEL_CONFIG["maxBatchDelay"] if args.batch_wait_ms is None else args.batch_wait_ms
+    defaults = ServingPlan.from_model_config(MODEL_CONFIG)  # what every archive carries
+    batch_size = args.max_batch_size or defaults.batch_size
+    batch_wait_ms = defaults.max_batch_delay_ms if args.batch_wait_ms is None else args.batch_wait_ms
     sys.argv = sys.argv[:1]  # kserve parses the command line when imported; these are not its options
     started = time.monotonic()
     ray_temp = lock_down_ray(args.state_dir.resolve())  # before Ray is imported: it reads them then
@@ -291,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from marketplace_classifier.serving.config import MODEL_HANDLER_OPTIONS
     from marketplace_classifier.serving.core import available_cores
 
     # the replicas import marketplace_classifier/serving/ from the project
@@ -299,11 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False,
              _node_ip_address=LOOPBACK, _temp_dir=str(ray_temp))
     serve.start(http_options={"location": "NoServer"})  # KServe's server takes the requests
-    threads = {"threads": max(1, available_cores() // args.replicas)}
     models = []
     for name in args.models:
         folder = (args.artifacts_dir / name).resolve()
-        options = MODEL_CONFIG["handler"] | MODEL_HANDLER_OPTIONS.get(name, {}) | threads
+        # the same plan an archive of this model carries; the replicas share the cores
+        options = ServingPlan.for_model(name).core_options(available_cores(), args.replicas)
         deployment = listing_deployment(folder, options, args.replicas, batch_size, batch_wait_ms / 1000)
         handle = serve.run(deployment.bind(), name=name, route_prefix=None)
         models.append(kserve_model(name, handle))

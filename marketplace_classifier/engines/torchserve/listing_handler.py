@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from ts.handler_utils.timer import timed
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from marketplace_classifier.serving.config import ServingPlan
 from marketplace_classifier.serving.core import (
     Batch,
     ListingService,
@@ -49,10 +49,9 @@ class ListingHandler(BaseHandler):
         os.environ[TS_DECODE_SETTING] = "false"
         properties = context.system_properties
         config = getattr(context, "model_yaml_config", None) or {}
-        options = ServingOptions.from_options(config.get("handler", {}) or {})
-        if not options.threads:  # share the cores between workers; TorchServe leaves each on all
-            workers = int(config.get("minWorkers", 1) or 1)
-            options = replace(options, threads=max(1, available_cores() // workers))
+        # the plan the archive carries; its workers share the cores (TorchServe leaves each on all)
+        plan = ServingPlan.from_model_config(config)
+        options = ServingOptions.from_options(plan.core_options(available_cores()))
         model = (getattr(context, "manifest", None) or {}).get("model", {})
         self.service = ListingService(Path(properties["model_dir"]), options,
                                       device_for(properties.get("gpu_id")), model.get("modelName", ""),
