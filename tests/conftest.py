@@ -10,7 +10,7 @@ import pytest
 
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.archive import build_archive
-from marketplace_classifier.ops.engines import KServeRay
+from marketplace_classifier.ops.engines import KServeRay, TorchServe
 from marketplace_classifier.serving.config import MODEL_CONFIG
 from marketplace_classifier.training.cleaning import clean
 from marketplace_classifier.training.sample import SampleConfig, generate
@@ -100,12 +100,10 @@ def server(artifacts, tmp_path_factory):
         build_archive(model, artifacts, store, root=artifacts.parent, model_config=config)
     properties = write_test_config(work / "config.properties", store)
     state = work / "state"
-    try:
-        info = serve.start(work / "config.properties", store, state, timeout=300)
-        yield {"properties": properties, "info": info, "state": state, "config": work / "config.properties",
-               "token": serve.read_key(state / "key_file.json"), "artifacts": artifacts}
-    finally:
-        serve.stop(state)
+    with TorchServe(state, work / "config.properties", store, timeout=300) as engine:
+        yield {"properties": properties, "engine": engine, "state": state,
+               "config": work / "config.properties", "token": serve.read_key(state / "key_file.json"),
+               "artifacts": artifacts}
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,8 @@ def engine(request) -> Engine:
         url = server["properties"]["inference_address"] + "/predictions/{model}"
         return Engine("torchserve", url, url, {"Authorization": f"Bearer {server['token']}"},
                       lambda: serve.worker_pids(server["properties"], server["state"] / "key_file.json",
-                                                ["image", "text", "combined"]), server["info"]["signals"])
+                                                ["image", "text", "combined"]),
+                      server["engine"].addresses.signals)
     started = request.getfixturevalue("kserve_ray")
     base = started["base"]
     return Engine("kserve_ray", base + "/v1/models/{model}:predict", base + "/v2/models/{model}/infer", {},

@@ -16,6 +16,7 @@ import yaml
 
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.archive import MODELS, build_archive
+from marketplace_classifier.ops.engines import TorchServe
 from marketplace_classifier.ops.kserve_storage import StorageError, lay_out, main
 from marketplace_classifier.ops.serve import free_port
 from marketplace_classifier.serving.config import MODEL_CONFIG
@@ -202,11 +203,8 @@ def pod(artifacts, tmp_path_factory):
                      mount=str(storage))
     local = localise(config)
     state = work / "state"
-    try:
-        serve.start(local, storage / "model-store", state, timeout=300)
-        yield {"url": serve.read_properties(local)["inference_address"], "state": state, "config": local}
-    finally:
-        serve.stop(state)
+    with TorchServe(state, local, storage / "model-store", timeout=300) as engine:
+        yield {"url": engine.addresses.rest, "state": state, "config": local}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import requests
 
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.archive import build_archive
+from marketplace_classifier.ops.engines import TorchServe
 from marketplace_classifier.serving.config import MODEL_CONFIG
 from marketplace_classifier.training.data import CleanData
 from tests.helpers import write_test_config
@@ -37,10 +38,10 @@ def watched(artifacts, tmp_path_factory):
     state = work / "state"
     listen = f"127.0.0.1:{serve.free_port()}"
     prometheus = None
+    engine = TorchServe(state, work / "config.properties", store, timeout=300,
+                        metrics_options={"window_seconds": 30, "min_listings": 30, "tick_seconds": 1})
     try:
-        info = serve.start(work / "config.properties", store, state, timeout=300,
-                           metrics_options={"window_seconds": 30, "min_listings": 30, "tick_seconds": 1})
-        target = info["signals"].removeprefix("http://").removesuffix("/metrics")
+        target = engine.start().signals.removeprefix("http://").removesuffix("/metrics")
         (work / "prometheus.yml").write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             f"rule_files: ['{MONITORING / 'alerts.yml'}']\n"
@@ -54,7 +55,7 @@ def watched(artifacts, tmp_path_factory):
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(timeout=30)
-        serve.stop(state)
+        engine.stop()
 
 
 def alerts(base: str) -> dict[str, list[dict]]:

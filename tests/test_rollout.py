@@ -15,6 +15,7 @@ import requests
 
 from marketplace_classifier.ops import rollout, serve
 from marketplace_classifier.ops.archive import archive_version, build_archive
+from marketplace_classifier.ops.engines import TorchServe
 from marketplace_classifier.ops.predict import ClientError, grpc_predict
 from marketplace_classifier.serving.config import MODEL_CONFIG
 from tests.helpers import write_test_config
@@ -60,11 +61,8 @@ def rollout_server(versions):
     write_test_config(work / "config.properties", versions["store"])
     serve.derive_config(work / "config.properties", work / "config.properties", {"load_models": "text.mar"})
     state = work / "state"
-    try:
-        serve.start(work / "config.properties", versions["store"], state, timeout=300, rollout=True)
+    with TorchServe(state, work / "config.properties", versions["store"], timeout=300, rollout=True):
         yield rollout.Server.from_state(work / "config.properties", state)
-    finally:
-        serve.stop(state)
 
 
 class Load:

@@ -94,7 +94,11 @@ class Engine(abc.ABC):
             return {"engine": self.name, "running": False}
 
     def __enter__(self) -> Engine:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a start that failed half-way leaves nothing running
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
