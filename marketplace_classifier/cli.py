@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"marketplace_classifier.ops.{OPERATIONS[command]}")
     sys.argv = [f"{PROG} {command}", *rest]  # argparse names the command in its usage and errors
-    return module.main() if command == "grpc-stubs" else module.main(rest)
+    return module.main(rest)
 
 
 if __name__ == "__main__":

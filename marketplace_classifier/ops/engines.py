@@ -33,9 +33,10 @@ from typing import Any, ClassVar
 import requests
 
 from marketplace_classifier.ops import serve
-from marketplace_classifier.serving.config import MODEL_CONFIG
+from marketplace_classifier.serving.config import MODEL_CONFIG, ServingPlan
 
 GROUP = "marketplace_classifier.engines"
+DEFAULT_PLAN = ServingPlan.from_model_config(MODEL_CONFIG)  # what every archive carries
 
 
 class EngineError(serve.ServeError):
@@ -160,8 +161,8 @@ class KServeRay(Engine):
 
     def __init__(self, state_dir: Path, artifacts: Path = serve.ROOT / "artifacts", timeout: float = 600,
                  port: int = serve.KSERVE_RAY_PORT, grpc_port: int | None = serve.KSERVE_RAY_GRPC_PORT,
-                 replicas: int = MODEL_CONFIG["minWorkers"], batch_size: int = MODEL_CONFIG["batchSize"],
-                 batch_wait_ms: float = MODEL_CONFIG["maxBatchDelay"]) -> None:
+                 replicas: int = DEFAULT_PLAN.workers, batch_size: int = DEFAULT_PLAN.batch_size,
+                 batch_wait_ms: float = DEFAULT_PLAN.max_batch_delay_ms) -> None:
         super().__init__(state_dir, timeout)
         self.artifacts, self.port, self.grpc_port = Path(artifacts), port, grpc_port
         self.replicas, self.batch_size, self.batch_wait_ms = replicas, batch_size, batch_wait_ms

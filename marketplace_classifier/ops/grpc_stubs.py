@@ -44,10 +44,10 @@ def generate(out: Path) -> list[Path]:
     return sorted(out.glob("*_pb2*.py"))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(sysconfig.get_paths()["purelib"]))
-    for path in generate(parser.parse_args().out):
+    for path in generate(parser.parse_args(argv).out):
         print(path)
     return 0
 

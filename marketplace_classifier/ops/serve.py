@@ -272,9 +272,8 @@ KSERVE_RAY_GRPC_PORT = 8086
 SIGNALS_PORT_OFFSET = 2  # the second engine's signals: 8087 beside REST 8085 and gRPC 8086
 
 
-def start_kserve_ray(artifacts: Path, state_dir: Path, port: int = KSERVE_RAY_PORT, replicas: int = 2,
-                     timeout: float = 600, batch_size: int = 4, batch_wait_ms: float = 10,
-                     grpc_port: int | None = KSERVE_RAY_GRPC_PORT) -> dict:
+def start_kserve_ray(artifacts: Path, state_dir: Path, port: int, replicas: int, timeout: float,
+                     batch_size: int, batch_wait_ms: float, grpc_port: int | None) -> dict:
     """Start the second engine in the background from the exported folders and wait until every
     model is loaded (`/v2/health/ready`). `grpc_port` None: REST only. `state_dir` is the
     engine's own (engine_state: its metrics, exporter, Ray's files and token), never TorchServe's."""

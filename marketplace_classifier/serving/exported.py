@@ -71,14 +71,14 @@ class ExportedModel:
         kind = model_kind(settings.model)
         index_to_name = read_index_to_name(folder / LABELS_FILE, settings.num_classes)
         runtime = chosen_runtime(settings, runtime, device)
+        if int8 is None:
+            int8 = settings.onnx_int8 and runtime == settings.runtime
+        if bf16 is None:
+            bf16 = settings.onnx_bf16 and runtime == settings.runtime
         check_files(folder, settings, files_read(folder, settings, kind, runtime, int8))
         if runtime == TORCHSCRIPT:
             model = load_torchscript(folder, device, optimize_for_inference)
         else:
-            if int8 is None:
-                int8 = settings.onnx_int8 and runtime == settings.runtime
-            if bf16 is None:
-                bf16 = settings.onnx_bf16 and runtime == settings.runtime
             model = load_onnx_model(folder, kind, runtime, threads or torch.get_num_threads(), int8, bf16)
         tokenizer = load_tokenizer(folder, settings) if kind.uses_text else None
         return cls(folder, settings, kind, index_to_name, model, tokenizer, runtime)
@@ -94,13 +94,12 @@ class ExportedModel:
 
 
 def files_read(folder: Path, settings: ModelSettings, kind: ModelKind, runtime: str,
-               int8: bool | None) -> list[Path]:
+               int8: bool) -> list[Path]:
     """The files a load under `runtime` reads besides preprocessing.json."""
     paths = [folder / LABELS_FILE]
     if runtime == TORCHSCRIPT:
         paths.append(folder / MODEL_FILE)
     else:
-        int8 = settings.onnx_int8 and runtime == settings.runtime if int8 is None else int8
         paths += onnx_files(folder, kind, int8, runtime)
     if kind.uses_text:
         paths += [path for path in sorted((folder / settings.text.tokenizer).rglob("*")) if path.is_file()]
@@ -112,7 +111,7 @@ def check_files(folder: Path, settings: ModelSettings, paths: list[Path]) -> Non
     a re-export that mixed two versions). Folders exported before digests are read unchecked."""
     if settings.files is None:
         logger.warning("%s: exported without file digests, its files are not checked (export it again)",
-                    folder)
+                       folder)
         return
     for path in paths:
         if not path.exists():

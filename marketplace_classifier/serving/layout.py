@@ -50,7 +50,3 @@ class ExportLayout:
     def onnx(self) -> Path:
         return self.folder / ONNX_FOLDER
 
-    def exported(self) -> bool:
-        """Whether an export finished here (its model and settings are written last but one)."""
-        return self.model.is_file() and self.settings.is_file()
-

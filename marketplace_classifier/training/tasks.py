@@ -242,8 +242,6 @@ def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, c
                     ) -> LastStageTask:
     """Cached activations entering the last stage: every photo plain, and the training photos
     in `cached_views - 1` more views (the mirror, then random crops)."""
-    if settings["cached_views"] < 1:
-        raise ValueError(f"--cached-views {settings['cached_views']}: must be at least 1")
     samples = data.samples(IMAGE)
     paths = [data.image_path(image_id) for image_id in samples["id"]]
     in_train = [split == "train" for split in samples["split"]]
