@@ -242,3 +242,38 @@ def test_the_cost_batcher_runs_the_cheapest_first_and_refuses_what_does_not_fit_
     refused = [name for name, answer in answers.items() if answer.status == 503]
     assert len(refused) == 3 and all(answers[name].headers == {"Retry-After": "1"} for name in refused)
     assert "did not fit" in answers[refused[0]].body["error"]
+
+
+def test_the_cost_batcher_answers_504_after_the_response_timeout_and_drops_the_unbatched_request():
+    import asyncio
+    import threading
+
+    from marketplace_classifier.serving.admission import CostBatcher
+    from marketplace_classifier.serving.core import Request
+
+    release = threading.Event()
+
+    class SlowService(RecordingService):
+        def predict(self, envelopes):
+            release.wait(10)  # the model is stuck on the first batch
+            return envelopes
+
+    service = SlowService({"first": Cost(1, 1000), "second": Cost(1, 1000)}, WorkBudget())
+    batcher = CostBatcher(service, max_batch_size=1, batch_wait_s=0, response_timeout_s=0.3)
+
+    async def both():
+        first = asyncio.ensure_future(batcher.submit(Request({"body": "first"})))
+        await asyncio.sleep(0.05)  # the first request is in the stuck batch
+        second = await batcher.submit(Request({"body": "second"}))
+        answers = await asyncio.gather(first), second
+        release.set()
+        await asyncio.sleep(0.05)
+        return answers
+
+    (first,), second = asyncio.run(both())
+    for answer in (first, second):
+        assert answer.status == 504 and "response timeout (0.3 s)" in answer.body["error"]
+        assert answer.body["grpc_code"] == "DEADLINE_EXCEEDED"
+    assert service.batches == [["first"]]  # the second never reached the model
+    with pytest.raises(ValueError, match="response_timeout_s"):
+        CostBatcher(service, 1, 0, response_timeout_s=0)

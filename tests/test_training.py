@@ -63,28 +63,28 @@ def test_feature_cache_is_reused_and_invalidated(trained, tmp_path, monkeypatch)
     config = trained["configs"]["image"]
     data = CleanData.load(trained["data_dir"])
     model = build_model(config, 13)
-    settings = vars(config) | {"feature_batch_size": 64}
+    settings = replace(config, feature_batch_size=64)
     device = torch.device("cpu")
-    first = frozen_task(model, "image", data, settings, device, tmp_path)
-    frozen_task(model, "image", data, settings, device, tmp_path)
+    first = frozen_task(model, settings, data, device, tmp_path)
+    frozen_task(model, settings, data, device, tmp_path)
     assert len(calls) == 1  # second time from the cache
-    frozen_task(model, "image", data, settings | {"image_size": 48}, device, tmp_path)
+    frozen_task(model, replace(settings, image_size=48), data, device, tmp_path)
     assert len(calls) == 2  # preprocessing changed
     photo = data.image_path(data.images["id"][0])
     original_bytes = photo.read_bytes()
     photo.write_bytes(original_bytes)  # cleaned again: new modification time, same bytes
-    frozen_task(model, "image", data, settings, device, tmp_path)
+    frozen_task(model, settings, data, device, tmp_path)
     assert len(calls) == 2  # the cache follows the contents
     from PIL import Image, ImageOps
 
     ImageOps.mirror(Image.open(io.BytesIO(original_bytes))).save(photo, "JPEG")
-    second = frozen_task(model, "image", data, settings, device, tmp_path)
+    second = frozen_task(model, settings, data, device, tmp_path)
     photo.write_bytes(original_bytes)
     assert len(calls) == 3  # a photo changed
     assert not torch.equal(first.tensors["features"], second.tensors["features"])
     with torch.no_grad():  # e.g. a fine-tuned branch under a combined model: same names, new weights
         model.backbone.network._conv_head.weight.mul_(1.5)
-    third = frozen_task(model, "image", data, settings, device, tmp_path)
+    third = frozen_task(model, settings, data, device, tmp_path)
     assert len(calls) == 4 and not torch.equal(first.tensors["features"], third.tensors["features"])
     # the head of the backbone is in its last stage: the photos were not decoded again for it
     assert len(stage_calls) == 3

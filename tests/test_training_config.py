@@ -40,9 +40,25 @@ def test_the_train_commands_options_and_help_come_from_the_fields():
     options = train_options()
     assert {"epochs", "lr", "decay", "cached_views", "image_checkpoint"} <= set(options)
     assert not {"model", "data_dir", "branches", "resume"} & set(options)  # set by the code or own flags
-    for name, text in options.items():
+    for name, (_, text) in options.items():
         default = getattr(TrainConfig(), name)
         assert helps[name] == f"{text} (default: {default})"
+    # each option is listed under its section's heading
+    groups = {group.title: {action.dest for action in group._group_actions} for group in train._action_groups}
+    for name, (section, _) in options.items():
+        assert name in groups[f"{section} options"]
     args = parser.parse_args(["train", "--model", "text", "--data-dir", "d", "--decay", "cosine",
                               "--warmup-epochs", "0.5"])
     assert (args.decay, args.warmup_epochs) == ("cosine", 0.5)
+
+
+def test_every_field_belongs_to_one_section_and_the_sections_hold_them_all():
+    from dataclasses import fields
+
+    from marketplace_classifier.training.config import SECTIONS, sectioned
+
+    grouped = sectioned(TrainConfig(epochs=3))
+    assert list(grouped) == list(SECTIONS)
+    listed = sorted(name for values in grouped.values() for name in values)
+    assert listed == sorted(item.name for item in fields(TrainConfig))
+    assert grouped["optimisation"]["epochs"] == 3 and grouped["image"]["image_size"] == 224

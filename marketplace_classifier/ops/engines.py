@@ -130,6 +130,17 @@ class TorchServe(Engine):
         return key_file if key_file.exists() else None
 
     @classmethod
+    def running(cls, state_dir: Path, config: Path = serve.ROOT / "config.properties") -> TorchServe:
+        """The server started in `state_dir`: with the config.properties `start` wrote there
+        (its ports and settings as started), else `config`."""
+        written = Path(state_dir) / "config.properties"
+        return cls(state_dir, written if written.exists() else config)
+
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        """The Authorization header of one of its APIs (none when tokens are off)."""
+        return {} if serve.tokens_disabled(self.properties) else serve.auth_headers(self.key_file, kind)
+
+    @classmethod
     def from_cli(cls, state_dir: Path, args: argparse.Namespace) -> TorchServe:
         return cls(state_dir, args.config, args.model_store, args.timeout or 180, args.disable_token_auth,
                    args.rollout)

@@ -25,13 +25,13 @@ import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.archive import ARCHIVE_NAME
+from marketplace_classifier.ops.engines import TorchServe
 from marketplace_classifier.serving.files import atomic_write
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS, model_kind
 from marketplace_classifier.serving.settings import CARD_FILE
@@ -49,26 +49,29 @@ class RolloutError(RuntimeError):
 
 
 # ------------------------------------------------------------------ the server and the state
-@dataclass
 class Server:
-    """A running TorchServe: its addresses, tokens and the rollout's own state file."""
+    """A running TorchServe (its Engine: addresses, tokens) and the rollout's own state file."""
 
-    properties: dict
-    state_dir: Path
-    model_store: Path
+    def __init__(self, engine: TorchServe):
+        self.engine = engine
+        store = Path(self.properties.get("model_store", "model_store"))
+        self.model_store = store if store.is_absolute() else ROOT / store
 
     @classmethod
     def from_state(cls, config: Path, state_dir: Path) -> Server:
-        """The server started in `state_dir`: the config `serve.py start --rollout` wrote there,
-        else `config`."""
-        written = Path(state_dir) / "config.properties"
-        properties = serve.read_properties(written if written.exists() else config)
-        store = Path(properties.get("model_store", "model_store"))
-        return cls(properties, Path(state_dir), store if store.is_absolute() else ROOT / store)
+        """The server started in `state_dir` (`marketplace-classifier serve start --rollout`)."""
+        return cls(TorchServe.running(Path(state_dir), config))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.engine.state_dir
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return self.engine.properties
 
     def headers(self, kind: str) -> dict:
-        key_file = self.state_dir / "key_file.json"
-        return {} if serve.tokens_disabled(self.properties) else serve.auth_headers(key_file, kind)
+        return self.engine.headers(kind)
 
     def manage(self, method: str, path: str, timeout: float = 300, **params) -> dict | list:
         """A management API call; RolloutError with TorchServe's own message when refused."""

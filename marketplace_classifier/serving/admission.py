@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from marketplace_classifier.serving.budget import admit, batch_full
-from marketplace_classifier.serving.core import Answer, ListingService, Request
+from marketplace_classifier.serving.core import Answer, ListingService, Refusal, Request
+from marketplace_classifier.serving.processing import AnswerTimedOut
 from marketplace_classifier.serving.protocols import Envelope
 
 
@@ -33,10 +34,13 @@ class Waiting:
 class CostBatcher:
     """`await batcher.submit(request)` -> the request's Answer, batched with its neighbours."""
 
-    def __init__(self, service: ListingService, max_batch_size: int, batch_wait_s: float):
-        if max_batch_size < 1 or batch_wait_s < 0:
-            raise ValueError("max_batch_size must be at least 1 and batch_wait_s at least 0")
+    def __init__(self, service: ListingService, max_batch_size: int, batch_wait_s: float,
+                 response_timeout_s: float = 60):
+        if max_batch_size < 1 or batch_wait_s < 0 or response_timeout_s <= 0:
+            raise ValueError("max_batch_size must be at least 1, batch_wait_s at least 0 and "
+                             "response_timeout_s above 0")
         self.service, self.max_batch_size, self.batch_wait_s = service, max_batch_size, batch_wait_s
+        self.response_timeout_s = response_timeout_s
         self.waiting: list[Waiting] = []
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="read")
         self.runner = ThreadPoolExecutor(1, thread_name_prefix="batch")
@@ -47,12 +51,18 @@ class CostBatcher:
         loop = asyncio.get_running_loop()
         self.start(loop)
         parsed = await loop.run_in_executor(self.reader, self.service.read_one, request)
-        if isinstance(parsed, Exception):
-            return self.service.refuse(parsed)
+        if isinstance(parsed, Refusal):
+            return self.service.refuse(parsed.error)
         waiting = Waiting(parsed, loop.create_future())
         self.waiting.append(waiting)
         self.arrived.set()
-        return await waiting.answer
+        try:  # the batch goes on without this request's client; its answer is dropped
+            return await asyncio.wait_for(asyncio.shield(waiting.answer), self.response_timeout_s)
+        except TimeoutError:
+            if waiting in self.waiting:  # not in a batch yet: it never will be
+                self.waiting.remove(waiting)
+            return self.service.refuse(AnswerTimedOut(
+                f"no answer within the response timeout ({self.response_timeout_s:g} s); retry it"))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.loop_task is None:

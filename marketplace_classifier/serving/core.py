@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from marketplace_classifier.serving.budget import Cost, WorkBudget, admit, batch_full, check_request
 from marketplace_classifier.serving.errors import refusal
@@ -40,7 +41,15 @@ from marketplace_classifier.serving.processing import (
     pool_photos,
     text_inputs,
 )
-from marketplace_classifier.serving.protocols import V1, V2, Envelope, read_request, v1_response, v2_response
+from marketplace_classifier.serving.protocols import (
+    V1,
+    V2,
+    Envelope,
+    PreparedListing,
+    read_request,
+    v1_response,
+    v2_response,
+)
 from marketplace_classifier.serving.request_log import RequestLog
 from marketplace_classifier.serving.settings import read_card
 from marketplace_classifier.serving.signals import Signals
@@ -92,18 +101,30 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why one request of a batch is not answered, and at which step; the others go on."""
+
+    error: Exception
+    stage: str = "parsing"
+
+
 @dataclass
 class Batch:
-    """A batch on its way through the core: per request an Envelope or the exception refusing
-    it, then the probabilities of every listing of the admitted ones."""
+    """A batch on its way through the core: per request an Envelope or its Refusal, then the
+    probabilities of every listing of the admitted ones."""
 
-    requests: list
+    requests: list[Envelope | Refusal]
     probabilities: torch.Tensor | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
-    def items(self) -> list[dict]:
-        return [item for request in self.requests if isinstance(request, Envelope) for item in request.items]
+    def envelopes(self) -> list[Envelope]:
+        return [request for request in self.requests if isinstance(request, Envelope)]
+
+    @property
+    def items(self) -> list[PreparedListing]:
+        return [item for request in self.envelopes for item in request.items]
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -220,12 +241,12 @@ class ListingService:
         return self.prepare_read([self.read_one(request, index) for index, request in enumerate(requests)],
                                  started)
 
-    def read_one(self, request: Request, index: int = 0) -> Envelope | Exception:
-        """One request parsed and its cost known (photo headers read, nothing decoded), or the
-        exception refusing it."""
+    def read_one(self, request: Request, index: int = 0) -> Envelope | Refusal:
+        """One request parsed and its cost known (photo headers read, nothing decoded), or its
+        Refusal."""
         return self.guarded(index, "parsing", lambda: self.read(request))
 
-    def prepare_read(self, parsed: list, started: float | None = None) -> Batch:
+    def prepare_read(self, parsed: list[Envelope | Refusal], started: float | None = None) -> Batch:
         """Requests already read (`read_one`): the batch's cheapest within the batch budget
         admitted, their photos decoded."""
         admitted = self.admit(parsed)
@@ -236,8 +257,8 @@ class ListingService:
         """One row of probabilities per listing of the admitted requests: its photos' answers
         pooled, then the temperature fitted on the validation listings."""
         items = batch.items
-        valid = sum(isinstance(request, Envelope) for request in batch.requests)
-        logger.info("batch_size=%d valid=%d listings=%d", len(batch.requests), valid, len(items))
+        logger.info("batch_size=%d valid=%d listings=%d", len(batch.requests), len(batch.envelopes),
+                    len(items))
         batch.probabilities = self.listing_probabilities(items) if items else None
         return batch
 
@@ -245,8 +266,8 @@ class ListingService:
         """One Answer per request, in its own protocol; refusals get their status and a body."""
         answers, start = [], 0
         for request in batch.requests:
-            if isinstance(request, Exception):
-                answers.append(self.refusal(request))
+            if isinstance(request, Refusal):
+                answers.append(self.refusal(request.error))
                 self.signals.refused(answers[-1].status)
                 continue
             rows = batch.probabilities[start:start + len(request.items)]
@@ -255,17 +276,17 @@ class ListingService:
             for result, item in zip(results, request.items, strict=True):
                 self.observe(result, item)
                 if self.request_log is not None:
-                    self.request_log.record(item["listing"], result)
+                    self.request_log.record(item.listing, result)
             answers.append(Answer(200, self.format_response(request, results)))
         self.signals.batch_seconds(time.perf_counter() - batch.started, len(answers))
         return answers
 
-    def observe(self, result: dict, item: dict) -> None:
+    def observe(self, result: dict, item: PreparedListing) -> None:
         """An answered listing in the service's signals (marketplace_classifier/serving/signals.py)."""
         self.signals.answered(result["category"], result["probability"], result["needs_review"],
-                              len(item["images"]) if self.kind.uses_image else None,
-                              len(item["text"] or "") if self.kind.uses_text else None,
-                              item.get("photo_sides", []))
+                              len(item.images) if self.kind.uses_image else None,
+                              len(item.text or "") if self.kind.uses_text else None,
+                              item.photo_sides)
 
     # ------------------------------------------------------------ reading and admitting
     def read(self, request: Request) -> Envelope:
@@ -274,12 +295,11 @@ class ListingService:
         if self.kind.uses_image:  # the count first, before a single header is read
             check_request(Cost(sum(len(listing.images) for listing in envelope.listings)), self.budget)
         envelope.items = [self.open(listing) for listing in envelope.listings]
-        envelope.cost = sum((Cost(len(item["photos"]), sum(p.width * p.height for p, _ in item["photos"]))
-                             for item in envelope.items), Cost())
+        envelope.cost = sum((item.cost for item in envelope.items), Cost())
         check_request(envelope.cost, self.budget)
         return envelope
 
-    def admit(self, requests: list) -> list:
+    def admit(self, requests: list[Envelope | Refusal]) -> list[Envelope | Refusal]:
         """The batch within its work budget: requests that do not fit beside their cheaper
         batch-mates are refused (503, retry) before any photo is decoded."""
         positions = [index for index, request in enumerate(requests) if isinstance(request, Envelope)]
@@ -287,50 +307,50 @@ class ListingService:
         answered = list(requests)
         for index, fits in zip(positions, admitted, strict=True):
             if not fits:
-                answered[index] = batch_full(requests[index].cost, self.budget)
+                answered[index] = Refusal(batch_full(requests[index].cost, self.budget), "admission")
         return answered
 
-    def decode(self, index: int, request):
+    def decode(self, index: int, request: Envelope | Refusal) -> Envelope | Refusal:
         """An admitted request with its photos decoded into model inputs."""
-        if not isinstance(request, Envelope):
+        if isinstance(request, Refusal):
             return request
 
         def decode_all() -> Envelope:
             for item in request.items:
-                item["images"] = [self.photo(item, position) for position in range(len(item["photos"]))]
-                item["photos"] = None
+                item.images = [self.photo(item, header) for header in item.headers]
+                item.headers = []  # the headers hold the photos' bytes; done with them
             return request
 
         return self.guarded(index, "decoding", decode_all)
 
     @staticmethod
     def guarded(index: int, stage: str, work):
-        """`work()`, or the exception that explains why one request of the batch failed: it
-        must not fail the others."""
+        """`work()`, or the Refusal that explains why one request of the batch failed: it must
+        not fail the others."""
         try:
             return work()
         except InputError as error:
-            return error
+            return Refusal(error, stage)
         except Exception as error:
             logger.error("request %d of the batch failed in %s: %s", index, stage, type(error).__name__)
-            return error
+            return Refusal(error, stage)
 
-    def open(self, listing: Listing) -> dict:
+    def open(self, listing: Listing) -> PreparedListing:
         """A listing's photos as headers, in the order of their bytes (so that the order they
         were sent in changes nothing), each with its position as sent."""
-        item: dict = {"listing": listing, "text": listing.text, "images": [], "photos": []}
+        item = PreparedListing(listing)
         if self.kind.uses_image:
             order = sorted(range(len(listing.images)), key=listing.images.__getitem__)
-            item["photos"] = [(self.labelled(listing, position, lambda data: open_photo(
+            item.headers = [(self.labelled(listing, position, lambda data: open_photo(
                 data, self.options.max_image_pixels, self.budget.scans_per_photo)), position)
                 for position in order]
-            item["photo_sides"] = [max(header.width, header.height) for header, _ in item["photos"]]
+            item.photo_sides = [max(header.width, header.height) for header, _ in item.headers]
         return item
 
-    def photo(self, item: dict, index: int) -> torch.Tensor:
-        header, position = item["photos"][index]
+    def photo(self, item: PreparedListing, photo: tuple[Image.Image, int]) -> torch.Tensor:
+        header, position = photo
         size = self.settings.image.size
-        picture = self.labelled(item["listing"], position, lambda data: load_photo(header, data, size))
+        picture = self.labelled(item.listing, position, lambda data: load_photo(header, data, size))
         return image_to_tensor(fit_to_square(picture, size))
 
     @staticmethod
@@ -342,15 +362,15 @@ class ListingService:
             raise type(error)(f"photo {position + 1} of {len(listing.images)}: {error}") from error
 
     # ------------------------------------------------------------ the model
-    def collate(self, items: list[dict]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def collate(self, items: list[PreparedListing]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The model inputs (on the CPU), one row per photo (per listing for the text model), and
         the listing each row belongs to."""
         if self.kind.per_photo:
-            rows = [(index, image) for index, item in enumerate(items) for image in item["images"]]
+            rows = [(index, image) for index, item in enumerate(items) for image in item.images]
         else:
             rows = [(index, None) for index in range(len(items))]
         images = [image for _, image in rows] if self.kind.uses_image else None
-        texts = [items[index]["text"] for index, _ in rows] if self.kind.uses_text else None
+        texts = [items[index].text for index, _ in rows] if self.kind.uses_text else None
         inputs = model_inputs(self.kind, images, texts, self.tokenizer, self.settings.text)
         return inputs, torch.tensor([i for i, _ in rows])
 
@@ -365,24 +385,24 @@ class ListingService:
         return torch.cat([self.run(method, tuple(tensor[start:start + step] for tensor in inputs))
                           for start in range(0, rows, step)])
 
-    def run_listings(self, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_listings(self, items: list[PreparedListing]) -> tuple[torch.Tensor, torch.Tensor]:
         """A fused model's logits per photo with each listing's text run once (its `listings`
         method), whole listings at a time up to about `rows_per_forward` photos; and the listing
         of each photo."""
         logits, listing_of_photo, start = [], [], 0
-        for end in listing_chunks([len(item["images"]) for item in items], self.options.rows_per_forward):
+        for end in listing_chunks([len(item.images) for item in items], self.options.rows_per_forward):
             chunk = items[start:end]
-            images = torch.stack([image for item in chunk for image in item["images"]])
-            rows = torch.tensor([row for row, item in enumerate(chunk) for _ in item["images"]])
-            text = text_inputs(self.tokenizer, [item["text"] for item in chunk], self.settings.text)
+            images = torch.stack([image for item in chunk for image in item.images])
+            rows = torch.tensor([row for row, item in enumerate(chunk) for _ in item.images])
+            text = text_inputs(self.tokenizer, [item.text for item in chunk], self.settings.text)
             logits.append(self.run(self.model.listings, (images, rows, *text)))
             listing_of_photo.append(rows + start)
             start = end
         return torch.cat(logits), torch.cat(listing_of_photo)
 
-    def listing_probabilities(self, items: list[dict]) -> torch.Tensor:
+    def listing_probabilities(self, items: list[PreparedListing]) -> torch.Tensor:
         probabilities = torch.empty(len(items), self.settings.num_classes)
-        with_rows = [i for i, item in enumerate(items) if item["images"] or not self.kind.per_photo]
+        with_rows = [i for i, item in enumerate(items) if item.images or not self.kind.per_photo]
         if with_rows:
             chosen = [items[i] for i in with_rows]
             if self.text_once:
@@ -394,16 +414,16 @@ class ListingService:
             probabilities[with_rows] = listing_probabilities(pooled, self.settings.temperature)
         text_only = sorted(set(range(len(items))) - set(with_rows))
         if text_only:
-            inputs = text_inputs(self.tokenizer, [items[i]["text"] for i in text_only], self.settings.text)
+            inputs = text_inputs(self.tokenizer, [items[i].text for i in text_only], self.settings.text)
             logits = self.run_in_chunks(self.model.text_only, inputs)
             probabilities[text_only] = listing_probabilities(torch.log_softmax(logits, 1),
                                                              self.settings.text_only_temperature)
         return probabilities
 
     # ------------------------------------------------------------ answers
-    def describe(self, row: torch.Tensor, item: dict) -> dict:
+    def describe(self, row: torch.Tensor, item: PreparedListing) -> dict:
         """The answer, whether to file it automatically, and what it was made from."""
-        listing: Listing = item["listing"]
+        listing = item.listing
         answer = describe_probabilities(row.tolist(), self.index_to_name, listing.top_k)
         threshold = listing.min_confidence if listing.min_confidence is not None \
             else self.settings.review_threshold
@@ -411,8 +431,8 @@ class ListingService:
         if self.model_version:  # which version answered, for rollouts (marketplace_classifier/ops/rollout.py)
             answer["model_version"] = self.model_version
         if self.kind.uses_image:
-            answer["photos"] = len(item["images"])
-            if not item["images"]:
+            answer["photos"] = len(item.images)
+            if not item.images:
                 answer["answered_from"] = "text only"
         return answer
 

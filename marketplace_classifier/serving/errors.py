@@ -12,7 +12,7 @@ MAX_ERROR_CHARS = 1000
 # gRPC status names for the HTTP codes the core answers with, for clients of a gRPC API whose
 # engine cannot send a per-request status (TorchServe 0.12: see SECURITY.md).
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED",
-              415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+              415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 RETRY_AFTER_SECONDS = 1
 
 

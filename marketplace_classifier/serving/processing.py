@@ -51,6 +51,12 @@ class OverBudget(InputError):
     status = 413
 
 
+class AnswerTimedOut(InputError):
+    """The model's answer took longer than the serving plan's response timeout."""
+
+    status = 504
+
+
 class BatchBudgetSpent(InputError):
     """A request that fits the budget alone, but not beside the cheaper requests of its batch:
     try again (the worker's time for this batch is spoken for)."""

@@ -10,15 +10,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from marketplace_classifier.serving.budget import Cost
 from marketplace_classifier.serving.payloads import DEFAULT_MAX_PHOTOS, Listing, parse_fields, read_fields
 from marketplace_classifier.serving.processing import InputError, quote, quote_all
 
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
 PLAIN, V1, V2 = "plain", "v1", "v2"
 MAX_LISTINGS = 64  # per request; a bigger request would hold up everyone else's batch
 V2_INPUTS = ("image", "text", "product_name", "product_description")
 V2_PARAMETERS = ("top_k", "min_confidence")
+
+
+@dataclass
+class PreparedListing:
+    """A listing on its way to the model: first its photos' headers (read, not decoded), each
+    with its position as sent, then its photos decoded into model inputs."""
+
+    listing: Listing
+    headers: list[tuple[Image.Image, int]] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+    photo_sides: list[int] = field(default_factory=list)  # each photo's longer side, for the signals
+
+    @property
+    def text(self) -> str | None:
+        return self.listing.text
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(len(self.headers), sum(header.width * header.height for header, _ in self.headers))
 
 
 @dataclass
@@ -28,7 +52,7 @@ class Envelope:
     protocol: str
     listings: list[Listing] = field(default_factory=list)
     request_id: str | None = None
-    items: list[dict] = field(default_factory=list)  # the listings prepared for the model
+    items: list[PreparedListing] = field(default_factory=list)  # the listings prepared for the model
     cost: Cost = field(default_factory=Cost)  # the work it asks for (serving/budget.py)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS
 from marketplace_classifier.serving.settings import RUNTIMES
-from marketplace_classifier.training.config import TrainConfig, train_options
+from marketplace_classifier.training.config import SECTIONS, TrainConfig, train_options
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -85,11 +85,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true",
                        help="continue after the last complete epoch (checkpoints/<model>/last.pt)")
     defaults = TrainConfig()
-    for name, text in train_options().items():
+    groups = {name: train.add_argument_group(f"{name} options", text) for name, text in SECTIONS.items()}
+    for name, (section, text) in train_options().items():
         default = getattr(defaults, name)
         kind = type(default) if default is not None else str
-        train.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                           help=f"{text} (default: {default})")
+        groups[section].add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                                     help=f"{text} (default: {default})")
     train.set_defaults(run=_train)
 
     for name, run, text in (("evaluate", _evaluate, "test-split reports under reports/<model>/"),

@@ -4,6 +4,7 @@ whose fields carry their own help (the CLI's `train` options are generated from 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 from marketplace_classifier.serving.model_kinds import MODEL_KINDS, ModelKind, model_kind
@@ -13,65 +14,91 @@ BN_STATS = ("frozen", "update")
 DECAY = ("none", "cosine")
 
 
-def option(default: Any, help: str, cli: bool = True) -> Any:
-    """A field with its help text; `cli` False: not a `train` option (set by the code)."""
+# The configuration's sections, in the order `train --help` and the model card list them.
+SECTIONS = {
+    "model": "what is trained, from which data",
+    "paths": "where checkpoints, logs and cached features go",
+    "optimisation": "optimiser, schedule and stopping",
+    "image": "the image branch",
+    "text": "the text branch",
+    "combined": "the combined model's branches",
+    "hardware": "devices and data loading",
+}
+
+
+def option(section: str, default: Any, help: str, cli: bool = True) -> Any:
+    """A field with its section and help; `cli` False: not a `train` option (set by the code)."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r}")
     factory = {"default_factory": dict} if default == {} else {"default": default}
-    return field(**factory, metadata={"help": help, "cli": cli})
+    return field(**factory, metadata={"help": help, "cli": cli, "section": section})
+
+
+_model, _paths, _optimisation, _image, _text, _combined, _hardware = (partial(option, name)
+                                                                      for name in SECTIONS)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = option("image", "image, text or combined", cli=False)
-    data_dir: str = option("data/clean", "cleaned and split folder", cli=False)
-    checkpoint_dir: str = option("checkpoints", "where checkpoints/<model>/best.pt goes")
-    runs_dir: str = option("runs", "TensorBoard logs")
-    cache_dir: str | None = option("cache/features", "where frozen features are cached")
-    epochs: int = option(15, "passes over the training split")
-    batch_size: int = option(64, "samples per step (under torchrun: the global batch, split over the "
-                                 "processes)")
-    lr: float = option(1e-3, "AdamW learning rate")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    patience: int = option(0, "stop after this many epochs without a better validation accuracy (0: off)")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    seed: int = option(0, "random seed (runs are deterministic on CPU)")
-    image_backbone: str = option("resnet50", "resnet50, efficientnet_lite0, efficientnet_lite1 or "
+    model: str = _model("image", "image, text or combined", cli=False)
+    data_dir: str = _model("data/clean", "cleaned and split folder", cli=False)
+    seed: int = _model(0, "random seed (runs are deterministic on CPU)")
+
+    checkpoint_dir: str = _paths("checkpoints", "where checkpoints/<model>/best.pt goes")
+    runs_dir: str = _paths("runs", "TensorBoard logs")
+    cache_dir: str | None = _paths("cache/features", "where frozen features are cached")
+    resume: bool = _paths(False, "continue after the last complete epoch (checkpoints/<model>/last.pt)",
+                          cli=False)
+    init_from: str | None = _paths(None, "start from this checkpoint's weights (same model), e.g. fine-tune "
+                                         "from a frozen run")
+
+    epochs: int = _optimisation(15, "passes over the training split")
+    batch_size: int = _optimisation(64, "samples per step (under torchrun: the global batch, split over the "
+                                        "processes)")
+    lr: float = _optimisation(1e-3, "AdamW learning rate")
+    weight_decay: float = _optimisation(1e-4, "AdamW weight decay")
+    # pretrained weights move slowly; the new head learns at --lr
+    backbone_lr: float = _optimisation(5e-5, "AdamW learning rate of a fine-tuned image backbone or text "
+                                             "encoder")
+    warmup_epochs: float = _optimisation(0.0, "linear learning-rate warmup, in epochs (fractions allowed)")
+    decay: str = _optimisation("none", "learning-rate decay after warmup, per step: none or cosine (to zero "
+                                       "at the last epoch)")
+    grad_clip: float = _optimisation(0.0, "clip the gradient norm to this (0: off)")
+    patience: int = _optimisation(0, "stop after this many epochs without a better validation accuracy (0: "
+                                     "off)")
+
+    image_backbone: str = _image("resnet50", "resnet50, efficientnet_lite0, efficientnet_lite1 or "
                                              "efficientnet_lite2")
-    image_weights: str = option("imagenet", "imagenet, none, or the path of a state dict")
-    image_size: int = option(224, "side of the square model input")
-    finetune: str = option("none", "image backbone: none (frozen, cached features), last (last stage) or all")
-    bn_stats: str = option("frozen", "fine-tuning: batch-norm running statistics 'frozen' as pretrained "
+    image_weights: str = _image("imagenet", "imagenet, none, or the path of a state dict")
+    image_size: int = _image(224, "side of the square model input")
+    finetune: str = _image("none", "image backbone: none (frozen, cached features), last (last stage) or all")
+    bn_stats: str = _image("frozen", "fine-tuning: batch-norm running statistics 'frozen' as pretrained "
                                      "(default) or 'update'")
-    cached_views: int = option(2, "--finetune last (image model): views of each training photo whose "
+    cached_views: int = _image(2, "--finetune last (image model): views of each training photo whose "
                                   "activations below the last stage are cached (1: the photo, 2: and its "
                                   "mirror, more: random crops too)")
-    text_encoder: str = option("minilm", "minilm (shipped), a model folder, or a name in the local HF cache")
-    max_length: int = option(128, "tokens kept of name + description")
-    lexical_buckets: int = option(262_144, "hashed n-gram buckets of the text model's lexical branch (0: no "
-                                           "lexical branch)")
-    lexical_max_chars: int = option(5_000, "characters of a listing's text the lexical branch reads",
-                                    cli=False)
-    lexical_head_words: int = option(10, "the lexical branch also hashes the first N words (the name) apart "
-                                         "(0: off)")
+
+    text_encoder: str = _text("minilm", "minilm (shipped), a model folder, or a name in the local HF cache")
+    max_length: int = _text(128, "tokens kept of name + description")
+    finetune_encoder: bool = _text(False, "train the text encoder too", cli=False)
+    lexical_buckets: int = _text(262_144, "hashed n-gram buckets of the text model's lexical branch (0: no "
+                                          "lexical branch)")
+    lexical_max_chars: int = _text(5_000, "characters of a listing's text the lexical branch reads",
+                                   cli=False)
+    lexical_head_words: int = _text(10, "the lexical branch also hashes the first N words (the name) apart "
+                                        "(0: off)")
     # the lexical branch starts at zero and its inputs are L2-normalised: it learns faster than the rest
-    lexical_lr: float = option(2e-2, "AdamW learning rate of the lexical branch")
-    finetune_encoder: bool = option(False, "train the text encoder too", cli=False)
-    # pretrained weights move slowly; the new head learns at --lr
-    backbone_lr: float = option(5e-5, "AdamW learning rate of a fine-tuned image backbone or text encoder")
-    warmup_epochs: float = option(0.0, "linear learning-rate warmup, in epochs (fractions allowed)")
-    decay: str = option("none", "learning-rate decay after warmup, per step: none or cosine (to zero at "
-                                "the last epoch)")
-    grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)")
-    feature_batch_size: int = option(32, "batch size when computing frozen features")
-    num_workers: int = option(0, "data loader processes when fine-tuning")
-    resume: bool = option(False, "continue after the last complete epoch (checkpoints/<model>/last.pt)",
-                          cli=False)
-    init_from: str | None = option(None, "start from this checkpoint's weights (same model), e.g. fine-tune "
-                                         "from a frozen run")
-    image_checkpoint: str | None = option(None, "combined: the image branch's checkpoint (default: "
-                                                "<checkpoint-dir>/image/best.pt)")
-    text_checkpoint: str | None = option(None, "combined: the text branch's checkpoint (default: "
-                                               "<checkpoint-dir>/text/best.pt)")
-    branches: dict = option({}, "combined: the image and text configs it was built from", cli=False)
+    lexical_lr: float = _text(2e-2, "AdamW learning rate of the lexical branch")
+
+    image_checkpoint: str | None = _combined(None, "combined: the image branch's checkpoint (default: "
+                                                   "<checkpoint-dir>/image/best.pt)")
+    text_checkpoint: str | None = _combined(None, "combined: the text branch's checkpoint (default: "
+                                                  "<checkpoint-dir>/text/best.pt)")
+    branches: dict = _combined({}, "combined: the image and text configs it was built from", cli=False)
+
+    device: str = _hardware("auto", "auto, cpu, cuda or cuda:N")
+    feature_batch_size: int = _hardware(32, "batch size when computing frozen features")
+    num_workers: int = _hardware(0, "data loader processes when fine-tuning")
 
     def __post_init__(self) -> None:
         for problem in self.problems():
@@ -104,6 +131,15 @@ class TrainConfig:
         return self.finetune == "none" and not self.finetune_encoder
 
 
-def train_options() -> dict[str, str]:
-    """The `train` command's options: every field the CLI sets, with its help."""
-    return {item.name: item.metadata["help"] for item in fields(TrainConfig) if item.metadata["cli"]}
+def train_options() -> dict[str, tuple[str, str]]:
+    """The `train` command's options: every field the CLI sets, with its section and help."""
+    return {item.name: (item.metadata["section"], item.metadata["help"])
+            for item in fields(TrainConfig) if item.metadata["cli"]}
+
+
+def sectioned(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The configuration grouped by section (the model card's and `train --help`'s order)."""
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for item in fields(config):
+        grouped[item.metadata["section"]][item.name] = getattr(config, item.name)
+    return grouped

@@ -3,8 +3,6 @@ several padded lengths; and forward's inputs regrouped as listings."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 
 from marketplace_classifier.serving.processing import model_inputs
@@ -37,7 +35,7 @@ def sample_inputs(config: TrainConfig, data: CleanData, chosen, tokenizer) -> tu
     images = [load_model_image(data.image_path(i), config.image_size) for i in chosen["id"]] \
         if config.kind.uses_image else None
     return model_inputs(config.kind, images, list(chosen["text"]), tokenizer,
-                        text_settings(asdict(config)))
+                        text_settings(config))
 
 
 def listings_example_per_photo(example: tuple) -> tuple:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,7 +62,7 @@ def preprocessing_settings(config: TrainConfig, model, num_classes: int, answers
         image_model = kind.image_part(model)
         image = ImageSettings(config.image_size, tuple((image_model.mean.flatten() / 255).tolist()),
                               tuple((image_model.std.flatten() / 255).tolist()))
-    text = text_settings(asdict(config)) if kind.uses_text else None
+    text = text_settings(config) if kind.uses_text else None
     return ModelSettings(config.model, num_classes, image, text, int8_text_encoder=int8, **(answers or {}),
                          **(runtime or {}))
 

@@ -7,7 +7,7 @@ seconds); fine-tuning feeds decoded photos and token ids through the whole model
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from marketplace_classifier.serving.model_kinds import IMAGE, ModelKind, model_kind
 from marketplace_classifier.serving.processing import lexical_ids, model_inputs, pad_lexical
 from marketplace_classifier.serving.settings import LexicalSettings, TextSettings
+from marketplace_classifier.training.config import TrainConfig
 from marketplace_classifier.training.data import CleanData
 from marketplace_classifier.training.features import (
     cached,
@@ -102,20 +103,20 @@ class FrozenTask:
         return self.model.combine(self.network(*inputs))
 
 
-def frozen_task(model: nn.Module, kind: str | ModelKind, data: CleanData, settings: dict,
-                device: torch.device, cache_dir: Path | None) -> FrozenTask:
-    kind = model_kind(kind)
+def frozen_task(model: nn.Module, config: TrainConfig, data: CleanData, device: torch.device,
+                cache_dir: Path | None) -> FrozenTask:
+    kind = config.kind
     samples = data.samples(kind)
     tensors: dict[str, torch.Tensor] = {}
     if kind.uses_image:
         image_model = kind.image_part(model)
-        tensors.update(_image_features(image_model, data, samples, settings, device, cache_dir))
+        tensors.update(_image_features(image_model, data, samples, config, device, cache_dir))
     if kind.uses_text:
         text_model = kind.text_part(model)
         products = data.products
-        tensors.update(_hidden_states(text_model, products, settings, device, cache_dir))
+        tensors.update(_hidden_states(text_model, products, config, device, cache_dir))
         if text_model.lexical is not None:
-            lexical = text_settings(settings).lexical
+            lexical = text_settings(config).lexical
             tensors["lexical"] = [lexical_ids(text, lexical) for text in products["text"]]
         if kind.per_photo:
             row_of = {product_id: row for row, product_id in enumerate(products["id"])}
@@ -124,41 +125,40 @@ def frozen_task(model: nn.Module, kind: str | ModelKind, data: CleanData, settin
     return FrozenTask(model, kind, tensors, labels, list(samples["split"]), device)
 
 
-def _image_features(image_model, data: CleanData, samples, settings: dict, device, cache_dir):
+def _image_features(image_model, data: CleanData, samples, config: TrainConfig, device, cache_dir):
     """Frozen features of the photos, derived from the cached activations entering the last stage
     (what a last-stage fine-tuning of the same backbone reuses: the photos are decoded and the
     stages below run once for both)."""
     paths = [data.image_path(image_id) for image_id in samples["id"]]
     stamps = file_stamps(paths)
-    parts = _image_parts(image_model, settings, stamps, state_digest(image_model.backbone))
+    parts = _image_parts(image_model, config, stamps, state_digest(image_model.backbone))
     parts["computed"] = "last stage over float16 stage inputs"
 
     def compute():
-        inputs = _stage_inputs(image_model, paths, stamps, settings, device, cache_dir)
-        return compute_features_from_stage_inputs(image_model, inputs, device,
-                                                  settings["feature_batch_size"])
+        inputs = _stage_inputs(image_model, paths, stamps, config, device, cache_dir)
+        return compute_features_from_stage_inputs(image_model, inputs, device, config.feature_batch_size)
 
     return cached(cache_dir, "image", parts, compute)
 
 
-def _stage_inputs(image_model, paths: list[Path], stamps: list, settings: dict, device, cache_dir,
+def _stage_inputs(image_model, paths: list[Path], stamps: list, config: TrainConfig, device, cache_dir,
                   view: int = 0) -> torch.Tensor:
     """Cached activations entering the last stage of the photos at `paths`, in view `view`."""
     # what enters the last stage does not depend on it: a fine-tuned model finds its cache
     below = state_digest(image_model.backbone, leave_out=image_model.backbone.last_stage())
-    parts = _image_parts(image_model, settings, stamps, below) | {"cut": "below last stage", "view": view}
+    parts = _image_parts(image_model, config, stamps, below) | {"cut": "below last stage", "view": view}
     if view > 0:
-        parts["seed"] = settings["seed"]
+        parts["seed"] = config.seed
     return cached(cache_dir, "activations", parts, lambda: compute_stage_inputs(
-        image_model, paths, settings["image_size"], device, settings["feature_batch_size"],
-        view=view, seed=settings["seed"]))["activations"]
+        image_model, paths, config.image_size, device, config.feature_batch_size,
+        view=view, seed=config.seed))["activations"]
 
 
-def _image_parts(image_model, settings: dict, stamps: list, state: str) -> dict:
+def _image_parts(image_model, config: TrainConfig, stamps: list, state: str) -> dict:
     """What an image model's cached outputs depend on: the photos' `stamps` (file_stamps) and
     the `state` digest of the weights that compute them, among others."""
-    return {"backbone": settings["image_backbone"], "weights": _weights_identity(settings),
-            "state": state, "image_size": settings["image_size"], "files": stamps,
+    return {"backbone": config.image_backbone, "weights": _weights_identity(config.image_weights),
+            "state": state, "image_size": config.image_size, "files": stamps,
             "normalisation": [image_model.mean.flatten().tolist(), image_model.std.flatten().tolist()]}
 
 
@@ -176,23 +176,21 @@ def state_digest(module: nn.Module, leave_out: nn.Module | None = None) -> str:
     return digest.hexdigest()[:20]
 
 
-def _weights_identity(settings: dict):
-    weights = settings["image_weights"]
+def _weights_identity(weights: str):
     if weights in ("imagenet", "none"):
         return weights
     return file_stamps([Path(weights)])[0] + [str(Path(weights).resolve())]
 
 
-def _hidden_states(text_model, products, settings: dict, device, cache_dir):
+def _hidden_states(text_model, products, config: TrainConfig, device, cache_dir):
     from marketplace_classifier.training.text_encoder import load_tokenizer
 
     texts = list(products["text"])
-    parts = {"encoder": encoder_identity(settings["text_encoder"]), "state": state_digest(text_model.encoder),
-             "max_length": settings["max_length"], "texts": texts}
-    tokenizer = load_tokenizer(settings["text_encoder"])
+    parts = {"encoder": encoder_identity(config.text_encoder), "state": state_digest(text_model.encoder),
+             "max_length": config.max_length, "texts": texts}
+    tokenizer = load_tokenizer(config.text_encoder)
     return cached(cache_dir, "text", parts, lambda: compute_hidden_states(
-        text_model, tokenizer, texts, settings["max_length"], device,
-        settings["feature_batch_size"]))
+        text_model, tokenizer, texts, config.max_length, device, config.feature_batch_size))
 
 
 class LastStagePart(nn.Module):
@@ -238,7 +236,7 @@ class LastStageTask(FrozenTask):
         return (self.tensors["activations"][chosen].to(self.device),)
 
 
-def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, cache_dir
+def last_stage_task(model: nn.Module, data: CleanData, config: TrainConfig, device, cache_dir
                     ) -> LastStageTask:
     """Cached activations entering the last stage: every photo plain, and the training photos
     in `cached_views - 1` more views (the mirror, then random crops)."""
@@ -248,11 +246,11 @@ def last_stage_task(model: nn.Module, data: CleanData, settings: dict, device, c
     train_paths = [path for path, train in zip(paths, in_train, strict=True) if train]
     stamps = file_stamps(paths)
     train_stamps = [stamp for stamp, train in zip(stamps, in_train, strict=True) if train]
-    views = [_stage_inputs(model, paths, stamps, settings, device, cache_dir)]
-    views += [_stage_inputs(model, train_paths, train_stamps, settings, device, cache_dir, view)
-              for view in range(1, settings["cached_views"])]
+    views = [_stage_inputs(model, paths, stamps, config, device, cache_dir)]
+    views += [_stage_inputs(model, train_paths, train_stamps, config, device, cache_dir, view)
+              for view in range(1, config.cached_views)]
     labels = torch.tensor(samples["label"].to_numpy(), dtype=torch.long)
-    return LastStageTask(model, views, labels, list(samples["split"]), device, settings["seed"])
+    return LastStageTask(model, views, labels, list(samples["split"]), device, config.seed)
 
 
 class RawSamples(Dataset):
@@ -281,11 +279,11 @@ class RawSamples(Dataset):
 class RawTask:
     """Whole-model steps over decoded inputs, for fine-tuning."""
 
-    def __init__(self, model: nn.Module, kind: str | ModelKind, data: CleanData, settings: dict,
-                 device: torch.device, tokenizer=None):
-        self.model, self.kind, self.data, self.device = model, model_kind(kind), data, device
+    def __init__(self, model: nn.Module, config: TrainConfig, data: CleanData, device: torch.device,
+                 tokenizer=None):
+        self.model, self.kind, self.data, self.device = model, config.kind, data, device
         self.network = WholeModel(model)
-        self.settings, self.tokenizer = settings, tokenizer
+        self.config, self.tokenizer = config, tokenizer
 
     def size(self, split: str) -> int:
         return len(self.data.samples(self.kind, split))
@@ -293,15 +291,15 @@ class RawTask:
     def batches(self, split: str, batch_size: int, order: list[int] | None = None,
                 train: bool = False):
         """Batches of `split`, in `order` (positions in the split); augmented when `train`."""
-        dataset = RawSamples(self.kind, self.data, split, self.settings["image_size"], train)
+        dataset = RawSamples(self.kind, self.data, split, self.config.image_size, train)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=self._collate,
-                            num_workers=self.settings.get("num_workers", 0))
+                            num_workers=self.config.num_workers)
         yield from loader
 
     def _collate(self, items: list[dict]) -> Batch:
         images = [item["image"] for item in items] if "image" in items[0] else None
         texts = [item["text"] for item in items] if "text" in items[0] else None
-        inputs = model_inputs(self.kind, images, texts, self.tokenizer, text_settings(self.settings))
+        inputs = model_inputs(self.kind, images, texts, self.tokenizer, text_settings(self.config))
         labels = torch.tensor([item["label"] for item in items], device=self.device)
         return Batch(tuple(tensor.to(self.device) for tensor in inputs), labels)
 
@@ -309,23 +307,20 @@ class RawTask:
         return self.model.combine(self.network(*inputs))
 
 
-def text_settings(settings: dict) -> TextSettings:
+def text_settings(config: TrainConfig) -> TextSettings:
     """The text part of preprocessing.json, from a training configuration."""
-    buckets = settings.get("lexical_buckets") or 0
-    lexical = LexicalSettings(buckets, settings["lexical_max_chars"],
-                              settings.get("lexical_head_words", 0)) if buckets else None
-    return TextSettings(settings["max_length"], lexical, settings.get("text_encoder", "minilm"))
+    lexical = LexicalSettings(config.lexical_buckets, config.lexical_max_chars,
+                              config.lexical_head_words) if config.lexical_buckets else None
+    return TextSettings(config.max_length, lexical, config.text_encoder)
 
 
-def make_task(model: nn.Module, config, data: CleanData, device: torch.device):
+def make_task(model: nn.Module, config: TrainConfig, data: CleanData, device: torch.device):
     """The frozen (cached features), last-stage (cached activations) or whole-model task a
     training configuration asks for."""
-    settings = asdict(config)
     cache = Path(config.cache_dir) if config.cache_dir else None
-    kind = config.kind
     if config.frozen:
-        return frozen_task(model, kind, data, settings, device, cache)
-    if kind is IMAGE and config.finetune == "last":
-        return last_stage_task(model, data, settings, device, cache)
-    tokenizer = load_tokenizer(config.text_encoder) if kind.uses_text else None
-    return RawTask(model, kind, data, settings, device, tokenizer)
+        return frozen_task(model, config, data, device, cache)
+    if config.kind is IMAGE and config.finetune == "last":
+        return last_stage_task(model, data, config, device, cache)
+    tokenizer = load_tokenizer(config.text_encoder) if config.kind.uses_text else None
+    return RawTask(model, config, data, device, tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +278,7 @@ def fit_lexical_idf(model: nn.Module, config: TrainConfig, texts) -> None:
         return
     from marketplace_classifier.serving.processing import lexical_ids
 
-    lexical = text_settings(asdict(config)).lexical
+    lexical = text_settings(config).lexical
     model.lexical.fit_idf([lexical_ids(text, lexical)[0] for text in texts])
 
 

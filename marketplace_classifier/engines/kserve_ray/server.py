@@ -35,15 +35,14 @@ CONNECTION_LIMIT = 1024  # connections and requests in progress; beyond it uvico
 HIDDEN_PREFIXES, HIDDEN_SUFFIXES = ("/v2/repository",), (":explain",)
 
 
-def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_size: int,
-                       batch_wait_s: float):
+def listing_deployment(model_dir: Path, options: dict, replicas: int, plan):
     """A Ray Serve deployment of one exported model: each replica is a ListingService whose
     CostBatcher (serving/admission.py) admits requests by their cost before batching them, as
     TorchServe's workers do per batch, and answers 503 + Retry-After to what does not fit."""
     from ray import serve
 
     @serve.deployment(name=model_dir.name, num_replicas=replicas, ray_actor_options={"num_cpus": 0},
-                      max_ongoing_requests=4 * max_batch_size)
+                      max_ongoing_requests=4 * plan.batch_size)
     class ListingDeployment:
         def __init__(self):
             import logging
@@ -55,7 +54,8 @@ def listing_deployment(model_dir: Path, options: dict, replicas: int, max_batch_
             bind_replica_grpc_to_loopback()
             service = ListingService(model_dir, ServingOptions.from_options(options),
                                      model_name=model_dir.name)
-            self.batcher = CostBatcher(service, max_batch_size, batch_wait_s)
+            self.batcher = CostBatcher(service, plan.batch_size, plan.max_batch_delay_ms / 1000,
+                                       plan.response_timeout_s)
 
         async def __call__(self, body) -> tuple[int, dict, dict]:
             from marketplace_classifier.serving.core import Request
@@ -119,7 +119,7 @@ def kserve_model(name: str, handle):
                 status, answer, headers = await handle.remote(body)
             if status != 200 and not over_grpc:
                 raise Refused(status, answer, headers)
-            if status == 503:
+            if status in (503, 504):  # gRPC UNAVAILABLE: a client retries it
                 raise ServerNotReady(answer["error"])
             if status != 200:
                 raise InvalidInput(answer["error"][:MAX_MESSAGE_CHARS])
@@ -258,6 +258,15 @@ def make_private(folder: Path) -> None:
             path.chmod(0o700)
 
 
+def chosen_plan(plan, args: argparse.Namespace):
+    """The model's serving plan (what an archive of it carries) with the command line's batching."""
+    from dataclasses import replace
+
+    return replace(plan, batch_size=args.max_batch_size or plan.batch_size,
+                   max_batch_delay_ms=plan.max_batch_delay_ms if args.batch_wait_ms is None
+                   else args.batch_wait_ms)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
@@ -280,11 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: {args.artifacts_dir} has no exported {', '.join(missing)} model", file=sys.stderr)
         return 2
-    from marketplace_classifier.serving.config import MODEL_CONFIG, ServingPlan
+    from marketplace_classifier.serving.config import ServingPlan
 
-    defaults = ServingPlan.from_model_config(MODEL_CONFIG)  # what every archive carries
-    batch_size = args.max_batch_size or defaults.batch_size
-    batch_wait_ms = defaults.max_batch_delay_ms if args.batch_wait_ms is None else args.batch_wait_ms
     sys.argv = sys.argv[:1]  # kserve parses the command line when imported; these are not its options
     started = time.monotonic()
     ray_temp = lock_down_ray(args.state_dir.resolve())  # before Ray is imported: it reads them then
@@ -303,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         folder = (args.artifacts_dir / name).resolve()
         # the same plan an archive of this model carries; the replicas share the cores
-        options = ServingPlan.for_model(name).core_options(available_cores(), args.replicas)
-        deployment = listing_deployment(folder, options, args.replicas, batch_size, batch_wait_ms / 1000)
+        plan = chosen_plan(ServingPlan.for_model(name), args)
+        options = plan.core_options(available_cores(), args.replicas)
+        deployment = listing_deployment(folder, options, args.replicas, plan)
         handle = serve.run(deployment.bind(), name=name, route_prefix=None)
         models.append(kserve_model(name, handle))
     make_private(ray_temp)  # once Ray and every replica have made their folders
