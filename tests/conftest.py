@@ -48,7 +48,7 @@ def trained(clean_sample, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("trained")
     common = {"data_dir": str(clean_sample[0]), "checkpoint_dir": str(work / "checkpoints"),
               "runs_dir": str(work / "runs"), "cache_dir": str(work / "cache"), "seed": 0,
-              "batch_size": 32}
+              "batch_size": 32, "min_listings": 2}  # a tree of three levels from 200 listings
     configs = {
         "image": TrainConfig(model="image", image_backbone="efficientnet_lite0", image_weights="none",
                              image_size=64, epochs=4, lr=3e-3, **common),

@@ -15,6 +15,7 @@ from marketplace_classifier.ops import serve
 from marketplace_classifier.serving.exported import ExportedModel
 from marketplace_classifier.serving.model_kinds import TEXT
 from marketplace_classifier.serving.processing import free_text, model_image_from_bytes, model_inputs
+from marketplace_classifier.serving.taxonomy import Taxonomy
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "marketplace"
@@ -40,22 +41,57 @@ def in_process(artifacts: Path, model: str, image: bytes | list[bytes] | None, t
     temperature; a combined listing without photos through `text_only`. The model runs under
     `runtime`: by default the one its folder names, as the server runs it (tests/test_runtimes.py
     proves each runtime within 1e-4 of the TorchScript)."""
+    return in_process_parts(artifacts, model, image, text, runtime)[0]
+
+
+def in_process_parts(artifacts: Path, model: str, image: bytes | list[bytes] | None, text: str | None,
+                     runtime: str | None = None) -> tuple[torch.Tensor, torch.Tensor, Taxonomy]:
+    """`in_process`'s root probabilities, the levels head's pooled log-probabilities (the model's
+    outputs after the roots, pooled the same way; empty for a root-only model) and the taxonomy."""
     exported = ExportedModel.load(artifacts / model, runtime=runtime)
     settings, tokenizer, scripted = exported.settings, exported.tokenizer, exported.model
+    classes, taxonomy = settings.num_classes, Taxonomy.from_json(exported.class_names, settings.taxonomy)
     photos = [image] if isinstance(image, bytes) else list(image or [])
     rows = photos if exported.kind.per_photo else [None]
     with torch.inference_mode():
         if exported.kind.answers_text_only and not photos:
             inputs = model_inputs(TEXT, None, [free_text(text)], tokenizer, settings.text)
             logits = scripted.text_only(*inputs)
-            return torch.softmax(torch.log_softmax(logits, 1) / settings.text_only_temperature, 1)[0]
-        log_probabilities = []
+            root = torch.log_softmax(logits[:, :classes], 1) / settings.text_only_temperature
+            root = torch.softmax(root, 1)
+            return root[0], torch.log_softmax(logits[:, classes:], 1)[0], taxonomy
+        roots, levels = [], []
         for row in rows:
             images = [model_image_from_bytes(row, settings.image.size)] if row is not None else None
             inputs = exported.inputs(images, [free_text(text)] if text is not None else None)
-            log_probabilities.append(torch.log_softmax(scripted(*inputs), 1)[0])
-        mean = torch.stack(log_probabilities).mean(0)
-        return torch.softmax(mean / settings.temperature, 0)
+            output = scripted(*inputs)
+            roots.append(torch.log_softmax(output[:, :classes], 1)[0])
+            levels.append(torch.log_softmax(output[:, classes:], 1)[0])
+        mean = torch.stack(roots).mean(0)
+        return torch.softmax(mean / settings.temperature, 0), torch.stack(levels).mean(0), taxonomy
+
+
+def in_process_path(artifacts: Path, model: str, image: bytes | list[bytes] | None, text: str | None,
+                    runtime: str | None = None) -> list[dict]:
+    """The path the served answer must carry for the same listing, decoded in the test."""
+    root, levels, taxonomy = in_process_parts(artifacts, model, image, text, runtime)
+    path = taxonomy.decode(root[None], levels[None] if levels.numel() else None)[0]
+    return [level.to_json() for level in path]
+
+
+def v2_paths(answer: dict) -> list[list[dict]]:
+    """Every listing's path of an Open Inference Protocol answer (its path and path_probabilities
+    outputs, "" beyond the depth of its answer)."""
+    outputs = {output["name"]: output for output in answer["outputs"]}
+    count, depth = outputs["path"]["shape"]
+    names, probabilities = outputs["path"]["data"], outputs["path_probabilities"]["data"]
+    return [[{"name": names[row * depth + level], "probability": probabilities[row * depth + level]}
+             for level in range(depth) if names[row * depth + level]] for row in range(count)]
+
+
+def same_path(served: list[dict], expected: list[dict], tolerance: float = 1e-4) -> bool:
+    return [level["name"] for level in served] == [level["name"] for level in expected] and all(
+        abs(a["probability"] - b["probability"]) <= tolerance for a, b in zip(served, expected, strict=True))
 
 
 def as_vector(answer: dict, artifacts: Path, model: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.hostile import ordinary_photo, round_one, triggers
 from marketplace_classifier.serving.budget import WorkBudget
 from marketplace_classifier.serving.config import MAX_REQUEST_BYTES
-from tests.helpers import TEXTS, as_vector, in_process
+from tests.helpers import TEXTS, as_vector, in_process, in_process_path, same_path, v2_paths
 
 pytestmark = [pytest.mark.serving, pytest.mark.engines]
 
@@ -90,8 +90,12 @@ def test_v1_answers_equal_the_torchscript_model(engine, artifacts, model, photos
     response = engine.v1(model, json.dumps({"instances": [listing, listing]}).encode())
     assert response.status_code == 200, response.text[:300]
     expected = in_process(artifacts, model, photos, text)
+    path = in_process_path(artifacts, model, photos, text)
     for answer in response.json()["predictions"]:
         assert (as_vector(answer, artifacts, model) - expected).abs().max() <= 1e-5
+        assert same_path(answer["path"], path), (answer["path"], path)
+        assert 0 <= answer["confident_depth"] <= len(path)
+        assert (answer["confident_depth"] == 0) == answer["needs_review"]
 
 
 @pytest.mark.parametrize(("model", "photos", "text"), LISTINGS)
@@ -107,6 +111,8 @@ def test_v2_answers_equal_the_torchscript_model(engine, artifacts, model, photos
     served = [outputs["probabilities"]["data"][classes.index(names[str(i)])] for i in range(len(names))]
     expected = in_process(artifacts, model, photos, text)
     assert max(abs(a - b) for a, b in zip(served, expected.tolist(), strict=True)) <= 1e-5
+    assert same_path(v2_paths(response.json())[0], in_process_path(artifacts, model, photos, text))
+    assert outputs["confident_depth"]["datatype"] == "INT32"
 
 
 def test_hostile_requests_get_4xx_json_and_their_batch_mates_are_answered(engine, artifacts):
@@ -213,6 +219,7 @@ def test_grpc_answers_equal_the_torchscript_model_and_refusals_stay_per_request(
         (served,) = v2_probabilities(answer, artifacts, model)
         expected = in_process(artifacts, model, photos, text)
         assert max(abs(a - b) for a, b in zip(served, expected.tolist(), strict=True)) <= 1e-5
+        assert same_path(v2_paths(answer)[0], in_process_path(artifacts, model, photos, text))
     refusals = [answer for answer in answers if "code" in answer]
     assert len(refusals) == len(refused)
     for answer, (_, code, words) in zip(refusals, refused, strict=True):

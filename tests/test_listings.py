@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from marketplace_classifier.serving.payloads import DEFAULT_MAX_PHOTOS
-from tests.helpers import FakeContext, as_vector, handler_dir, in_process, photo
+from tests.helpers import FakeContext, as_vector, handler_dir, in_process, in_process_path, photo, same_path
 
 COLOURS = [(30, 140, 60), (200, 20, 20), (20, 20, 200), (240, 240, 240), (90, 60, 10), (10, 200, 200),
            (120, 120, 0), (250, 130, 0), (60, 0, 90), (0, 90, 30), (200, 0, 200)]
@@ -44,6 +44,7 @@ def test_a_listing_answer_equals_the_torchscript_answer_pooled_over_its_photos(
     expected = in_process(artifacts, model, PHOTOS[:count], text)
     assert (as_vector(answer, artifacts, model) - expected).abs().max() <= 1e-4
     assert isinstance(answer["needs_review"], bool)
+    assert same_path(answer["path"], in_process_path(artifacts, model, PHOTOS[:count], text))
 
 
 def test_photo_order_changes_nothing(handlers_in_process):
@@ -115,6 +116,7 @@ def test_a_combined_listing_without_photos_is_answered_from_its_text(handlers_in
     assert "answered_from" not in answers[1]
     expected = in_process(artifacts, "combined", None, TEXT)
     assert (as_vector(answers[0], artifacts, "combined") - expected).abs().max() <= 1e-4
+    assert same_path(answers[0]["path"], in_process_path(artifacts, "combined", None, TEXT))
     (refused,), context = ask(handlers_in_process["image"], [{"body": {"text": TEXT}}])
     assert context.statuses[0][0] == 400 and "no image" in refused["error"]
 
@@ -138,3 +140,25 @@ def test_listing_probabilities_pool_log_probabilities():
     pooled = pool_photos(logits, torch.tensor([0, 0, 1]), 2)
     assert torch.allclose(pooled[0], torch.log_softmax(logits, 1)[:2].mean(0))
     assert torch.allclose(listing_probabilities(pooled, 2.0)[1], torch.softmax(logits[2] / 2.0, 0))
+
+
+def test_an_export_without_a_category_tree_answers_one_level_paths(artifacts, tmp_path):
+    """Exports made before the category path (no `taxonomy` in preprocessing.json) still serve:
+    the same root answer, and a path of one level."""
+    import json
+    import shutil
+
+    from marketplace_classifier.serving.core import ListingService, Request
+
+    old = tmp_path / "text"
+    shutil.copytree(artifacts / "text", old)
+    settings = json.loads((old / "preprocessing.json").read_text())
+    assert max(len(path.split(" / ")) for path in settings["taxonomy"]["terminals"]) == 3  # the tests' tree
+    settings.pop("taxonomy")
+    (old / "preprocessing.json").write_text(json.dumps(settings))
+    (answer,) = [a.body for a in ListingService(old).handle([Request({"body": {"text": TEXT}},
+                                                                     "application/json")])]
+    assert [level["name"] for level in answer["path"]] == [answer["category"]]
+    assert answer["path"][0]["probability"] == answer["probability"]
+    expected = in_process(artifacts, "text", None, TEXT)
+    assert (as_vector(answer, artifacts, "text") - expected).abs().max() <= 1e-4

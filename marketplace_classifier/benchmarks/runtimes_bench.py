@@ -216,7 +216,7 @@ def test_accuracy(folder: Path, runtime: str | None, data_dir: Path) -> float:
             if exported.kind.uses_image else None
         texts = list(chosen["text"]) if exported.kind.uses_text else None
         logits.append(exported.model(*exported.inputs(images, texts)))
-    return pooled_accuracy(logits, samples, exported.kind)
+    return pooled_accuracy(logits, samples, exported.kind, exported.settings.num_classes)
 
 
 # ------------------------------------------------------------------ the run and its report

@@ -53,6 +53,7 @@ from marketplace_classifier.serving.protocols import (
 from marketplace_classifier.serving.request_log import RequestLog
 from marketplace_classifier.serving.settings import read_card
 from marketplace_classifier.serving.signals import Signals
+from marketplace_classifier.serving.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class Batch:
     probabilities of every listing of the admitted ones."""
 
     requests: list[Envelope | Refusal]
-    probabilities: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None  # the roots', calibrated
+    levels: torch.Tensor | None = None  # the levels head's pooled log-probabilities (serving/taxonomy.py)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -207,6 +209,7 @@ class ListingService:
         logger.info("serving %s under %s on %s", self.model_dir.name, self.runtime, self.device)
         self.settings, self.kind, self.model = exported.settings, exported.kind, exported.model
         self.index_to_name, self.class_names = exported.index_to_name, exported.class_names
+        self.taxonomy = Taxonomy.from_json(self.class_names, self.settings.taxonomy)
         self.needs, self.tokenizer = self.kind.needs, exported.tokenizer
         self.card = read_card(self.model_dir)
         # the engine's version of the model (TorchServe: the archive's), else the card's
@@ -259,7 +262,8 @@ class ListingService:
         items = batch.items
         logger.info("batch_size=%d valid=%d listings=%d", len(batch.requests), len(batch.envelopes),
                     len(items))
-        batch.probabilities = self.listing_probabilities(items) if items else None
+        if items:
+            batch.probabilities, batch.levels = self.listing_probabilities(items)
         return batch
 
     def answer(self, batch: Batch) -> list[Answer]:
@@ -270,9 +274,12 @@ class ListingService:
                 answers.append(self.refusal(request.error))
                 self.signals.refused(answers[-1].status)
                 continue
-            rows = batch.probabilities[start:start + len(request.items)]
-            start += len(request.items)
-            results = [self.describe(row, item) for row, item in zip(rows, request.items, strict=True)]
+            end = start + len(request.items)
+            rows = batch.probabilities[start:end]
+            levels = batch.levels[start:end] if batch.levels is not None else [None] * len(rows)
+            start = end
+            results = [self.describe(row, item, level) for row, item, level
+                       in zip(rows, request.items, levels, strict=True)]
             for result, item in zip(results, request.items, strict=True):
                 self.observe(result, item)
                 if self.request_log is not None:
@@ -400,8 +407,12 @@ class ListingService:
             start = end
         return torch.cat(logits), torch.cat(listing_of_photo)
 
-    def listing_probabilities(self, items: list[PreparedListing]) -> torch.Tensor:
-        probabilities = torch.empty(len(items), self.settings.num_classes)
+    def listing_probabilities(self, items: list[PreparedListing]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per listing, the roots' calibrated probabilities, and the levels head's pooled
+        log-probabilities (None for a root-only model)."""
+        classes, below = self.settings.num_classes, len(self.taxonomy.terminals)
+        probabilities = torch.empty(len(items), classes)
+        levels = torch.zeros(len(items), below) if below else None
         with_rows = [i for i, item in enumerate(items) if item.images or not self.kind.per_photo]
         if with_rows:
             chosen = [items[i] for i in with_rows]
@@ -410,24 +421,32 @@ class ListingService:
             else:
                 inputs, listing_of_row = self.collate(chosen)
                 logits = self.run_in_chunks(self.model, inputs)
-            pooled = pool_photos(logits, listing_of_row, len(chosen))
+            pooled = pool_photos(logits[:, :classes], listing_of_row, len(chosen))
             probabilities[with_rows] = listing_probabilities(pooled, self.settings.temperature)
+            if levels is not None:
+                levels[with_rows] = pool_photos(logits[:, classes:], listing_of_row, len(chosen))
         text_only = sorted(set(range(len(items))) - set(with_rows))
         if text_only:
             inputs = text_inputs(self.tokenizer, [items[i].text for i in text_only], self.settings.text)
             logits = self.run_in_chunks(self.model.text_only, inputs)
-            probabilities[text_only] = listing_probabilities(torch.log_softmax(logits, 1),
+            probabilities[text_only] = listing_probabilities(torch.log_softmax(logits[:, :classes], 1),
                                                              self.settings.text_only_temperature)
-        return probabilities
+            if levels is not None:
+                levels[text_only] = torch.log_softmax(logits[:, classes:], 1)
+        return probabilities, levels
 
     # ------------------------------------------------------------ answers
-    def describe(self, row: torch.Tensor, item: PreparedListing) -> dict:
-        """The answer, whether to file it automatically, and what it was made from."""
+    def describe(self, row: torch.Tensor, item: PreparedListing, levels: torch.Tensor | None = None) -> dict:
+        """The answer, its path down the category tree and how deep it is confident, whether to
+        file it automatically, and what it was made from."""
         listing = item.listing
         answer = describe_probabilities(row.tolist(), self.index_to_name, listing.top_k)
         threshold = listing.min_confidence if listing.min_confidence is not None \
             else self.settings.review_threshold
         answer["needs_review"] = needs_review(answer["probability"], threshold)
+        path = self.taxonomy.decode(row[None], None if levels is None else levels[None])[0]
+        answer["path"] = [level.to_json() for level in path]
+        answer["confident_depth"] = self.taxonomy.confident_depth(path, threshold)
         if self.model_version:  # which version answered, for rollouts (marketplace_classifier/ops/rollout.py)
             answer["model_version"] = self.model_version
         if self.kind.uses_image:

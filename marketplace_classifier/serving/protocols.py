@@ -207,6 +207,14 @@ def v2_response(results: list[dict], class_names: list[str], model_name: str,
     ]
     if "photos" in results[0]:
         outputs.append(_tensor("photos", "INT32", [count], [r["photos"] for r in results]))
+    if "path" in results[0]:  # one row per listing, "" and 0 beyond the depth of its answer
+        depth = max(len(r["path"]) for r in results)
+        cells = [r["path"][level] if level < len(r["path"]) else None
+                 for r in results for level in range(depth)]
+        outputs += [_tensor("path", "BYTES", [count, depth], [c["name"] if c else "" for c in cells]),
+                    _tensor("path_probabilities", "FP32", [count, depth],
+                            [c["probability"] if c else 0.0 for c in cells]),
+                    _tensor("confident_depth", "INT32", [count], [r["confident_depth"] for r in results])]
     response = {"model_name": model_name, "outputs": outputs}
     if model_version:
         response["model_version"] = model_version

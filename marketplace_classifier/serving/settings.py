@@ -91,6 +91,8 @@ class ModelSettings:
     onnx_bf16: bool = False  # OpenVINO computes in bfloat16 where the CPU has bf16 units, else float32
     runtime_choice: dict | None = None  # how export chose: items/s per runtime, the precision gates
     files: dict[str, str] | None = None  # SHA-256 of every other file of the export, by relative path
+    # the categories below the roots and how to decode and stop (serving/taxonomy.py); None: roots only
+    taxonomy: dict | None = None
 
     def __post_init__(self) -> None:
         if self.model not in KINDS:

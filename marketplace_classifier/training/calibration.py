@@ -98,11 +98,11 @@ def plot_reliability(before: np.ndarray, after: np.ndarray, labels: np.ndarray, 
 @torch.inference_mode()
 def split_outputs(task, split: str, batch_size: int, order: list[int] | None = None
                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each branch's logits [N, C] and the labels [N] of a split, in the split's order (or in
-    `order`: positions in the split)."""
-    branches, labels = [], []
+    """Each branch's root logits [N, C] and the labels [N] of a split, in the split's order (or
+    in `order`: positions in the split)."""
+    branches, labels, classes = [], [], task.model.num_classes
     for batch in task.batches(split, batch_size, order):
-        branches.append([output.float().cpu() for output in task.network(*batch.inputs)])
+        branches.append([output[:, :classes].float().cpu() for output in task.network(*batch.inputs)])
         labels.append(batch.labels.cpu())
     if not labels:
         raise ValueError(f"the {split} split has no {task.kind} samples")

@@ -11,6 +11,7 @@ from torch import nn
 
 from marketplace_classifier.serving.files import atomic_write
 from marketplace_classifier.serving.model_kinds import COMBINED, IMAGE, TEXT
+from marketplace_classifier.serving.taxonomy import Taxonomy
 from marketplace_classifier.training.backbones import build_backbone
 from marketplace_classifier.training.config import TrainConfig
 from marketplace_classifier.training.models import CombinedClassifier, ImageClassifier, TextClassifier
@@ -25,27 +26,34 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _image_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+def _image_model(config: TrainConfig, num_classes: int, pretrained: bool, levels: int) -> nn.Module:
     weights = config.image_weights if pretrained else "none"
-    return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes)
+    return ImageClassifier(build_backbone(config.image_backbone, weights), num_classes, levels=levels)
 
 
-def _text_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
-    return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets)
+def _text_model(config: TrainConfig, num_classes: int, pretrained: bool, levels: int) -> nn.Module:
+    return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets, levels)
 
 
-def _combined_model(config: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
-    image = build_model(config_from(config.branches["image"]), num_classes, pretrained)
-    text = build_model(config_from(config.branches["text"]), num_classes, pretrained)
-    return CombinedClassifier(image, text, num_classes)
+def _combined_model(config: TrainConfig, num_classes: int, pretrained: bool, levels: int) -> nn.Module:
+    image = build_model(config_from(config.branches["image"]), num_classes, pretrained, levels)
+    text = build_model(config_from(config.branches["text"]), num_classes, pretrained, levels)
+    return CombinedClassifier(image, text, num_classes, levels=levels)
 
 
 BUILDERS = {IMAGE: _image_model, TEXT: _text_model, COMBINED: _combined_model}
 
 
-def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The untrained model of the configuration's kind (ValueError for an unknown kind)."""
-    return BUILDERS[config.kind](config, num_classes, pretrained)
+def build_model(config: TrainConfig, num_classes: int, pretrained: bool = True, levels: int = 0) -> nn.Module:
+    """The untrained model of the configuration's kind (ValueError for an unknown kind), with a
+    levels head over `levels` categories below the roots (0: none)."""
+    return BUILDERS[config.kind](config, num_classes, pretrained, levels)
+
+
+def checkpoint_taxonomy(checkpoint: dict) -> Taxonomy:
+    """The category tree a checkpoint's model answers in (one level for a root-only model)."""
+    roots = [checkpoint["index_to_name"][str(i)] for i in range(len(checkpoint["index_to_name"]))]
+    return Taxonomy.from_json(roots, checkpoint.get("taxonomy"))
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -54,8 +62,9 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def config_from(saved: dict) -> TrainConfig:
-    """The configuration a checkpoint was trained with (older ones had no lexical branch)."""
-    return TrainConfig(**({"lexical_buckets": 0, "lexical_head_words": 0} | saved))
+    """The configuration a checkpoint was trained with (older ones had no lexical branch and
+    answered the roots only)."""
+    return TrainConfig(**({"lexical_buckets": 0, "lexical_head_words": 0, "levels": 1} | saved))
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
@@ -69,6 +78,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"checkpoint {path} not found: train that model first")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = config_from(checkpoint["config"])
-    model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False)
+    model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False,
+                        levels=len(checkpoint_taxonomy(checkpoint).terminals))
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.eval(), checkpoint

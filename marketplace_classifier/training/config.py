@@ -43,6 +43,9 @@ class TrainConfig:
     model: str = _model("image", "image, text or combined", cli=False)
     data_dir: str = _model("data/clean", "cleaned and split folder", cli=False)
     seed: int = _model(0, "random seed (runs are deterministic on CPU)")
+    levels: int = _model(3, "levels of the category path the model answers (1: the 13 roots only)")
+    min_listings: int = _model(5, "a category below the roots with fewer training listings folds into "
+                                  "its parent")
 
     checkpoint_dir: str = _paths("checkpoints", "where checkpoints/<model>/best.pt goes")
     runs_dir: str = _paths("runs", "TensorBoard logs")
@@ -115,7 +118,8 @@ class TrainConfig:
                 found.append(f"--{name.replace('_', '-')} {value!r}: choose {' or '.join(choices)}")
         for name, least in (("epochs", 1), ("batch_size", 1), ("image_size", 16), ("cached_views", 1),
                             ("max_length", 1), ("feature_batch_size", 1), ("lexical_max_chars", 1),
-                            ("patience", 0), ("lexical_buckets", 0), ("lexical_head_words", 0),
+                            ("levels", 1), ("min_listings", 1), ("patience", 0), ("lexical_buckets", 0),
+                            ("lexical_head_words", 0),
                             ("num_workers", 0), ("weight_decay", 0), ("warmup_epochs", 0), ("grad_clip", 0),
                             ("lr", 0), ("lexical_lr", 0), ("backbone_lr", 0)):
             if getattr(self, name) < least:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from marketplace_classifier.serving.model_kinds import ModelKind, model_kind
 from marketplace_classifier.serving.processing import listing_text
 from marketplace_classifier.serving.settings import LABELS_FILE, read_index_to_name
+from marketplace_classifier.serving.taxonomy import Taxonomy
 from marketplace_classifier.training.categories import name_to_index
 from marketplace_classifier.training.cleaning import load_clean_images, load_clean_products
 from marketplace_classifier.training.splits import read_splits
@@ -25,6 +27,7 @@ class CleanData:
     images: pd.DataFrame
     index_to_name: dict[str, str]
     image_size: int
+    taxonomies: dict = field(default_factory=dict, repr=False)  # learned ones, by their rule
 
     @classmethod
     def load(cls, folder: Path) -> CleanData:
@@ -41,7 +44,7 @@ class CleanData:
         products["text"] = [listing_text(name, description) for name, description
                             in zip(products["product_name"], products["product_description"], strict=True)]
         images = load_clean_images(folder).merge(
-            products[["id", "label", "split", "text"]], left_on="product_id", right_on="id",
+            products[["id", "label", "split", "text", "category"]], left_on="product_id", right_on="id",
             suffixes=("", "_product")).drop(columns=["id_product"])
         image_size = json.loads((folder / "cleaning.json").read_text())["image_size"]
         return cls(folder, products.reset_index(drop=True), images.reset_index(drop=True),
@@ -60,3 +63,24 @@ class CleanData:
     @property
     def num_classes(self) -> int:
         return len(self.index_to_name)
+
+    @property
+    def roots(self) -> list[str]:
+        return [self.index_to_name[str(i)] for i in range(self.num_classes)]
+
+    def taxonomy(self, levels: int, min_listings: int) -> Taxonomy:
+        """The category tree of the training split's listings (serving/taxonomy.py), cut at
+        `levels` levels, rarer categories than `min_listings` folded into their parents."""
+        if (levels, min_listings) not in self.taxonomies:
+            train = self.products[self.products["split"] == "train"]
+            self.taxonomies[levels, min_listings] = Taxonomy.learn(train["category"].astype(str), self.roots,
+                                                                   levels, min_listings)
+        return self.taxonomies[levels, min_listings]
+
+    @staticmethod
+    def levels_labels(samples: pd.DataFrame, taxonomy: Taxonomy | None) -> torch.Tensor:
+        """The levels head's class of each sample (-1: none, its path ends at its root)."""
+        if taxonomy is None or not taxonomy.terminals:
+            return torch.full((len(samples),), -1, dtype=torch.long)
+        return torch.tensor([taxonomy.terminal_index(path) for path in samples["category"].astype(str)],
+                            dtype=torch.long)

@@ -25,7 +25,8 @@ from marketplace_classifier.training.calibration import (
 from marketplace_classifier.training.checkpoints import choose_device, config_from, load_checkpoint
 from marketplace_classifier.training.config import TrainConfig
 from marketplace_classifier.training.data import CleanData
-from marketplace_classifier.training.tasks import make_task
+from marketplace_classifier.training.levels import calibrated_taxonomy, levels_figures, split_paths
+from marketplace_classifier.training.tasks import make_task, taxonomy_of
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -212,6 +213,7 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     metrics["product_accuracy"] = metrics["listing"]["accuracy"]
     metrics["calibration"] = calibration_report(model, task, config, data, split, labels, probabilities,
                                                 Path(reports_dir) / config.model, target_precision)
+    metrics["path"] = path_figures(model, task, config, data, split, target_precision)
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)
     metrics.update(model=config.model, split=split, unit="photo" if config.kind.per_photo else "product",
@@ -225,6 +227,24 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     plot_curves(checkpoint["history"], out / "curves.png", config.model)
     write_summary(Path(reports_dir))
     return metrics
+
+
+def path_figures(model, task, config: TrainConfig, data: CleanData, split: str,
+                 target_precision: float) -> dict | None:
+    """Per level of the category path: accuracy, macro-F1, the share filed automatically; the
+    temperatures and thresholds chosen on validation, as export chooses them (None: roots only)."""
+    taxonomy = taxonomy_of(config, data)
+    if taxonomy is None or not taxonomy.terminals or len(data.samples(config.model, "val")) == 0:
+        return None
+    answers = validation_answers(model, config, data, target_precision, task)
+    validation = split_paths(model, config, data, taxonomy, "val", task, answers["temperature"])
+    tuned = calibrated_taxonomy(taxonomy, validation, target_precision)
+    tested = split_paths(model, config, data, tuned, split, task, answers["temperature"])
+    figures = levels_figures(tuned, tested, answers["review_threshold"])
+    return figures | {"taxonomy": {"terminals": len(tuned.terminals), "depth": tuned.depth,
+                                   "min_listings": tuned.min_listings,
+                                   "temperatures": list(tuned.temperatures),
+                                   "thresholds": list(tuned.thresholds)}}
 
 
 def describe_training(config: TrainConfig) -> str:
@@ -277,6 +297,35 @@ def plot_curves(history: list[dict], path: Path, model: str) -> None:
     plt.close(figure)
 
 
+def path_table(reports_dir: Path) -> str:
+    """Per model and level of the category path: accuracy, macro-F1, filed automatically."""
+    rows = []
+    for model in MODEL_KINDS:
+        path = reports_dir / model / "metrics.json"
+        figures = json.loads(path.read_text()).get("path") if path.exists() else None
+        if not figures:
+            continue
+        for level, row in figures["levels"].items():
+            accuracy = "n/a" if row["accuracy"] is None else \
+                f"{row['accuracy']:.3f} [{row['accuracy_95ci'][0]:.3f}, {row['accuracy_95ci'][1]:.3f}]"
+            precision = "n/a" if row["filed_precision"] is None else f"{row['filed_precision']:.3f}"
+            rows.append(f"| {model} | {level} | {row['listings']} | {accuracy} | "
+                        f"{row['macro_f1'] or 0:.3f} | "
+                        f"{row['filed']:.1%} ({precision}) |")
+        full = figures["full_path"]
+        precision = "n/a" if full["filed_to_end_precision"] is None \
+            else f"{full['filed_to_end_precision']:.3f}"
+        rows.append(f"| {model} | full path | {figures['listings']} | {full['accuracy']:.3f} "
+                    f"[{full['accuracy_95ci'][0]:.3f}, {full['accuracy_95ci'][1]:.3f}] | | "
+                    f"{full['filed_to_end']:.1%} to the end of the answer ({precision}) |")
+    if not rows:
+        return ""
+    return ("\nThe category path, per listing (a level counts the listings whose true path reaches it; "
+            "filed: the answer is confident down to that level, with the precision there):\n\n"
+            "| model | level | listings | accuracy [95% CI] | macro-F1 | filed (precision) |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def write_summary(reports_dir: Path) -> str:
     """reports/summary.md: one row per evaluated model and its most confused pairs."""
     lines = ["| model | accuracy per listing [95% CI] | macro-F1 per listing | accuracy per photo "
@@ -307,6 +356,7 @@ def write_summary(reports_dir: Path) -> str:
     if ablation:
         table += ("\nBranches of the same model, per listing:\n\n| model | answer from | accuracy |\n"
                   "|---|---|---|\n" + "\n".join(ablation) + "\n")
+    table += path_table(reports_dir)
     table += complementarity(reports_dir)
     if confused:
         table += ("\nMost confused pairs per listing (true -> predicted), with one listing each:\n\n"

@@ -42,8 +42,9 @@ from marketplace_classifier.training.examples import (
     sample_inputs,
 )
 from marketplace_classifier.training.export_runtimes import FASTEST, MEASURE_SECONDS, export_runtimes
+from marketplace_classifier.training.levels import calibrated_taxonomy, split_paths
 from marketplace_classifier.training.reference import reference_distributions
-from marketplace_classifier.training.tasks import make_task, text_settings
+from marketplace_classifier.training.tasks import make_task, taxonomy_of, text_settings
 from marketplace_classifier.training.text_encoder import load_tokenizer
 
 PARITY_TOLERANCE = 1e-4
@@ -73,8 +74,13 @@ def answer_settings(model, config: TrainConfig, data: CleanData, target_precisio
     has its own temperature)."""
     task = task or make_task(model.eval(), config, data, torch.device("cpu"))
     text_only = text_only_temperature(model, config, data) if config.kind.answers_text_only else None
-    return validation_answers(model, config, data, target_precision, task) | {
+    answers = validation_answers(model, config, data, target_precision, task) | {
         "target_precision": target_precision, "text_only_temperature": text_only}
+    taxonomy = taxonomy_of(config, data)
+    if taxonomy is not None and taxonomy.terminals and len(data.samples(config.model, "val")):
+        paths = split_paths(model, config, data, taxonomy, "val", task, answers["temperature"])
+        answers["taxonomy"] = calibrated_taxonomy(taxonomy, paths, target_precision).to_json()
+    return answers
 
 
 def traced_methods(config: TrainConfig, example: tuple) -> dict[str, tuple]:
@@ -136,7 +142,7 @@ def split_accuracy(model, config: TrainConfig, data: CleanData, tokenizer) -> fl
     correct = 0
     for start in range(0, len(samples), 32):
         chosen = samples.iloc[start:start + 32]
-        predictions = model(*sample_inputs(config, data, chosen, tokenizer)).argmax(1)
+        predictions = model(*sample_inputs(config, data, chosen, tokenizer))[:, :data.num_classes].argmax(1)
         correct += int((predictions == torch.tensor(chosen["label"].to_numpy())).sum())
     return correct / max(len(samples), 1)
 

@@ -205,11 +205,11 @@ def listing_accuracy(program, config: TrainConfig, data: CleanData, tokenizer, s
     samples = data.samples(config.model, split)
     logits = [program(*sample_inputs(config, data, samples.iloc[start:start + 16], tokenizer))
               for start in range(0, len(samples), 16)]
-    return pooled_accuracy(logits, samples, config.kind)
+    return pooled_accuracy(logits, samples, config.kind, data.num_classes)
 
 
-def pooled_accuracy(logits: list[torch.Tensor], samples, kind: ModelKind) -> float:
-    """Accuracy per listing of the logits of `samples` (rows of CleanData.samples, in order):
+def pooled_accuracy(logits: list[torch.Tensor], samples, kind: ModelKind, num_classes: int) -> float:
+    """Root accuracy per listing of the outputs of `samples` (rows of CleanData.samples, in order):
     each listing's rows pooled by calibration.pool_by_listing, as the server pools photos."""
     from marketplace_classifier.training.calibration import pool_by_listing
 
@@ -217,7 +217,7 @@ def pooled_accuracy(logits: list[torch.Tensor], samples, kind: ModelKind) -> flo
         return 0.0
     listing = samples["product_id"] if kind.per_photo else samples["id"]
     labels = torch.tensor(samples["label"].to_numpy())
-    _, pooled, listing_labels = pool_by_listing(torch.cat(logits), labels, listing)
+    _, pooled, listing_labels = pool_by_listing(torch.cat(logits)[:, :num_classes], labels, listing)
     return (pooled.argmax(1) == listing_labels).float().mean().item()
 
 

@@ -7,27 +7,50 @@ import torch
 from torch import nn
 
 
-class ImageClassifier(nn.Module):
-    """uint8 [B,3,H,W] -> logits [B,C]: normalise, backbone features, dropout + linear head."""
+def with_levels(root: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """A model's output: the root head's logits [B,C], then the levels head's [B,K] where it has one
+    (serving/taxonomy.py: the categories below the roots)."""
+    return root if levels is None else torch.cat([root, levels], dim=1)
 
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2):
+
+def root_logits(output: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The root head's part of a model's output."""
+    return output[:, :num_classes]
+
+
+def levels_logits(output: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The levels head's part of a model's output ([B,0] for a root-only model)."""
+    return output[:, num_classes:]
+
+
+class ImageClassifier(nn.Module):
+    """uint8 [B,3,H,W] -> logits [B,C(+K)]: normalise, backbone features, dropout + linear heads
+    (the roots', and the levels' when the model has `levels` categories below them)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2, levels: int = 0):
         super().__init__()
         mean, std = backbone.mean, backbone.std  # what the pretrained weights expect
         self.backbone = backbone
-        self.feature_dim = backbone.feature_dim
+        self.feature_dim, self.num_classes = backbone.feature_dim, num_classes
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
+        self.levels_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, levels)) \
+            if levels else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone((images.float() - self.mean) / self.std)
 
+    def heads(self, features: torch.Tensor) -> torch.Tensor:
+        levels = self.levels_head(features) if self.levels_head is not None else None
+        return with_levels(self.head(features), levels)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        return self.heads(self.features(images))
 
     def feature_branches(self, features: torch.Tensor) -> list[torch.Tensor]:
         """The logits from cached backbone features (frozen training), as a list of one branch."""
-        return [self.head(features)]
+        return [self.heads(features)]
 
     def branches(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self(images)]
@@ -46,7 +69,7 @@ class TextCNNHead(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_classes: int, channels: tuple[int, ...] = (256, 128),
-                 kernel_size: int = 3, dropout: float = 0.3):
+                 kernel_size: int = 3, dropout: float = 0.3, levels: int = 0):
         super().__init__()
         sizes = (hidden_size, *channels)
         self.convs = nn.ModuleList(nn.Conv1d(sizes[i], sizes[i + 1], kernel_size,
@@ -55,6 +78,7 @@ class TextCNNHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.feature_dim = channels[-1]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
+        self.levels = nn.Linear(self.feature_dim, levels) if levels else None
 
     def pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         keep = mask.to(hidden.dtype).unsqueeze(1)  # [B,1,T]
@@ -68,7 +92,9 @@ class TextCNNHead(nn.Module):
         return x.amax(dim=2)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.pooled(hidden, mask)))
+        features = self.dropout(self.pooled(hidden, mask))
+        levels = self.levels(features) if self.levels is not None else None
+        return with_levels(self.classifier(features), levels)
 
 
 class LexicalClassifier(nn.Module):
@@ -105,24 +131,29 @@ class LexicalClassifier(nn.Module):
         return (rows * weights.unsqueeze(2)).sum(1) + self.bias
 
 
-def mix_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of the branches' log-probabilities: a late fusion whose weights are chosen
-    on the validation split (each branch trains on its own loss, so none hides another)."""
-    mixed = weights[0] * torch.log_softmax(logits[0].float(), dim=1)
+def mix_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor, num_classes: int
+                          ) -> torch.Tensor:
+    """Weighted sum of the branches' root log-probabilities: a late fusion whose weights are chosen
+    on the validation split (each branch trains on its own loss, so none hides another). The first
+    branch's levels logits, where it has them, follow unchanged (only it has a levels head)."""
+    first = logits[0].float()
+    mixed = weights[0] * torch.log_softmax(root_logits(first, num_classes), dim=1)
     for index in range(1, len(logits)):
-        mixed = mixed + weights[index] * torch.log_softmax(logits[index].float(), dim=1)
-    return mixed
+        branch = root_logits(logits[index].float(), num_classes)
+        mixed = mixed + weights[index] * torch.log_softmax(branch, dim=1)
+    return torch.cat([mixed, levels_logits(first, num_classes)], dim=1)
 
 
 class TextClassifier(nn.Module):
     """token ids [B,T] + attention mask [B,T] (+ lexical term ids and counts) -> logits,
     through a BERT-family encoder and, with `lexical_buckets`, a lexical branch beside it."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, lexical_buckets: int = 0, **head_options):
+    def __init__(self, encoder: nn.Module, num_classes: int, lexical_buckets: int = 0, levels: int = 0,
+                 **head_options):
         super().__init__()
         self.encoder = encoder
-        self.head = TextCNNHead(encoder.config.hidden_size, num_classes, **head_options)
-        self.feature_dim = self.head.feature_dim
+        self.head = TextCNNHead(encoder.config.hidden_size, num_classes, levels=levels, **head_options)
+        self.feature_dim, self.num_classes = self.head.feature_dim, num_classes
         self.lexical = LexicalClassifier(lexical_buckets, num_classes) if lexical_buckets else None
         if self.lexical is not None:
             self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # encoder, lexical
@@ -138,7 +169,7 @@ class TextClassifier(nn.Module):
         return logits
 
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix)
+        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix, self.num_classes)
 
     def branches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  *lexical_inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -155,12 +186,15 @@ class CombinedClassifier(nn.Module):
     mixed (when the text model has one) with the text model's lexical branch."""
 
     def __init__(self, image_model: ImageClassifier, text_model: TextClassifier, num_classes: int,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, levels: int = 0):
         super().__init__()
         self.image_model = image_model
         self.text_model = text_model
+        self.num_classes = num_classes
         self.dropout = nn.Dropout(dropout)
-        self.fusion = nn.Linear(image_model.feature_dim + text_model.feature_dim, num_classes)
+        width = image_model.feature_dim + text_model.feature_dim
+        self.fusion = nn.Linear(width, num_classes)
+        self.levels_fusion = nn.Linear(width, levels) if levels else None
         if text_model.lexical is not None:
             self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # fusion, lexical
 
@@ -170,13 +204,19 @@ class CombinedClassifier(nn.Module):
         image_linear, text_linear = self.image_model.head[-1], self.text_model.head.classifier
         self.fusion.weight.copy_(torch.cat([image_linear.weight, text_linear.weight], dim=1))
         self.fusion.bias.copy_(image_linear.bias + text_linear.bias)
+        if self.levels_fusion is not None:
+            image_levels, text_levels = self.image_model.levels_head[-1], self.text_model.head.levels
+            self.levels_fusion.weight.copy_(torch.cat([image_levels.weight, text_levels.weight], dim=1))
+            self.levels_fusion.bias.copy_(image_levels.bias + text_levels.bias)
 
     def fuse(self, image_features: torch.Tensor, hidden: torch.Tensor,
              attention_mask: torch.Tensor) -> torch.Tensor:
         return self.fuse_features(image_features, self.text_model.head.pooled(hidden, attention_mask))
 
     def fuse_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        return self.fusion(self.dropout(torch.cat([image_features, text_features], dim=1)))
+        features = self.dropout(torch.cat([image_features, text_features], dim=1))
+        levels = self.levels_fusion(features) if self.levels_fusion is not None else None
+        return with_levels(self.fusion(features), levels)
 
     def fused_branches(self, image_features: torch.Tensor, hidden: torch.Tensor,
                        attention_mask: torch.Tensor, *lexical_inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -192,7 +232,7 @@ class CombinedClassifier(nn.Module):
                                    *lexical_inputs)
 
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix)
+        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix, self.num_classes)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *lexical_inputs: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,26 @@ SUB_CATEGORIES: dict[str, tuple[str, ...]] = {
     "Video Games & Consoles": ("Consoles", "Games", "Video Game Accessories"),
 }
 
+# The third level, as the real export has it: some second-level categories end there, the others
+# have a few leaves of which the first is the most common (a long tail).
+LEAF_NAMES = ("Spares & Parts", "Vintage & Retro", "Bundles & Job Lots")
+LEAF_WEIGHTS = (3, 2, 1)
+STOP_AT_SECOND_LEVEL = 0.35  # of listings whose second-level category has leaves
+STOP_WORDS = {"&", "and", "the", "up", "tv", "other"}
+
+
+def leaves_of(root: str, sub: str) -> tuple[str, ...]:
+    """A second-level category's leaves: none, one, two or three, by its place in the table."""
+    position = ROOT_CATEGORIES.index(root) * 3 + SUB_CATEGORIES[root].index(sub)
+    return LEAF_NAMES[:position % 4]
+
+
+def path_words(name: str) -> list[str]:
+    """A category's own words, as a seller might use them (`Fridge Freezers` -> fridge, freezers)."""
+    words = (word.strip(",'").lower() for word in name.split())
+    return [word for word in words if len(word) > 2 and word not in STOP_WORDS]
+
+
 VOCABULARY: dict[str, tuple[str, ...]] = {
     "Appliances": ("washing", "machine", "fridge", "freezer", "oven", "microwave", "kettle",
                    "toaster", "dishwasher", "tumble", "dryer", "hob", "cooker", "bosch", "hotpoint"),
@@ -175,14 +195,32 @@ def _product(rng: random.Random, root: str, config: SampleConfig, quirks: dict) 
     town, county = rng.choice(TOWNS)
     name = " ".join(_words(rng, root, rng.randint(2, 5), config.text_signal)).capitalize()
     description = _description(rng, root, sub, town, config, quirks)
+    product_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    # the path's own draws come from a generator of their own: the rest of the data stays as it was
+    path_rng = random.Random(f"{config.seed}/{product_id}")
+    deeper = rng.random() >= STOP_AT_SECOND_LEVEL
+    leaves = leaves_of(root, sub)
+    leaf = path_rng.choices(leaves, LEAF_WEIGHTS[:len(leaves)])[0] if leaves and deeper else None
+    description = _with_path_words(path_rng, description, sub, leaf, config.text_signal)
     return {
-        "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "id": product_id,
         "product_name": f"{name} | in {town}, {county} | Gumtree",
-        "category": " / ".join((root, sub) + (("Other",) if rng.random() < 0.3 else ())),
+        "category": " / ".join((root, sub) + ((leaf,) if leaf else ())),
         "product_description": description,
         "price": _price(rng),
         "location": f"{town}, {county}",
     }
+
+
+def _with_path_words(rng: random.Random, description: str | None, sub: str, leaf: str | None,
+                     signal: float) -> str | None:
+    """The description with words of the listing's second- and third-level categories, as often
+    as its root's words come (`signal`)."""
+    if description is None:
+        return None
+    words = [rng.choice(path_words(sub) or [sub.lower()]) for _ in range(3) if rng.random() < signal * 3]
+    words += [rng.choice(path_words(leaf)) for _ in range(2) if leaf and rng.random() < signal * 3]
+    return description if not words else f"{description} {' '.join(words).capitalize()}."
 
 
 def _description(rng: random.Random, root: str, sub: str, town: str,

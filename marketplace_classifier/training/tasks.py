@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from marketplace_classifier.serving.model_kinds import IMAGE, ModelKind, model_kind
 from marketplace_classifier.serving.processing import lexical_ids, model_inputs, pad_lexical
 from marketplace_classifier.serving.settings import LexicalSettings, TextSettings
+from marketplace_classifier.serving.taxonomy import Taxonomy
 from marketplace_classifier.training.config import TrainConfig
 from marketplace_classifier.training.data import CleanData
 from marketplace_classifier.training.features import (
@@ -34,7 +35,8 @@ from marketplace_classifier.training.text_encoder import encoder_identity, load_
 @dataclass
 class Batch:
     inputs: tuple
-    labels: torch.Tensor
+    labels: torch.Tensor  # the root class of each sample
+    levels: torch.Tensor | None = None  # its levels head's class (-1: none; serving/taxonomy.py)
 
 
 class TrainablePart(nn.Module):
@@ -64,10 +66,12 @@ class FrozenTask:
     """Cached features in memory; `network` is only the trainable part of the model."""
 
     def __init__(self, model: nn.Module, kind: str | ModelKind, tensors: dict[str, torch.Tensor],
-                 labels: torch.Tensor, splits: list[str], device: torch.device):
+                 labels: torch.Tensor, splits: list[str], device: torch.device,
+                 levels: torch.Tensor | None = None):
         self.model, self.kind, self.tensors, self.device = model, model_kind(kind), tensors, device
         self.network = TrainablePart(model, kind)
         self.labels = labels
+        self.levels = levels if levels is not None else torch.full_like(labels, -1)
         self.split_index = {name: torch.tensor([i for i, s in enumerate(splits) if s == name])
                             for name in ("train", "val", "test")}
 
@@ -82,7 +86,8 @@ class FrozenTask:
             index = index[torch.tensor(order, dtype=torch.long)]
         for start in range(0, len(index), batch_size):
             chosen = index[start:start + batch_size]
-            yield Batch(self._inputs(chosen), self.labels[chosen].to(self.device))
+            yield Batch(self._inputs(chosen), self.labels[chosen].to(self.device),
+                        self.levels[chosen].to(self.device))
 
     def _inputs(self, chosen: torch.Tensor) -> tuple:
         t, device = self.tensors, self.device
@@ -122,7 +127,8 @@ def frozen_task(model: nn.Module, config: TrainConfig, data: CleanData, device: 
             row_of = {product_id: row for row, product_id in enumerate(products["id"])}
             tensors["product_row"] = torch.tensor([row_of[p] for p in samples["product_id"]])
     labels = torch.tensor(samples["label"].to_numpy(), dtype=torch.long)
-    return FrozenTask(model, kind, tensors, labels, list(samples["split"]), device)
+    return FrozenTask(model, kind, tensors, labels, list(samples["split"]), device,
+                      data.levels_labels(samples, taxonomy_of(config, data)))
 
 
 def _image_features(image_model, data: CleanData, samples, config: TrainConfig, device, cache_dir):
@@ -201,7 +207,7 @@ class LastStagePart(nn.Module):
         self.model = model
 
     def forward(self, activations: torch.Tensor) -> list[torch.Tensor]:
-        return [self.model.head(self.model.backbone.from_last_stage(activations.float()))]
+        return [self.model.heads(self.model.backbone.from_last_stage(activations.float()))]
 
 
 class LastStageTask(FrozenTask):
@@ -210,8 +216,8 @@ class LastStageTask(FrozenTask):
     at random (augmentation in training only; evaluation sees the plain photo)."""
 
     def __init__(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor,
-                 splits: list[str], device: torch.device, seed: int):
-        super().__init__(model, IMAGE, {"activations": views[0]}, labels, splits, device)
+                 splits: list[str], device: torch.device, seed: int, levels: torch.Tensor | None = None):
+        super().__init__(model, IMAGE, {"activations": views[0]}, labels, splits, device, levels)
         self.network = LastStagePart(model)
         self.train_views = views[1:]  # training photos only, in the split's order
         self.generator = torch.Generator().manual_seed(seed)
@@ -229,8 +235,8 @@ class LastStageTask(FrozenTask):
             activations = torch.stack([self.tensors["activations"][sample] if view == 0
                                        else self.train_views[view - 1][row] for view, row, sample in
                                        zip(chosen.tolist(), rows.tolist(), samples.tolist(), strict=True)])
-            labels = self.labels[samples]
-            yield Batch((activations.to(self.device),), labels.to(self.device))
+            yield Batch((activations.to(self.device),), self.labels[samples].to(self.device),
+                        self.levels[samples].to(self.device))
 
     def _inputs(self, chosen: torch.Tensor) -> tuple:
         return (self.tensors["activations"][chosen].to(self.device),)
@@ -250,15 +256,18 @@ def last_stage_task(model: nn.Module, data: CleanData, config: TrainConfig, devi
     views += [_stage_inputs(model, train_paths, train_stamps, config, device, cache_dir, view)
               for view in range(1, config.cached_views)]
     labels = torch.tensor(samples["label"].to_numpy(), dtype=torch.long)
-    return LastStageTask(model, views, labels, list(samples["split"]), device, config.seed)
+    return LastStageTask(model, views, labels, list(samples["split"]), device, config.seed,
+                         data.levels_labels(samples, taxonomy_of(config, data)))
 
 
 class RawSamples(Dataset):
     """Decoded photos and/or texts of one split, augmented in training only."""
 
-    def __init__(self, kind: str | ModelKind, data: CleanData, split: str, image_size: int, train: bool):
+    def __init__(self, kind: str | ModelKind, data: CleanData, split: str, image_size: int, train: bool,
+                 taxonomy: Taxonomy | None = None):
         self.kind, self.data, self.image_size = model_kind(kind), data, image_size
         self.samples = data.samples(kind, split)
+        self.levels = data.levels_labels(self.samples, taxonomy).tolist() if taxonomy else None
         self.augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
                                    v2.RandomHorizontalFlip()]) if train else None
 
@@ -267,7 +276,7 @@ class RawSamples(Dataset):
 
     def __getitem__(self, index: int):
         row = self.samples.iloc[index]
-        item = {"label": int(row["label"])}
+        item = {"label": int(row["label"]), "levels": self.levels[index] if self.levels else -1}
         if self.kind.uses_image:
             image = load_model_image(self.data.image_path(row["id"]), self.image_size)
             item["image"] = self.augment(image) if self.augment else image
@@ -291,7 +300,8 @@ class RawTask:
     def batches(self, split: str, batch_size: int, order: list[int] | None = None,
                 train: bool = False):
         """Batches of `split`, in `order` (positions in the split); augmented when `train`."""
-        dataset = RawSamples(self.kind, self.data, split, self.config.image_size, train)
+        dataset = RawSamples(self.kind, self.data, split, self.config.image_size, train,
+                             taxonomy_of(self.config, self.data))
         loader = DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=self._collate,
                             num_workers=self.config.num_workers)
         yield from loader
@@ -301,7 +311,8 @@ class RawTask:
         texts = [item["text"] for item in items] if "text" in items[0] else None
         inputs = model_inputs(self.kind, images, texts, self.tokenizer, text_settings(self.config))
         labels = torch.tensor([item["label"] for item in items], device=self.device)
-        return Batch(tuple(tensor.to(self.device) for tensor in inputs), labels)
+        levels = torch.tensor([item["levels"] for item in items], device=self.device)
+        return Batch(tuple(tensor.to(self.device) for tensor in inputs), labels, levels)
 
     def logits(self, inputs: tuple) -> torch.Tensor:
         return self.model.combine(self.network(*inputs))
@@ -312,6 +323,11 @@ def text_settings(config: TrainConfig) -> TextSettings:
     lexical = LexicalSettings(config.lexical_buckets, config.lexical_max_chars,
                               config.lexical_head_words) if config.lexical_buckets else None
     return TextSettings(config.max_length, lexical, config.text_encoder)
+
+
+def taxonomy_of(config: TrainConfig, data: CleanData) -> Taxonomy | None:
+    """The category tree a configuration trains on (None: the roots only)."""
+    return data.taxonomy(config.levels, config.min_listings) if config.levels > 1 else None
 
 
 def make_task(model: nn.Module, config: TrainConfig, data: CleanData, device: torch.device):

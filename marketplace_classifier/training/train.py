@@ -19,6 +19,7 @@ from marketplace_classifier.training.calibration import split_outputs
 from marketplace_classifier.training.checkpoints import (
     atomic_save,
     build_model,
+    checkpoint_taxonomy,
     choose_device,
     config_from,
     load_checkpoint,
@@ -36,8 +37,8 @@ from marketplace_classifier.training.distributed import (
     train_order,
     wrap,
 )
-from marketplace_classifier.training.models import CombinedClassifier
-from marketplace_classifier.training.tasks import make_task, text_settings
+from marketplace_classifier.training.models import CombinedClassifier, levels_logits, root_logits
+from marketplace_classifier.training.tasks import make_task, taxonomy_of, text_settings
 
 CPU = torch.device("cpu")
 
@@ -48,7 +49,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-IMAGE_BRANCH_SETTINGS = ("image_backbone", "image_weights", "image_size")
+IMAGE_BRANCH_SETTINGS = ("image_backbone", "image_weights", "image_size", "levels", "min_listings")
 TEXT_BRANCH_SETTINGS = ("text_encoder", "max_length", "lexical_buckets", "lexical_max_chars",
                         "lexical_head_words")
 
@@ -60,10 +61,14 @@ def _combined_branches(config: TrainConfig) -> tuple[nn.Module, TrainConfig]:
     image, image_checkpoint = load_checkpoint(config.image_checkpoint or folder / "image" / "best.pt")
     text, text_checkpoint = load_checkpoint(config.text_checkpoint or folder / "text" / "best.pt")
     branches = {"image": image_checkpoint["config"], "text": text_checkpoint["config"]}
+    if checkpoint_taxonomy(image_checkpoint) != checkpoint_taxonomy(text_checkpoint):
+        raise ValueError("the image and text checkpoints answer different category trees (--levels, "
+                         "--min-listings or their data differ): train both on the same settings")
     config = replace(config, branches=branches,
                      **{name: branches["image"][name] for name in IMAGE_BRANCH_SETTINGS},
                      **{name: branches["text"].get(name, 0) for name in TEXT_BRANCH_SETTINGS})
-    model = CombinedClassifier(image, text, len(image_checkpoint["index_to_name"]))
+    model = CombinedClassifier(image, text, len(image_checkpoint["index_to_name"]),
+                               levels=len(checkpoint_taxonomy(image_checkpoint).terminals))
     model.init_fusion_from_heads()
     return model, config
 
@@ -86,6 +91,9 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     if config.kind.fuses:  # the single models' output layers are not on its path
         image.head.requires_grad_(False)
         text.head.classifier.requires_grad_(False)
+        for levels in (image.levels_head, text.head.levels):
+            if levels is not None:
+                levels.requires_grad_(False)
         if text.lexical is not None:  # trained with the text model; mixed in, not retrained
             text.lexical.requires_grad_(False)
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -136,6 +144,16 @@ def _train_mode(model: nn.Module, config: TrainConfig) -> None:
             module.eval()
 
 
+def branch_loss(logits: torch.Tensor, batch, num_classes: int) -> torch.Tensor:
+    """Cross-entropy of the root head, plus the levels head's where the branch has one and the
+    batch has samples below their roots (serving/taxonomy.py)."""
+    loss = nn.functional.cross_entropy(root_logits(logits, num_classes), batch.labels)
+    if logits.shape[1] > num_classes and batch.levels is not None and bool((batch.levels >= 0).any()):
+        loss = loss + nn.functional.cross_entropy(levels_logits(logits, num_classes), batch.levels,
+                                                  ignore_index=-1)
+    return loss
+
+
 def run_epoch(task, split: str, batch_size: int, order: list[int] | None = None, forward=None,
               optimizer=None, device: torch.device = CPU, cluster: Cluster = ALONE,
               scheduler=None, grad_clip: float = 0.0) -> tuple[float, float]:
@@ -148,8 +166,8 @@ def run_epoch(task, split: str, batch_size: int, order: list[int] | None = None,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 branches = forward(*batch.inputs)
             # every branch learns from its own loss; the answer mixes them (weights chosen on val)
-            loss = sum(nn.functional.cross_entropy(logits.float(), batch.labels) for logits in branches)
-            logits = task.model.combine(branches)
+            loss = sum(branch_loss(logits.float(), batch, task.model.num_classes) for logits in branches)
+            logits = root_logits(task.model.combine(branches), task.model.num_classes)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -176,7 +194,9 @@ def train(config: TrainConfig) -> Path:
             if config.kind.fuses:
                 model, config = _combined_branches(config)
             else:
-                model = build_model(config, data.num_classes)
+                taxonomy = taxonomy_of(config, data)
+                levels = len(taxonomy.terminals) if taxonomy else 0
+                model = build_model(config, data.num_classes, levels=levels)
             fit_lexical_idf(model, config, data.samples(TEXT, "train")["text"])
             if config.init_from:
                 start_from(model, Path(config.init_from), config)
@@ -337,15 +357,17 @@ def _record_epoch(writer, model, stepping: tuple, config: TrainConfig, data: Cle
     processes = {"world_size": cluster.world_size, "backend": cluster.backend,
                  "batch_size_per_process": per_process_batch(config.batch_size, cluster),
                  "last_epoch_shards": shards}
+    taxonomy = taxonomy_of(config, data)
+    taxonomy = taxonomy.to_json() if taxonomy else None
     if best_path is not None:
         save_checkpoint(best_path, model, config, history=progress["history"],
                         best_epoch=row["epoch"], best_val_accuracy=row["val_accuracy"],
-                        index_to_name=data.index_to_name, processes=processes)
+                        index_to_name=data.index_to_name, processes=processes, taxonomy=taxonomy)
     writer.add_scalar("lr/head", optimizer.param_groups[0]["lr"], row["epoch"])
     save_checkpoint(last_path, model, config, optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
                     torch_rng=torch.get_rng_state(), progress=progress,
-                    index_to_name=data.index_to_name, processes=processes)
+                    index_to_name=data.index_to_name, processes=processes, taxonomy=taxonomy)
 
 
 def _say(cluster: Cluster, line: str) -> None:
