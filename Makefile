@@ -72,7 +72,7 @@ test: install kserve-venv engine-venv nginx prometheus
 # Data-parallel training with torchrun on this machine's sample data (gloo on CPU, nccl on GPUs).
 # More machines: run the same torchrun on each with --nnodes N --node-rank R --rdzv-endpoint HOST:PORT.
 train-ddp: install sample-data
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m training train --model $(MODEL) \
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m marketplace_classifier.training train --model $(MODEL) \
 		--data-dir $(DEMO_DIR)/clean --image-backbone efficientnet_lite0 --epochs $(or $(EPOCHS),10) \
 		--checkpoint-dir checkpoints/ddp --runs-dir runs/ddp
 

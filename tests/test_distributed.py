@@ -38,7 +38,7 @@ def test_two_gloo_processes_train_like_one(trained, tmp_path):
                "--image-backbone", config.image_backbone, "--image-weights", config.image_weights,
                "--image-size", str(config.image_size), "--epochs", str(config.epochs),
                "--batch-size", str(config.batch_size), "--lr", str(config.lr),
-               "--seed", str(config.seed), "--device", "cpu",
+               "--seed", str(config.seed), "--min-listings", str(config.min_listings), "--device", "cpu",
                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--runs-dir", str(tmp_path / "runs"),
                "--cache-dir", str(tmp_path / "cache")]
     environment = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -255,13 +255,17 @@ def test_the_cli_reaches_the_second_engine_over_rest_and_grpc(kserve_ray, artifa
     photo_file.write_bytes(PHOTOS[0])
     names = json.loads((artifacts / "combined" / "index_to_name.json").read_text())
     expected = in_process(artifacts, "combined", [PHOTOS[0]], TEXTS[0])
+    expected_path = in_process_path(artifacts, "combined", [PHOTOS[0]], TEXTS[0])
     for protocol in ("rest", "grpc"):
         code = predict.main(["--engine", "kserve_ray", "--protocol", protocol, "--model", "combined",
                              "--image", str(photo_file), "--text", TEXTS[0],
                              "--engine-url", kserve_ray["base"], "--engine-grpc", kserve_ray["grpc"]])
-        answer = json.loads(capsys.readouterr().out)
+        printed = capsys.readouterr()
+        answer = json.loads(printed.out)
         assert code == 0 and answer["category"] == names[str(int(expected.argmax()))], (protocol, answer)
         assert abs(answer["probability"] - float(expected.max())) <= 1e-5 and answer["photos"] == 1
+        assert same_path(answer["path"], expected_path), (protocol, answer["path"], expected_path)
+        assert printed.err.startswith("path: ") and expected_path[0]["name"] in printed.err
     assert predict.main(["--engine", "kserve_ray", "--protocol", "grpc", "--model", "text", "--text", "",
                          "--engine-grpc", kserve_ray["grpc"]]) == 2
     assert "INVALID_ARGUMENT" in capsys.readouterr().err

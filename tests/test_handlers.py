@@ -78,7 +78,8 @@ def test_every_request_of_a_batch_is_answered(handlers_in_process):
     assert len(answers) == 4 and not context.statuses
     for answer in answers:
         assert set(answer) == {"category", "probability", "top_k", "probabilities", "needs_review",
-                               "model_version"}
+                               "model_version", "path", "confident_depth"}
+        assert answer["path"][0] == {"name": answer["category"], "probability": answer["probability"]}
         assert answer["model_version"] == handler.service.card["version"]  # no version in the manifest
         assert len(answer["probabilities"]) == 13 and len(answer["top_k"]) == 3
         assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4
@@ -126,7 +127,7 @@ def test_handler_answer_equals_the_torchscript_model(handlers_in_process, artifa
     scripted, settings = exported.model, exported.settings
     assert settings.temperature > 0
     with torch.inference_mode():
-        logits = scripted(model_image_from_bytes(photo, settings.image.size)[None])
+        logits = scripted(model_image_from_bytes(photo, settings.image.size)[None])[:, :settings.num_classes]
         expected = torch.softmax(logits / settings.temperature, 1)[0]
     names = json.loads((artifacts / "image" / "index_to_name.json").read_text())
     served = torch.tensor([answer["probabilities"][names[str(i)]] for i in range(13)])

@@ -76,11 +76,14 @@ def test_normal_listings_do_not_drift_and_shifted_texts_do(artifacts, fresh_list
     service, drift, registry = service_and_drift(artifacts, "text")
     send_texts(service, texts)
     normal = scores(drift)
-    assert {"categories", "text_chars", "top_probability", "review_share"} <= set(normal)
+    assert {"categories", "text_chars", "top_probability", "review_share", "confident_depth"} <= set(normal)
     assert max(normal.values()) < DRIFT_THRESHOLD, normal
     answered = [line for line in generate_latest(registry).decode().splitlines()
                 if line.startswith("marketplace_answers_total{")]
     assert answered and all('model="text"' in line and 'category="' in line for line in answered)
+    depths = {sample.labels["depth"]: sample.value for family in registry.collect()
+              for sample in family.samples if sample.name == "marketplace_confident_depth_total"}
+    assert set(depths) <= {"0", "1", "2", "3", "4+"} and sum(depths.values()) == len(texts)
 
     one_category = [text for text, category in zip(texts, products["root_category"], strict=True)
                     if category == products["root_category"].mode()[0]]

@@ -129,6 +129,8 @@ def test_the_whole_cycle_under_load_fails_no_request_and_every_answer_names_its_
         assert staged["staged"] == retrained and staged["card"]["version"] == retrained
         compared = rollout.compare(rollout_server, "text", raw_sample[0], count=60, margin=0.2)
         assert compared["passed"] and compared["listings"] == 60 and 0 <= compared["agreement"] <= 1
+        assert compared["levels_agreement"]["level1"] == compared["agreement"]
+        assert set(compared["candidate_figures"]["levels_accuracy"]) >= {"level1", "level2"}
         promoted_at = time.monotonic()
         promoted = rollout.promote(rollout_server, "text", force=False, drain_seconds=2, workers=1)
         assert promoted["live"] == retrained and promoted["switch_seconds"] > 0
@@ -151,6 +153,19 @@ def test_the_whole_cycle_under_load_fails_no_request_and_every_answer_names_its_
     # the rollback brought back the old answers exactly
     assert {text: probabilities(rollout_server, text) for text in LISTINGS} == before
     assert [v["version"] for v in rollout.status(rollout_server, "text")["versions"]] == [live]
+
+
+def test_per_level_figures_score_the_answered_path_against_the_true_one():
+    def answer(*names: str) -> dict:
+        return {"category": names[0], "path": [{"name": name, "probability": 0.9} for name in names]}
+
+    truths = [("A", "a1", "x"), ("A", "a2"), ("B",), ("B", "b1", "y")]
+    answers = [answer("A", "a1", "x"), answer("A", "a1"), answer("B", "b1"), answer("B")]
+    assert rollout.level_accuracy(answers, truths) == {"level1": 1.0, "level2": round(1 / 3, 4),
+                                                       "level3": 0.5}
+    old_answers = [{"category": "A"}, {"category": "A"}, {"category": "C"}, {"category": "B"}]  # no path
+    assert rollout.level_agreement(old_answers, answers, 3) == {"level1": 0.75, "level2": 0.25,
+                                                                "level3": 0.25}
 
 
 def test_a_worse_candidate_is_refused_by_compare_and_promote(rollout_server, versions, raw_sample):

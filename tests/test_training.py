@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from marketplace_classifier.serving.settings import ModelSettings
+from marketplace_classifier.serving.settings import CARD_FILE, REFERENCE_FILE, ModelSettings
 from marketplace_classifier.training.data import CleanData
 from marketplace_classifier.training.evaluate import evaluate
 from marketplace_classifier.training.export import export
@@ -129,6 +129,10 @@ def test_evaluation_writes_its_reports(trained, tmp_path):
     assert len(branches) == 3 and all(0 <= value <= 1 for value in branches.values())
     assert [v for k, v in branches.items() if k.startswith("mixed")] == [listing["accuracy"]]
     assert "lexical branch alone" in (tmp_path / "summary.md").read_text()
+    within = saved["path"]["within_root"]  # second-level mistakes under the right root
+    assert within["listings"] <= saved["path"]["levels"]["2"]["listings"]
+    for pair in within["most_confused"]:
+        assert pair["truth"] != pair["answer"] and pair["count"] >= 1
 
 
 def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tmp_path):
@@ -144,6 +148,11 @@ def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tm
             assert (folder / settings.text.tokenizer / "tokenizer.json").exists()
         if kind != "text":
             assert settings.image.size == 64
+        card = json.loads((folder / CARD_FILE).read_text())  # per-level figures beside the root's
+        assert set(card["test"]["path"]["levels"]) == {"1", "2", "3"}
+        assert card["test"]["path"]["levels"]["1"]["listings"] == card["test"]["listings"]
+        depths = json.loads((folder / REFERENCE_FILE).read_text())["confident_depth"]
+        assert len(depths["shares"]) == 4 and abs(sum(depths["shares"]) - 1) < 1e-4
     scripted = torch.jit.load(str(tmp_path / "text" / "model.pt"), map_location="cpu")
     eager, _ = load_checkpoint(trained["paths"]["text"])
     from marketplace_classifier.serving.processing import model_inputs
@@ -301,7 +310,9 @@ def test_int8_text_encoder_variant_stays_close(trained, tmp_path):
     texts = list(CleanData.load(trained["data_dir"]).samples("text", "test")["text"][:24])
     inputs = model_inputs("text", None, texts, load_tokenizer("minilm"), settings.text)
     with torch.inference_mode():
-        plain, small = torch.softmax(eager(*inputs), 1), torch.softmax(quantised(*inputs), 1)
+        roots = settings.num_classes  # the levels' logits follow the roots'
+        plain = torch.softmax(eager(*inputs)[:, :roots], 1)
+        small = torch.softmax(quantised(*inputs)[:, :roots], 1)
     assert (plain - small).abs().mean() < 0.05
     assert (plain.argmax(1) == small.argmax(1)).float().mean() >= 0.75
 
@@ -317,8 +328,8 @@ def test_interrupted_training_leaves_whole_checkpoints_and_resumes_exactly(train
                "--data-dir", config.data_dir, "--image-backbone", "efficientnet_lite0",
                "--image-weights", "none", "--image-size", "64", "--epochs", "100000",
                "--batch-size", "4", "--lr", str(config.lr), "--seed", str(config.seed),
-               "--checkpoint-dir", config.checkpoint_dir, "--runs-dir", config.runs_dir,
-               "--cache-dir", config.cache_dir]
+               "--min-listings", str(config.min_listings), "--checkpoint-dir", config.checkpoint_dir,
+               "--runs-dir", config.runs_dir, "--cache-dir", config.cache_dir]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:

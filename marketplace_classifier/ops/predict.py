@@ -122,6 +122,12 @@ def first_listing(answer: dict) -> dict:
               "needs_review": outputs["needs_review"][0],
               "top_k": [{"category": c, "probability": p} for c, p in
                         zip(outputs["top_categories"][:k], outputs["top_probabilities"][:k], strict=True)]}
+    if "path" in outputs:  # [listings, depth] row-major; "" past the depth of an answer
+        depth = len(outputs["path"]) // len(outputs["category"])
+        result["path"] = [{"name": name, "probability": probability} for name, probability in
+                          zip(outputs["path"][:depth], outputs["path_probabilities"][:depth], strict=True)
+                          if name]
+        result["confident_depth"] = outputs["confident_depth"][0]
     if "photos" in outputs:
         result["photos"] = outputs["photos"][0]
     return result
@@ -215,7 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     answer.pop("probabilities", None)
     print(json.dumps(answer, indent=2))
+    if answer.get("path"):
+        print(f"path: {path_line(answer['path'], answer.get('confident_depth', len(answer['path'])))}",
+              file=sys.stderr)
     return 0
+
+
+def path_line(path: list[dict], confident_depth: int) -> str:
+    """`Root / Sub / Leaf` with the confident part in [ ] and each level's probability."""
+    names = [f"{level['name']} ({level['probability']:.2f})" for level in path]
+    confident = " / ".join(names[:confident_depth])
+    rest = " / ".join(names[confident_depth:])
+    return " / ".join(part for part in (f"[{confident}]" if confident else "", rest) if part)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,7 @@ def stage(server: Server, model: str, archive: Path, workers: int) -> dict:
 def marketplace_listings(folder: Path, count: int, uses_image: bool, seed: int = 0) -> list[dict]:
     """Up to `count` listings of a folder in the marketplace layout (Products.csv, Images.csv,
     images/), cleaned as training cleans them: name, description, photos, root category."""
+    from marketplace_classifier.serving.taxonomy import split_path
     from marketplace_classifier.training.cleaning import (
         CleaningReport,
         clean_products,
@@ -222,7 +223,8 @@ def marketplace_listings(folder: Path, count: int, uses_image: bool, seed: int =
         if uses_image and not paths:
             continue
         listings.append({"product_name": row.product_name, "product_description": row.product_description,
-                         "photos": paths if uses_image else [], "label": str(row.root_category)})
+                         "photos": paths if uses_image else [], "label": str(row.root_category),
+                         "path": split_path(row.category)})
     random.Random(seed).shuffle(listings)
     return listings[:count]
 
@@ -241,10 +243,36 @@ def answers_of(server: Server, model: str, version: str, bodies: list[bytes]
     return [answer["predictions"][0] for answer, _ in pairs], [latency for _, latency in pairs]
 
 
-def figures(answers: list[dict], latencies: list[float], labels: list[str]) -> dict:
+def answered_names(answer: dict) -> tuple[str, ...]:
+    """The names of an answer's category path (only the root for an answer without one)."""
+    return tuple(level["name"] for level in answer.get("path") or [{"name": answer["category"]}])
+
+
+def level_accuracy(answers: list[dict], truths: list[tuple[str, ...]]) -> dict[str, float]:
+    """Per level L: of the listings whose true path has L levels or more, the share whose
+    answered path starts with the true first L (a shorter answer is wrong at L)."""
+    depth = max((len(truth) for truth in truths), default=0)
+    figures = {}
+    for level in range(1, depth + 1):
+        scored = [(answered_names(a)[:level], truth[:level]) for a, truth in zip(answers, truths, strict=True)
+                  if len(truth) >= level]
+        figures[f"level{level}"] = round(sum(answer == truth for answer, truth in scored) / len(scored), 4)
+    return figures
+
+
+def level_agreement(live: list[dict], candidate: list[dict], depth: int) -> dict[str, float]:
+    """Per level L: the share of listings whose two answered paths agree on their first L names."""
+    return {f"level{level}": round(sum(answered_names(a)[:level] == answered_names(b)[:level]
+                                       for a, b in zip(live, candidate, strict=True)) / len(live), 4)
+            for level in range(1, depth + 1)}
+
+
+def figures(answers: list[dict], latencies: list[float], labels: list[str],
+            truths: list[tuple[str, ...]] | None = None) -> dict:
     ordered = sorted(latencies)
     return {"accuracy": round(sum(a["category"] == label for a, label in zip(answers, labels, strict=True))
                               / len(labels), 4),
+            "levels_accuracy": level_accuracy(answers, truths or [(label,) for label in labels]),
             "filed_automatically": round(sum(not a["needs_review"] for a in answers) / len(answers), 4),
             "p50_ms": round(1000 * ordered[len(ordered) // 2], 1),
             "p95_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1)}
@@ -261,14 +289,17 @@ def compare(server: Server, model: str, data_dir: Path, count: int, margin: floa
         raise RolloutError(f"{data_dir} holds no listing the {model} model can answer")
     bodies = [listing_body(listing) for listing in listings]
     labels = [listing["label"] for listing in listings]
+    truths = [listing["path"] for listing in listings]
     live_answers, live_latency = answers_of(server, model, live, bodies)
     new_answers, new_latency = answers_of(server, model, candidate, bodies)
+    depth = max(len(answered_names(answer)) for answer in live_answers + new_answers)
     result = {"model": model, "live": live, "candidate": candidate, "listings": len(listings),
               "data_dir": str(data_dir),
               "agreement": round(sum(a["category"] == b["category"] for a, b in
                                      zip(live_answers, new_answers, strict=True)) / len(listings), 4),
-              "live_figures": figures(live_answers, live_latency, labels),
-              "candidate_figures": figures(new_answers, new_latency, labels), "margin": margin}
+              "levels_agreement": level_agreement(live_answers, new_answers, depth),
+              "live_figures": figures(live_answers, live_latency, labels, truths),
+              "candidate_figures": figures(new_answers, new_latency, labels, truths), "margin": margin}
     drop = result["live_figures"]["accuracy"] - result["candidate_figures"]["accuracy"]
     result["passed"] = drop <= margin
     result["verdict"] = (f"candidate accuracy {result['candidate_figures']['accuracy']:.3f} against live "

@@ -293,7 +293,7 @@ class ListingService:
         self.signals.answered(result["category"], result["probability"], result["needs_review"],
                               len(item.images) if self.kind.uses_image else None,
                               len(item.text or "") if self.kind.uses_text else None,
-                              item.photo_sides)
+                              item.photo_sides, result["confident_depth"])
 
     # ------------------------------------------------------------ reading and admitting
     def read(self, request: Request) -> Envelope:

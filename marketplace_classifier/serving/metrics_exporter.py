@@ -66,13 +66,16 @@ def counts_by_version(families) -> dict[tuple[str, str], dict]:
             key = (labels.get("model"), labels.get("version"))
             if None in key:
                 continue
-            mine = found.setdefault(key, {"categories": {}, "reviews": {}})
+            mine = found.setdefault(key, {"categories": {}, "reviews": {}, "depths": {}})
             if sample.name == "marketplace_answers_total":
                 category = labels["category"]
                 mine["categories"][category] = mine["categories"].get(category, 0) + sample.value
             elif sample.name == "marketplace_review_flags_total":
                 flag = labels["needs_review"]
                 mine["reviews"][flag] = mine["reviews"].get(flag, 0) + sample.value
+            elif sample.name == "marketplace_confident_depth_total":
+                depth = labels["depth"]
+                mine["depths"][depth] = mine["depths"].get(depth, 0) + sample.value
             else:
                 for signal, name in HISTOGRAMS.items():
                     if sample.name == f"{name}_bucket":
@@ -111,6 +114,12 @@ def drift_of(window: dict, reference: dict) -> dict[str, float]:
         share = reference["review_share"]["validation"]
         drift["review_share"] = psi([flagged, total - flagged], [share, 1 - share],
                                     reference["review_share"].get("listings"))
+    if "confident_depth" in reference and sum(window.get("depths", {}).values()) > 0:
+        depths = reference["confident_depth"]
+        live = [0.0] * len(depths["shares"])
+        for label, count in window["depths"].items():  # "4+" and deeper count at the last depth
+            live[min(int(label.rstrip("+")), len(live) - 1)] += count
+        drift["confident_depth"] = psi(live, depths["shares"], depths.get("listings"))
     for signal in HISTOGRAMS:
         if signal in reference and signal in window and sum(window[signal]) > 0:
             drift[signal] = psi(window[signal], reference[signal]["shares"], reference[signal].get("count"))

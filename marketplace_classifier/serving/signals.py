@@ -1,5 +1,6 @@
 """What the serving core tells an on-call engineer, as Prometheus metrics with bounded labels:
-answers per category, the top probability, the review flag, refusals per reason, and what the
+answers per category, the top probability, the review flag, how deep the answered category path
+is confident, refusals per reason, and what the
 listings look like (photos per listing, text length, photo size as decoded). Every series carries
 the model and its version; no label ever holds request content.
 
@@ -25,6 +26,7 @@ PHOTO_SIDE_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1600, 2400, 4000, 8000)
 PHOTOS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 10)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LABELS = ("model", "version")
+DEPTH_LABELS = ("0", "1", "2", "3", "4+")  # confident depths: levels, never category names
 
 
 class Signals:
@@ -49,10 +51,13 @@ class Signals:
             return cls._families[id(registry)]
 
     def answered(self, category: str, probability: float, needs_review: bool, photos: int | None,
-                 text_chars: int | None, photo_sides: list[int]) -> None:
-        """One listing answered (`category` is one of the model's own class names)."""
+                 text_chars: int | None, photo_sides: list[int], confident_depth: int = 1) -> None:
+        """One listing answered (`category` is one of the model's own class names;
+        `confident_depth`: the levels of its path that passed their review thresholds)."""
         family = self.families
         family["answers"].labels(**self.labels, category=category).inc()
+        depth = DEPTH_LABELS[min(max(int(confident_depth), 0), len(DEPTH_LABELS) - 1)]
+        family["depths"].labels(**self.labels, depth=depth).inc()
         family["top_probability"].labels(**self.labels).observe(probability)
         family["reviews"].labels(**self.labels, needs_review=str(bool(needs_review)).lower()).inc()
         if photos is not None:
@@ -87,6 +92,9 @@ def _families(registry: CollectorRegistry) -> dict:
         "answers": counter("marketplace_answers", "Listings answered, per category answered", "category"),
         "reviews": counter("marketplace_review_flags", "Listings answered, by their review flag",
                            "needs_review"),
+        "depths": counter("marketplace_confident_depth", "Listings answered, by the levels of their "
+                          "category path that passed their review thresholds (0: not even the root)",
+                          "depth"),
         "refusals": counter("marketplace_refusals", "Requests refused, per reason (a fixed list)", "reason"),
         "starts": counter("marketplace_worker_starts", "Workers (or replicas) that loaded the model"),
         "top_probability": histogram("marketplace_top_probability", "The answered category's probability",

@@ -5,6 +5,7 @@ a target precision of automatic filing."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,13 @@ def plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float 
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion."""
+    if total == 0:
+        return [0.0, 1.0]
+    share = correct / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]

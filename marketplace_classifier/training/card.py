@@ -5,7 +5,6 @@ core shows it, and the rollout compares versions by it."""
 from __future__ import annotations
 
 import hashlib
-import math
 import subprocess
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -15,7 +14,7 @@ import torch
 
 from marketplace_classifier.project import ROOT as PROJECT_ROOT
 from marketplace_classifier.serving.processing import listing_probabilities
-from marketplace_classifier.training.calibration import listing_logits
+from marketplace_classifier.training.calibration import listing_logits, wilson_interval
 from marketplace_classifier.training.config import TrainConfig
 from marketplace_classifier.training.data import CleanData
 
@@ -63,16 +62,6 @@ def code_commit(root: Path = ROOT) -> dict | None:
         return None
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a proportion."""
-    if total == 0:
-        return [0.0, 1.0]
-    share = correct / total
-    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
 def split_figures(model, config: TrainConfig, data: CleanData, split: str, answers: dict,
                   task=None) -> dict:
     """Accuracy per listing with its interval, and the share filed automatically at the review
@@ -85,10 +74,15 @@ def split_figures(model, config: TrainConfig, data: CleanData, split: str, answe
     correct = predicted == labels
     threshold = answers.get("review_threshold")
     filed = confidence >= threshold if threshold is not None else torch.zeros_like(correct)
-    return {"listings": len(labels), "accuracy": round(correct.float().mean().item(), 4),
-            "accuracy_95ci": wilson_interval(int(correct.sum()), len(labels)),
-            "filed_automatically": round(filed.float().mean().item(), 4),
-            "precision_filed": round(correct[filed].float().mean().item(), 4) if filed.any() else None}
+    figures = {"listings": len(labels), "accuracy": round(correct.float().mean().item(), 4),
+               "accuracy_95ci": wilson_interval(int(correct.sum()), len(labels)),
+               "filed_automatically": round(filed.float().mean().item(), 4),
+               "precision_filed": round(correct[filed].float().mean().item(), 4) if filed.any() else None}
+    if answers.get("taxonomy"):  # per level of the category path, as the server decodes it
+        from marketplace_classifier.training.levels import exported_path_figures
+
+        figures["path"] = exported_path_figures(model, config, data, split, answers, task)
+    return figures
 
 
 def training_seconds(checkpoint: dict) -> float | None:

@@ -318,6 +318,11 @@ def path_table(reports_dir: Path) -> str:
         rows.append(f"| {model} | full path | {figures['listings']} | {full['accuracy']:.3f} "
                     f"[{full['accuracy_95ci'][0]:.3f}, {full['accuracy_95ci'][1]:.3f}] | | "
                     f"{full['filed_to_end']:.1%} to the end of the answer ({precision}) |")
+        confused = figures.get("within_root", {}).get("most_confused", [])[:3]
+        if confused:
+            pairs = "; ".join(f"{c['truth']} → {c['answer']} ({c['count']})" for c in confused)
+            rows.append(f"| {model} | within a root | {figures['within_root']['listings']} | "
+                        f"{figures['within_root']['error_rate']:.3f} wrong at level 2 | | {pairs} |")
     if not rows:
         return ""
     return ("\nThe category path, per listing (a level counts the listings whose true path reaches it; "

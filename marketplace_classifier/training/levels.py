@@ -4,6 +4,7 @@ the validation listings, and its figures on a split (serving/taxonomy.py decodes
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,8 +17,8 @@ from marketplace_classifier.training.calibration import (
     listing_logits,
     pool_by_listing,
     review_threshold,
+    wilson_interval,
 )
-from marketplace_classifier.training.card import wilson_interval
 
 TEMPERATURE_GRID = tuple(math.exp(x) for x in np.linspace(math.log(0.25), math.log(4.0), 49))
 
@@ -171,12 +172,47 @@ def levels_figures(taxonomy: Taxonomy, paths: SplitPaths, root_threshold: float 
                             "filed_to_end": round(float(to_end.mean()), 4),
                             "filed_to_end_precision": round(float(full[to_end].mean()), 4)
                             if to_end.any() else None}
+    figures["within_root"] = within_root_confusions(answers, paths.truths)
     figures["listings"] = len(answers)
     return figures
+
+
+def within_root_confusions(answers: list[list[Level]], truths: list[tuple[str, ...]], top: int = 10) -> dict:
+    """Second-level mistakes under the right root: their share of the listings whose true path
+    reaches level 2 and the root was right, and the most frequent (truth, answer) pairs."""
+    pairs: Counter = Counter()
+    judged = 0
+    for answer, truth in zip(answers, truths, strict=True):
+        if len(truth) < 2 or answer[0].name != truth[0]:
+            continue
+        judged += 1
+        answered = answer[1].name if len(answer) > 1 else "(stopped at the root)"
+        if answered != truth[1]:
+            pairs[truth[0], truth[1], answered] += 1
+    return {"listings": judged, "error_rate": round(sum(pairs.values()) / judged, 4) if judged else None,
+            "most_confused": [{"root": root, "truth": truth, "answer": answer, "count": count}
+                              for (root, truth, answer), count in pairs.most_common(top)]}
+
+
+def exported_path_figures(model, config, data, split: str, answers: dict, task) -> dict:
+    """levels_figures of `split` under the taxonomy an export's answers carry (its temperatures
+    and thresholds as chosen on validation), as the server decodes paths."""
+    names = [data.index_to_name[str(i)] for i in range(data.num_classes)]
+    taxonomy = Taxonomy.from_json(names, answers["taxonomy"])
+    paths = split_paths(model, config, data, taxonomy, split, task, answers["temperature"])
+    return levels_figures(taxonomy, paths, answers.get("review_threshold"))
+
+
+def depth_shares(taxonomy: Taxonomy, paths: SplitPaths, root_threshold: float | None) -> list[float]:
+    """The share of listings at each confident depth 0..depth (what the served signal counts)."""
+    depths = [taxonomy.confident_depth(answer, root_threshold) for answer in decoded(taxonomy, paths)]
+    counts = np.bincount(depths, minlength=taxonomy.depth + 1)
+    return [round(float(c), 6) for c in counts / max(len(depths), 1)]
 
 
 def _at(values: tuple, index: int):
     return values[index] if index < len(values) else None
 
 
-__all__ = ["SplitPaths", "calibrated_taxonomy", "coverage_at", "levels_figures", "split_paths"]
+__all__ = ["SplitPaths", "calibrated_taxonomy", "coverage_at", "depth_shares", "exported_path_figures",
+           "levels_figures", "split_paths"]

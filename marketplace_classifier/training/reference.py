@@ -76,4 +76,20 @@ def reference_distributions(model, config: TrainConfig, data: CleanData, answers
         threshold = answers.get("review_threshold")
         review = float((top < threshold).mean()) if threshold is not None else 1.0
         reference["review_share"] = {"validation": round(review, 6), "listings": int(len(top))}
+        if answers.get("taxonomy"):
+            reference["confident_depth"] = confident_depth_reference(model, config, data, answers, task)
     return reference
+
+
+def confident_depth_reference(model, config: TrainConfig, data: CleanData, answers: dict, task) -> dict:
+    """The validation listings' shares at each confident depth (0: not even the root), the
+    reference of the served marketplace_confident_depth counter."""
+    from marketplace_classifier.serving.taxonomy import Taxonomy
+    from marketplace_classifier.training.levels import depth_shares, split_paths
+
+    names = [data.index_to_name[str(i)] for i in range(data.num_classes)]
+    taxonomy = Taxonomy.from_json(names, answers["taxonomy"])
+    paths = split_paths(model, config, data, taxonomy, "val", task, answers["temperature"])
+    return {"depths": list(range(taxonomy.depth + 1)),
+            "shares": depth_shares(taxonomy, paths, answers.get("review_threshold")),
+            "listings": len(paths.truths)}
