@@ -2,7 +2,8 @@
 imports it). Each command runs one module's `main`, imported only when that command is asked for.
 
 Data and models:  sample, clean, check, split, train, evaluate, export, cross-fit
-Serving:          archive, serve, predict, proxy, rollout, kserve-storage, grpc-stubs
+Serving:          archive, serve, predict, proxy, rollout, kserve-storage, grpc-stubs, openapi
+Catalogues:       score (in-process, through a server, or on Ray Data; resumable)
 Reports:          publish, classify-samples
 """
 
@@ -15,7 +16,8 @@ PROG = "marketplace-classifier"
 TRAINING = ("sample", "clean", "check", "split", "train", "evaluate", "export", "cross-fit")
 OPERATIONS = {"archive": "archive", "serve": "engines", "predict": "predict", "proxy": "proxy",
               "rollout": "rollout", "kserve-storage": "kserve_storage", "grpc-stubs": "grpc_stubs",
-              "publish": "publish", "classify-samples": "classify_samples"}
+              "publish": "publish", "classify-samples": "classify_samples", "score": "score",
+              "openapi": "client.openapi"}
 
 
 def usage() -> str:
@@ -31,14 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     if command in TRAINING:
         from marketplace_classifier.training.cli import main as training_main
 
-        return training_main(argv)
+        return one_line_errors(command, lambda: training_main(argv))
     if command not in OPERATIONS:
         print(f"{PROG}: error: unknown command {command!r}; choose one of "
               f"{', '.join((*TRAINING, *OPERATIONS))}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"marketplace_classifier.ops.{OPERATIONS[command]}")
+    name = OPERATIONS[command]
+    module = importlib.import_module(f"marketplace_classifier.{name if '.' in name else 'ops.' + name}")
     sys.argv = [f"{PROG} {command}", *rest]  # argparse names the command in its usage and errors
-    return module.main(rest)
+    return one_line_errors(command, lambda: module.main(rest))
+
+
+def one_line_errors(command: str, run) -> int:
+    """A command's run; a file or folder it cannot read or write, or a server it cannot reach
+    (requests' errors are OSErrors), is one line and exit 2 rather than a traceback."""
+    try:
+        return run()
+    except OSError as error:
+        print(f"{PROG} {command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 import requests
 from google.protobuf import empty_pb2
 
+from marketplace_classifier.client import Client, Unauthorized
 from marketplace_classifier.ops import proxy as nginx
 from marketplace_classifier.ops import serve
 from marketplace_classifier.ops.predict import ClientError, grpc_predict, grpc_stubs
@@ -284,3 +285,14 @@ def test_the_proxy_keeps_answering_while_thousands_of_half_sent_requests_are_hel
         for connection in held:
             connection.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_python_client_works_unchanged_through_the_proxy(fronted):
+    """The client finds the engine's API behind the proxy, sends the proxy's token, and a wrong
+    token raises its typed error."""
+    with Client(fronted["rest"], "text", token=fronted["token"], timeout=60) as client:
+        direct = client.classify(text=TEXTS[0])
+        assert client.resolved_api() == ("torchserve" if fronted["engine"] == "torchserve" else "kserve")
+    assert direct.category and direct.path and direct.path[0].name == direct.category
+    with Client(fronted["rest"], "text", token="wrong", timeout=60) as client, pytest.raises(Unauthorized):
+        client.classify(text=TEXTS[0])

@@ -205,7 +205,7 @@ def test_registration_takes_only_archives_of_the_model_store(rollout_server, ver
     for archive, reason in refused:
         with pytest.raises(rollout.RolloutError, match=reason):
             rollout.stage(rollout_server, "text", archive, workers=1)
-    assert rollout.main(["stage", "--engine", "kserve_ray", "--archive", "x.mar"]) == 2
+    assert rollout.main(["stage", "--model", "text", "--engine", "kserve_ray", "--archive", "x.mar"]) == 2
 
 
 def test_the_registration_api_needs_loopback_and_a_token(tmp_path):

@@ -131,10 +131,16 @@ def test_client_cli_prints_the_answer_or_one_error_line(server, tmp_path):
         assert done.returncode == 0, done.stderr
         answer = json.loads(done.stdout)
         assert len(answer["top_k"]) == 2 and "probabilities" not in answer
-    refused = subprocess.run(common + ["--model", "text", "--text", "   "], capture_output=True,
-                             text=True, timeout=120)
+    empty = subprocess.run(common + ["--model", "text", "--text", "   "], capture_output=True,
+                           text=True, timeout=120)  # refused by the client, before anything is sent
+    assert empty.returncode == 2
+    assert empty.stderr.strip().splitlines() == [
+        "error: a listing needs text, a name, a description or at least one photo"]
+    refused = subprocess.run(common + ["--model", "text", "--text", "kettle", "--top-k", "0"],
+                             capture_output=True, text=True, timeout=120)  # refused by the server
     assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == ["error: HTTP 400: text is empty"]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: HTTP 400: ") and "top_k" in lines[0], lines
 
 
 def test_oversized_requests_are_refused_and_the_server_stays_healthy(server):

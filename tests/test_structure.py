@@ -4,6 +4,7 @@ cycle, a CLI layer nothing imports, and a serving role that needs no training pa
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "marketplace_classifier"
 # Lowest first: a module may import its own floor's modules and those of lower floors, never
 # higher ones; engines and training, on one floor, never import each other.
-FLOORS = {"__init__": 0, "project": 0, "serving": 0, "engines": 1, "training": 1, "ops": 2,
+FLOORS = {"__init__": 0, "project": 0, "serving": 0, "client": 0, "engines": 1, "training": 1, "ops": 2,
           "benchmarks": 3, "cli": 4}
 # (tqdm is not among them: transformers, which the core needs, installs it)
 TRAINING_ONLY = ("pandas", "torchvision", "tensorboard", "matplotlib", "onnx", "onnxscript", "nncf",
@@ -83,8 +84,9 @@ def test_no_import_cycle():
 def test_the_cli_layer_is_imported_by_nothing():
     importers = [module for module, path in modules().items()
                  if "marketplace_classifier.cli" in imports(path)]
+    cli = re.compile(r"marketplace_classifier\.cli\b")
     tests = [path.name for path in (ROOT / "tests").glob("*.py")
-             if "marketplace_classifier.cli" in path.read_text() and path.name != "test_structure.py"]
+             if cli.search(path.read_text()) and path.name != "test_structure.py"]
     assert importers == [] and tests == []
 
 
@@ -115,9 +117,9 @@ print(len({wanted!r}))
     assert int(done.stdout.split()[-1]) > 20
 
 
-def test_the_readmes_layout_table_matches_the_tree():
+def test_the_layout_table_matches_the_tree():
     """Every path the table names exists, and every module is named in the row of its folder."""
-    table = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n\n## ", 1)[0]
+    table = (ROOT / "docs" / "layout.md").read_text().split("## Layout", 1)[1].split("\n\n## ", 1)[0]
     rows = {row.split("|")[2].split("`")[1]: row for row in table.splitlines()
             if row.startswith("| ") and "`" in row.split("|")[2]}
     named = [path for row in rows.values() for path in row.split("|")[2].split("`")[1::2]]
@@ -132,3 +134,12 @@ def test_the_readmes_layout_table_matches_the_tree():
         if folder is None or f"`{path.name}`" not in rows[folder]:
             missing.append(relative)
     assert missing == []
+
+
+def test_every_command_shows_its_defaults_in_its_help():
+    """Every parser of the package is built with ArgumentDefaultsHelpFormatter (directly, or as the
+    subcommands' parser class)."""
+    sources = {module: path.read_text() for module, path in modules().items()}
+    plain = [module for module, source in sources.items()
+             if "ArgumentParser(" in source and "ArgumentDefaultsHelpFormatter" not in source]
+    assert plain == []

@@ -228,7 +228,8 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
 def main(argv: list[str] | None = None) -> int:
     # TorchScript is what TorchServe loads; torch 2.14's deprecation notes are only noise here
     warnings.filterwarnings("ignore", message="`torch.jit", category=FutureWarning)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--checkpoint-dir", type=Path, default=ROOT / "checkpoints")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmark")

@@ -132,7 +132,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("report", type=Path, nargs="?",
                         default=ROOT / "reports" / "benchmark" / "benchmark.json")
     args = parser.parse_args(argv)

@@ -217,7 +217,8 @@ def markdown(report: dict, models: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--seconds", type=float, default=15, help="per model and concurrency")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "engines")

@@ -67,7 +67,8 @@ def listings_per_second(folder: Path, photos: int, seconds: float, runtime: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="artifacts/<model> folders")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--listing-photos", type=int, nargs="*", default=[1, 3, 6])

@@ -43,7 +43,8 @@ def baseline_figures(data: CleanData, split: str = "test", max_depth: int = DEFA
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="cleaned and split folder")
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")

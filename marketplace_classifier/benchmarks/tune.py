@@ -49,7 +49,8 @@ def markdown(runs: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`torch.jit", category=FutureWarning)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmark")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -14,7 +14,8 @@ from marketplace_classifier.training.data import CleanData
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="cleaned and split folder")
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--config", type=Path, default=ROOT / "config.properties")

@@ -224,7 +224,8 @@ def create(name: str, state_dir: Path, **options: Any) -> Engine:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--engine", choices=sorted(available()), default=TorchServe.name)
     parser.add_argument("--config", type=Path, default=serve.ROOT / "config.properties")

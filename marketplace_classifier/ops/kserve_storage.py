@@ -80,7 +80,8 @@ def lay_out(model_store: Path, out: Path, models: list[str], model_config: dict 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--out", type=Path, default=ROOT / "kserve-storage")
     parser.add_argument("--model", nargs="+", default=list(MODELS),

@@ -1,17 +1,18 @@
 """Classify a listing's photo, text, or both with the served models, over REST or gRPC.
 
-Usage: python -m marketplace_classifier.ops.predict --model image|text|combined [--image PHOTO [--image PHOTO
-...]]
-       [--text TEXT | --name NAME --description DESCRIPTION] [--protocol rest|grpc] [--top-k 3]
-       [--min-confidence P]
-One listing per call, with all its photos (sent as parts image, image_1, ...): one answer.
-Addresses come from config.properties, the token from TorchServe's key file.
+Usage: marketplace-classifier predict --model image|text|combined [--image PHOTO ...]
+           [--text TEXT | --name NAME --description DESCRIPTION] [--url URL] [--timeout S]
+           [--protocol rest|grpc] [--engine torchserve|kserve_ray] [--top-k 3] [--min-confidence P]
+One listing per call, with all its photos: one answer. REST goes through the Python client
+(marketplace_classifier/client/) to --url (default: TorchServe's inference address in
+config.properties, or the second engine's); the token comes from TorchServe's key file.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import requests
 
+from marketplace_classifier.client import Classification, ClassifierError, Client, Listing
 from marketplace_classifier.ops.serve import (
     ENGINE_PYTHON,
     KSERVE_RAY_GRPC_PORT,
@@ -70,23 +72,6 @@ def rest_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, 
     return body
 
 
-def kserve_v1_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
-                      top_k: int, timeout: float = 60) -> dict:
-    """The same listing as a KServe v1 request, to the second engine (engines/kserve_ray/server.py)."""
-    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
-    listing = fields | {"top_k": top_k} | ({"images": [base64.b64encode(p).decode() for p in photos]}
-                                           if photos else {})
-    url = f"{base_url}/v1/models/{model}:predict"
-    try:
-        response = requests.post(url, json={"instances": [listing]}, timeout=timeout)
-    except requests.ConnectionError as error:
-        raise ClientError(f"cannot reach {url}: is the engine running?") from error
-    body = _json(response.content)
-    if response.status_code >= 400:
-        raise ClientError(f"HTTP {response.status_code}: {body.get('error') or body}")
-    return body["predictions"][0]
-
-
 def kserve_grpc_predict(target: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
                         top_k: int, timeout: float = 60) -> dict:
     """The same listing as an Open Inference Protocol gRPC request to the second engine, sent by
@@ -103,7 +88,7 @@ def kserve_grpc_predict(target: str, model: str, photos: bytes | list[bytes] | N
     if not ENGINE_PYTHON.exists():
         raise ClientError("the second engine's environment is missing: run `make engine-venv`")
     module = "marketplace_classifier.engines.kserve_ray.grpc_client"
-    run = subprocess.run([str(ENGINE_PYTHON), "-m", module, "--target", target, "--timeout", str(timeout)],
+    run = subprocess.run([str(ENGINE_PYTHON), "-m", module, "--target", target, "--deadline", str(timeout)],
                          input=json.dumps(body), capture_output=True, text=True, cwd=ROOT,
                          timeout=timeout + 30)
     answer = _json(run.stdout.encode())
@@ -177,46 +162,46 @@ def _json(content: bytes) -> dict:
         return {"error": content[:200].decode("utf-8", errors="replace")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=MODEL_KINDS, required=True)
     parser.add_argument("--image", type=Path, action="append", default=[],
                         help="a photo of the listing (repeat for each photo)")
     parser.add_argument("--text", help="name and description as one text")
     parser.add_argument("--name", help="product name")
     parser.add_argument("--description", help="product description")
+    parser.add_argument("--url", help="the server's REST address (default: TorchServe's inference_address "
+                                      "in --config, or --engine-url for the second engine)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    parser.add_argument("--retries", type=int, default=3, help="retries of a 503 or a lost connection")
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     parser.add_argument("--engine", choices=ENGINES, default="torchserve",
-                        help="the engine serving the models (kserve_ray: REST v1 at --engine-url, "
-                             "gRPC at --engine-grpc)")
+                        help="the engine serving the models (kserve_ray: REST at --engine-url, gRPC at "
+                             "--engine-grpc)")
     parser.add_argument("--engine-url", default=KSERVE_RAY_URL)
     parser.add_argument("--engine-grpc", default=f"127.0.0.1:{KSERVE_RAY_GRPC_PORT}")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--min-confidence", type=float,
-                        help="file automatically at or above this probability (default: the "
-                             "threshold chosen at export)")
+                        help="file automatically at or above this probability (default: the threshold chosen "
+                             "at export)")
     parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
-    parser.add_argument("--key-file", type=Path, default=ROOT / ".serve" / "key_file.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--key-file", type=Path, default=ROOT / ".serve" / "key_file.json",
+                        help="TorchServe's key file, read when it exists")
+    parser.add_argument("--token", help="the token to send instead of the key file's (e.g. the proxy's)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        image = [path.read_bytes() for path in args.image]
-        properties = read_properties(args.config)
-        token = read_key(args.key_file) if args.key_file.exists() else None
-        fields = text_fields(args.text, args.name, args.description)
-        if args.min_confidence is not None:
-            fields["min_confidence"] = str(args.min_confidence)
-        if args.engine == "kserve_ray" and args.protocol == "grpc":
-            answer = kserve_grpc_predict(args.engine_grpc, args.model, image, fields, args.top_k)
-        elif args.engine == "kserve_ray":
-            answer = kserve_v1_predict(args.engine_url, args.model, image, fields, args.top_k)
-        elif args.protocol == "rest":
-            answer = rest_predict(properties["inference_address"], args.model, image, fields,
-                                  args.top_k, token)
+        listing = Listing.of(args.text, args.image, name=args.name, description=args.description,
+                             top_k=args.top_k, min_confidence=args.min_confidence)
+        if args.protocol == "rest":
+            answer = answer_json(rest_answer(args, listing))
         else:
-            target = (f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
-                      f"{properties.get('grpc_inference_port', '7070')}")
-            answer = grpc_predict(target, args.model, image, fields, args.top_k, token)
-    except (ClientError, OSError) as error:
+            answer = grpc_answer(args, listing)
+    except (ClientError, ClassifierError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     answer.pop("probabilities", None)
@@ -225,6 +210,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"path: {path_line(answer['path'], answer.get('confident_depth', len(answer['path'])))}",
               file=sys.stderr)
     return 0
+
+
+def rest_answer(args: argparse.Namespace, listing: Listing) -> Classification:
+    """The answer through the Python client, at --url or the engine's address."""
+    if args.engine == "kserve_ray":
+        url, api = args.url or args.engine_url, "kserve"
+    else:
+        url, api = args.url or read_properties(args.config)["inference_address"], "torchserve"
+    token = args.token or (read_key(args.key_file) if args.engine == "torchserve" and args.key_file.exists()
+                           else None)
+    with Client(url, args.model, token=token, api=api, timeout=args.timeout, retries=args.retries) as client:
+        return client.classify_listing(listing)
+
+
+def grpc_answer(args: argparse.Namespace, listing: Listing) -> dict:
+    fields = text_fields(listing.text, listing.product_name, listing.product_description)
+    if listing.min_confidence is not None:
+        fields["min_confidence"] = str(listing.min_confidence)
+    photos = list(listing.images)
+    if args.engine == "kserve_ray":
+        return kserve_grpc_predict(args.engine_grpc, args.model, photos, fields, args.top_k, args.timeout)
+    properties = read_properties(args.config)
+    target = (f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
+              f"{properties.get('grpc_inference_port', '7070')}")
+    token = args.token or (read_key(args.key_file) if args.key_file.exists() else None)
+    return grpc_predict(target, args.model, photos, fields, args.top_k, token, args.timeout)
+
+
+def answer_json(answer: Classification) -> dict:
+    """A typed answer as the server's JSON (fields it did not send left out)."""
+    return {name: value for name, value in dataclasses.asdict(answer).items() if value is not None}
 
 
 def path_line(path: list[dict], confident_depth: int) -> str:

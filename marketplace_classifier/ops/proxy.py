@@ -247,7 +247,8 @@ def upstream_of(args: argparse.Namespace, state: Path) -> Upstream:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("action", choices=("start", "stop", "reload", "render"))
     parser.add_argument("--engine", choices=tuple(ROUTES), default="torchserve")
     parser.add_argument("--config", type=Path, default=ROOT / "config.properties")

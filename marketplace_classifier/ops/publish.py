@@ -54,7 +54,8 @@ def publish(doc: Path, root: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("docs", nargs="*", type=Path, default=list(DOCS))
     parser.add_argument("--check", action="store_true", help="exit 1 when a doc is out of date")
     args = parser.parse_args(argv)

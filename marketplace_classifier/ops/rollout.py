@@ -392,9 +392,10 @@ def retire(server: Server, model: str, version: str) -> dict:
 
 # ------------------------------------------------------------------ the command line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("step", choices=("status", "stage", "compare", "promote", "rollback", "retire"))
-    parser.add_argument("--model", choices=MODEL_KINDS, default="text")
+    parser.add_argument("--model", choices=MODEL_KINDS, required=True, help="the model to act on")
     parser.add_argument("--engine", choices=("torchserve", "kserve_ray"), default="torchserve")
     parser.add_argument("--archive", type=Path, help="stage: a .mar file in the model store")
     parser.add_argument("--version", help="retire: the version to unregister")

@@ -217,7 +217,8 @@ def serve_forever(multiproc_dir: Path, references: dict, port: int, window_secon
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--multiproc-dir", type=Path, required=True)
     parser.add_argument("--model-store", type=Path, help="archives whose reference.json to compare with")
     parser.add_argument("--artifacts-dir", type=Path, help="exported folders (the second engine)")

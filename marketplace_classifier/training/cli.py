@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -49,19 +50,22 @@ def _split(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marketplace-classifier", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    # every command's --help shows its defaults
+    with_defaults = functools.partial(argparse.ArgumentParser,
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=with_defaults)
 
     sample = commands.add_parser("sample", help="generate sample data in the marketplace layout")
-    sample.add_argument("--out", type=Path, default=Path("data/sample"))
-    sample.add_argument("--products", type=int, default=1000)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", type=Path, default=Path("data/sample"), help="the folder to write")
+    sample.add_argument("--products", type=int, default=1000, help="listings to generate")
+    sample.add_argument("--seed", type=int, default=0, help="the same seed, the same data")
     sample.add_argument("--overwrite", action="store_true", help="replace earlier sample data in --out")
     sample.set_defaults(run=_sample)
 
     clean = commands.add_parser("clean", help="clean tables and photos, report what was dropped")
     clean.add_argument("--data-dir", type=Path, required=True, help="raw export folder (read only)")
-    clean.add_argument("--out", type=Path, required=True)
-    clean.add_argument("--image-size", type=int, default=512)
+    clean.add_argument("--out", type=Path, required=True, help="the cleaned folder to write")
+    clean.add_argument("--image-size", type=int, default=512, help="side of the square photos written")
     clean.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     clean.set_defaults(run=_clean)
 
@@ -71,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = commands.add_parser("split", help="train/val/test by product, stratified")
     split.add_argument("--data-dir", type=Path, required=True, help="cleaned folder")
-    split.add_argument("--val", type=float, default=0.15)
-    split.add_argument("--test", type=float, default=0.15)
-    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--val", type=float, default=0.15, help="share of products for validation")
+    split.add_argument("--test", type=float, default=0.15, help="share of products for test")
+    split.add_argument("--seed", type=int, default=0, help="the same seed, the same split")
     split.set_defaults(run=_split)
 
     from marketplace_classifier.training import commands as model_commands

@@ -73,13 +73,16 @@ def answers(target: str, bodies: list[dict], timeout: float = 60) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:8086")
-    parser.add_argument("--timeout", type=float, default=60)
+    # not --timeout: KServe parses the process's arguments when it is imported, and would take
+    # --timeout for its own --timeout-keep-alive (an int)
+    parser.add_argument("--deadline", type=float, default=60, help="seconds for each request")
     args = parser.parse_args(argv)
     try:
         request = json.load(sys.stdin)
-        results = answers(args.target, request if isinstance(request, list) else [request], args.timeout)
+        results = answers(args.target, request if isinstance(request, list) else [request], args.deadline)
     except (ValueError, KeyError, TypeError) as error:
         print(f"error: the request on stdin is not a v2 body with 'model': {error}", file=sys.stderr)
         return 2

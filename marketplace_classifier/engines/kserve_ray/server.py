@@ -218,8 +218,22 @@ def rest_server(host: str):
                 return await call_next(request)
 
             app.add_middleware(BodyGuard, max_bytes=MAX_REQUEST_BYTES)  # the outermost: first to run
+            describe_listing_api(app)
 
     return BoundRESTServer
+
+
+def describe_listing_api(app) -> None:
+    """/openapi.json: the listing API's document (client/openapi.py) in place of KServe's own,
+    and /docs: a page of it that loads nothing from elsewhere."""
+    from fastapi.responses import HTMLResponse
+
+    from marketplace_classifier.client.openapi import docs_page, document
+
+    spec = document("kserve", server="/")
+    app.openapi = lambda: spec
+    page = docs_page(spec)
+    app.add_api_route("/docs", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
 
 
 def private_folder(path: Path) -> Path:
@@ -268,7 +282,8 @@ def chosen_plan(plan, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--artifacts-dir", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--models", nargs="+", default=["image", "text", "combined"])
     parser.add_argument("--http-port", type=int, default=8085)
