@@ -25,8 +25,10 @@ def baseline_figures(data: CleanData, split: str = "test", max_depth: int = DEFA
 
     products = data.products
     train, scored = products[products["split"] == "train"], products[products["split"] == split]
-    paths = {name: [join_path(split_path(p)[:max_depth]) for p in frame["category"].astype(str)]
-             for name, frame in (("train", train), (split, scored))}
+    paths = {
+        name: [join_path(split_path(p)[:max_depth]) for p in frame["category"].astype(str)]
+        for name, frame in (("train", train), (split, scored))
+    }
     vectoriser = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
     features = vectoriser.fit_transform(train["text"])
     model = LogisticRegression(C=10.0, max_iter=2000).fit(features, paths["train"])
@@ -34,20 +36,43 @@ def baseline_figures(data: CleanData, split: str = "test", max_depth: int = DEFA
     truths = [split_path(p) for p in paths[split]]
     levels = {}
     for level in range(1, max_depth + 1):
-        judged = [(answer[:level] == truth[:level]) for answer, truth in zip(answers, truths, strict=True)
-                  if len(truth) >= level]
+        judged = [
+            (answer[:level] == truth[:level])
+            for answer, truth in zip(answers, truths, strict=True)
+            if len(truth) >= level
+        ]
         levels[str(level)] = {"listings": len(judged), "accuracy": round(float(np.mean(judged)), 4)}
     full = np.mean([answer == truth for answer, truth in zip(answers, truths, strict=True)])
-    return {"split": split, "levels": levels, "full_path": {"accuracy": round(float(full), 4)},
-            "model": "TF-IDF (1-2 grams, sublinear) + logistic regression over full paths"}
+    return {
+        "split": split,
+        "levels": levels,
+        "full_path": {"accuracy": round(float(full), 4)},
+        "model": "TF-IDF (1-2 grams, sublinear) + logistic regression over full paths",
+    }
+
+
+def markdown(figures: dict) -> str:
+    """The figures as a table of one row per level and the full path."""
+    rows = [
+        f"| {level} | {row['listings']} | {row['accuracy']:.3f} |" for level, row in figures["levels"].items()
+    ]
+    return (
+        "| baseline level | listings | accuracy |\n|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n| full path | | {figures['full_path']['accuracy']:.3f} |\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--data-dir", type=Path, required=True, help="cleaned and split folder")
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    parser.add_argument(
+        "--markdown", type=Path, help="also write them here as a table (docs/results.md includes it)"
+    )
     args = parser.parse_args(argv)
     try:
         figures = baseline_figures(CleanData.load(args.data_dir), args.split)
@@ -58,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(figures))
     print(text)
     return 0
 
