@@ -42,9 +42,7 @@ class InProcessScorer:
     def __init__(self, model_dir: Path, threads: int = 0):
         from marketplace_classifier.serving.core import ListingService, ServingOptions
 
-        if not (Path(model_dir) / "preprocessing.json").is_file():
-            raise BulkError(f"no exported model in {model_dir} (run `marketplace-classifier export`)")
-        self.service = ListingService(Path(model_dir), ServingOptions(threads=threads))
+        self.service = ListingService(exported_folder(model_dir), ServingOptions(threads=threads))
         self.model_version = self.service.model_version
         self.model_lock = threading.Lock()
 
@@ -72,6 +70,13 @@ class InProcessScorer:
             else error_for(answer.status, answer.body)
             for answer in self.service.answer(batch)
         ]
+
+
+def exported_folder(model_dir: Path) -> Path:
+    """`model_dir` if an export wrote it, else BulkError saying so."""
+    if not (Path(model_dir) / "preprocessing.json").is_file():
+        raise BulkError(f"no exported model in {model_dir} (run `marketplace-classifier export`)")
+    return Path(model_dir)
 
 
 def listing_parts(listing: Listing) -> dict:
@@ -129,10 +134,7 @@ class BulkRun:
             disable=None if self.progress is None else not self.progress,
         ) as bar:
             for records in self.scored(self.pending(done)):
-                journal.append(records)
-                errors = sum(record["error"] is not None for record in records)
-                counts["answered"] += len(records) - errors
-                counts["errors"] += errors
+                append_and_count(journal, counts, records)
                 bar.update(len(records))
         finish(self.out, journal)
         return counts
@@ -161,13 +163,27 @@ class BulkRun:
                 yield flight.popleft().result()
 
     def score_batch(self, rows: list[InputRow]) -> list[dict]:
-        answers: dict[int, Answer | BulkError] = {}
-        listings: dict[int, Listing] = {}
-        for row in rows:
-            try:
-                listings[row.row] = row.listing(DEFAULT_MAX_PHOTOS)
-            except BulkError as error:
-                answers[row.row] = error
-        if listings:
-            answers |= dict(zip(listings, self.scorer.score(list(listings.values())), strict=True))
-        return [output_row(row, self.model, answers[row.row]) for row in rows]
+        return score_rows(rows, self.scorer, self.model)
+
+
+def score_rows(rows: list[InputRow], scorer, model: str) -> list[dict]:
+    """The output rows of `rows`: each listing read (photos and all) and scored together, or the
+    reason it cannot be."""
+    answers: dict[int, Answer | BulkError] = {}
+    listings: dict[int, Listing] = {}
+    for row in rows:
+        try:
+            listings[row.row] = row.listing(DEFAULT_MAX_PHOTOS)
+        except BulkError as error:
+            answers[row.row] = error
+    if listings:
+        answers |= dict(zip(listings, scorer.score(list(listings.values())), strict=True))
+    return [output_row(row, model, answers[row.row]) for row in rows]
+
+
+def append_and_count(journal: Journal, counts: dict, records: list[dict]) -> None:
+    """Answered rows into the journal, and into the run's answered and error counts."""
+    journal.append(records)
+    errors = sum(record["error"] is not None for record in records)
+    counts["answered"] += len(records) - errors
+    counts["errors"] += errors

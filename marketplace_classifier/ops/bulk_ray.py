@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from marketplace_classifier.ops import serve
-from marketplace_classifier.ops.bulk import BulkRun, InProcessScorer
+from marketplace_classifier.ops.bulk import InProcessScorer, append_and_count, exported_folder, score_rows
 from marketplace_classifier.ops.bulk_io import (
     BulkError,
     InputRow,
@@ -42,12 +42,12 @@ class RayScorer:
     def __init__(self, model_dir: str, model: str, threads: int):
         import ray
 
-        self.run = BulkRun(Path(), Path(), model, InProcessScorer(Path(model_dir), threads))
+        self.scorer, self.model = InProcessScorer(Path(model_dir), threads), model
         self.place = f"node {ray.get_runtime_context().get_node_id()[:12]}"
 
     def __call__(self, batch: dict) -> dict:
         rows = [InputRow(**json.loads(text)) for text in batch["row"]]
-        records = self.run.score_batch([row_with_paths(row) for row in rows])
+        records = score_rows([row_with_paths(row) for row in rows], self.scorer, self.model)
         return {
             "record": [json.dumps(record, ensure_ascii=False) for record in records],
             "node": [self.place] * len(records),
@@ -71,9 +71,7 @@ def run_on_ray(args: argparse.Namespace) -> dict:
         raise BulkError(
             "Ray is not installed here: run with .venv-engine/bin/python (make engine-venv)"
         ) from error
-    model_dir = (Path(args.artifacts_dir) / args.model).resolve()
-    if not (model_dir / "preprocessing.json").is_file():
-        raise BulkError(f"no exported model in {model_dir} (run `marketplace-classifier export`)")
+    model_dir = exported_folder((Path(args.artifacts_dir) / args.model).resolve())
     check_output(args.out)
     journal = Journal(journal_for(args.out))
     done = journal.open()
@@ -114,12 +112,9 @@ def run_on_ray(args: argparse.Namespace) -> dict:
             ) as bar:
                 for batch in answered.iter_batches(batch_size=args.batch_size, batch_format="numpy"):
                     records = [json.loads(text) for text in batch["record"]]
-                    journal.append(records)
+                    append_and_count(journal, counts, records)
                     for node in batch["node"]:
                         counts["placement"][str(node)] = counts["placement"].get(str(node), 0) + 1
-                    errors = sum(record["error"] is not None for record in records)
-                    counts["answered"] += len(records) - errors
-                    counts["errors"] += errors
                     bar.update(len(records))
     finally:
         ray.shutdown()
