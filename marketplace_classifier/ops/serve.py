@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from marketplace_classifier.client.http import read_token
 from marketplace_classifier.project import ROOT as PROJECT_ROOT
 
 ROOT = PROJECT_ROOT
@@ -88,9 +89,11 @@ def tokens_disabled(properties: dict) -> bool:
 
 
 def read_key(key_file: Path, kind: str = "inference") -> str:
-    if not Path(key_file).exists():
-        raise ServeError(f"no key file at {key_file}: is TorchServe running with token authorization?")
-    return json.loads(Path(key_file).read_text())[kind]["key"]
+    """TorchServe's `kind` token, as the client reads it (client/http.py), or ServeError."""
+    try:
+        return read_token(key_file, kind)
+    except ValueError as error:
+        raise ServeError(str(error)) from error
 
 
 def auth_headers(key_file: Path | None, kind: str = "inference") -> dict[str, str]:
