@@ -112,7 +112,8 @@ def kserve_ray(artifacts):
     that serves through it."""
     if not serve.ENGINE_PYTHON.exists():
         pytest.skip("the second engine's environment is missing: make engine-venv (make test builds it)")
-    port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
+    port = serve.free_port(span=3)  # its signals listen two ports after its REST
+    state = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
     grpc_port = serve.free_port()
     engine = KServeRay(state, artifacts, timeout=300, port=port, grpc_port=grpc_port, replicas=1)
     try:

@@ -82,7 +82,7 @@ def tree_rss_mib(root: psutil.Process) -> int:
 @contextmanager
 def kserve_ray(artifacts: Path):
     """The second engine on a free port; yields (v1 URL pattern, its driver process)."""
-    port, state = serve.free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    port, state = serve.free_port(span=3), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
         with KServeRay(state, artifacts, port=port) as engine:
             yield f"{engine.addresses.rest}/v1/models/{{model}}:predict", psutil.Process(engine.addresses.pid)

@@ -60,18 +60,35 @@ def derive_config(source: Path, destination: Path, changes: dict[str, str], head
     return read_properties(destination)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port on 127.0.0.1 can be listened on now (with SO_REUSEADDR, as the servers
+    started here bind: a connection that merely used the port does not hold it)."""
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(span: int = 1) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, with the `span - 1` ports after it free
+    too: a server whose companions listen beside it (the signals after the metrics API, the
+    second engine's gRPC and signals after its REST) gets room for them."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + span <= 65536 and all(port_is_free(port + step) for step in range(1, span)):
+            return port
 
 
 def loopback_config(destination: Path, changes: dict[str, str]) -> dict[str, str]:
     """config.properties with every API on a free loopback port (so that it runs beside another
     server), plus `changes`; everything else as shipped."""
-    ports = {key: f"http://127.0.0.1:{free_port()}"
-             for key in ("inference_address", "management_address", "metrics_address")}
+    ports = {key: f"http://127.0.0.1:{free_port()}" for key in ("inference_address", "management_address")}
+    ports["metrics_address"] = f"http://127.0.0.1:{free_port(span=2)}"  # the signals on the port after
     ports |= {key: str(free_port()) for key in ("grpc_inference_port", "grpc_management_port")}
     return derive_config(ROOT / "config.properties", destination, ports | changes)
 
@@ -142,6 +159,10 @@ def rollout_config(config: Path, destination: Path, model_store: Path, disable_t
 def start_exporter(state_dir: Path, port: int, sources: list[str], options: dict | None = None
                    ) -> str:
     """serving/metrics_exporter.py over the workers' metrics folder, on 127.0.0.1:`port`."""
+    if not port_is_free(port):
+        raise ServeError(f"the metrics exporter's port 127.0.0.1:{port} is already in use (the port "
+                         "after the metrics API's, or two after the second engine's REST): free it or "
+                         "move the API")
     command = [sys.executable, "-m", "marketplace_classifier.serving.metrics_exporter", "--port", str(port),
                "--multiproc-dir", str(state_dir / "metrics"), *sources]
     for name, value in (options or {}).items():
@@ -153,13 +174,17 @@ def start_exporter(state_dir: Path, port: int, sources: list[str], options: dict
     (state_dir / EXPORTER_PID).write_text(str(process.pid))
     url = f"http://127.0.0.1:{port}/metrics"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while process.poll() is None and time.monotonic() < deadline:
         try:
             if requests.get(url, timeout=2).ok:
                 return url
         except requests.ConnectionError:
-            time.sleep(0.3)
-    raise ServeError(f"the metrics exporter did not answer on {url}: see {state_dir}/logs/exporter.log")
+            pass
+        time.sleep(0.3)
+    stop_exporter(state_dir)
+    said = (state_dir / "logs" / "exporter.log").read_text(errors="replace").strip().splitlines()[-1:]
+    raise ServeError(f"the metrics exporter did not answer on {url} ({'; '.join(said) or 'no output'}): "
+                     f"see {state_dir}/logs/exporter.log")
 
 
 def stop_exporter(state_dir: Path) -> None:
