@@ -253,3 +253,47 @@ def test_requests_refused_with_503_are_answered_after_retry_after(engine_client)
         answers = list(pool.map(lambda _: client.classify_many(heavy), range(4)))
     assert all(len(batch) == len(heavy) for batch in answers)
     assert 1.0 in waits, waits  # at least one 503, retried after the server's Retry-After
+
+
+@pytest.mark.serving
+@pytest.mark.engines
+def test_the_grpc_client_answers_as_the_http_client_on_each_engine(engine_client, request):
+    """GrpcClient over TorchServe's Predictions and the second engine's ModelInfer: the same typed
+    answers as over HTTP (listings of different photo counts in one request, a listing's own
+    min_confidence), a bad listing isolated with its reason, an unknown model and a wrong token
+    as their exceptions."""
+    from marketplace_classifier.client.grpc import GrpcClient
+
+    name, url, options = engine_client
+    if name == "torchserve":
+        properties = request.getfixturevalue("server")["properties"]
+        target, api = f"127.0.0.1:{properties['grpc_inference_port']}", "torchserve"
+    else:
+        target, api = request.getfixturevalue("kserve_ray")["grpc"], "kserve"
+    listings = [Listing.of(TEXTS[0], PHOTOS), Listing.of(TEXTS[1], PHOTOS[:1]), Listing.of(TEXTS[2]),
+                Listing.of(name="Oak table", description="seats six", top_k=2),
+                Listing.of("running shoes size 42", min_confidence=0.99)]
+    with Client(url, "combined", timeout=120, **options) as http, \
+            GrpcClient(target, "combined", timeout=120, **options) as grpc_client:
+        assert grpc_client.ready()
+        over_http, over_grpc = http.classify_many(listings), grpc_client.classify_many(listings)
+        assert grpc_client.api == api
+        for served, expected in zip(over_grpc, over_http, strict=True):
+            assert served.path_names == expected.path_names and served.category == expected.category
+            assert served.confident_depth == expected.confident_depth
+            assert served.probability == pytest.approx(expected.probability, abs=1e-5)
+            assert [choice.category for choice in served.top_k] == [c.category for c in expected.top_k]
+        assert len(over_grpc[3].top_k) == 2
+        mixed = grpc_client.classify_many([Listing.of(TEXTS[2]), Listing(images=(b"not a photo",), text="x")],
+                                          errors="return")
+        assert isinstance(mixed[0], Classification)
+        assert isinstance(mixed[1], BadRequest) and "photo 1 of 1" in mixed[1].message
+    with GrpcClient(target, "no_such_model", api=api, **options) as grpc_client, pytest.raises(ModelNotFound):
+        grpc_client.classify(text="kettle")
+    if name == "torchserve":
+        with GrpcClient(target, "text", token="wrong") as grpc_client, pytest.raises(Unauthorized):
+            grpc_client.classify(text="kettle")
+    with GrpcClient(f"127.0.0.1:{serve.free_port()}", "text", retries=1, sleep=lambda _: None) as nowhere:
+        assert not nowhere.ready()
+        with pytest.raises(ServerUnreachable):
+            nowhere.classify(text="kettle")

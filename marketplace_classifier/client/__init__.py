@@ -1,5 +1,6 @@
-"""The Python client of the served models (needs only `requests`): `Client`, the `Listing` it
-sends, the `Classification` it returns, and one exception per refusal."""
+"""The Python client of the served models: `Client` over HTTP (needs only `requests`) and
+`GrpcClient` over gRPC (needs `grpcio`), the `Listing` they send, the `Classification` they
+return, and one exception per refusal."""
 
 from marketplace_classifier.client.errors import (
     BadRequest,
@@ -13,6 +14,7 @@ from marketplace_classifier.client.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from marketplace_classifier.client.grpc import GrpcClient
 from marketplace_classifier.client.http import Client, read_token
 from marketplace_classifier.client.types import Choice, Classification, Level, Listing
 
@@ -23,6 +25,7 @@ __all__ = [
     "ClassifierError",
     "Client",
     "GatewayTimeout",
+    "GrpcClient",
     "Level",
     "Listing",
     "ModelNotFound",

@@ -7,28 +7,31 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
 from requests.adapters import HTTPAdapter
 
+from marketplace_classifier.client.base import (
+    DEFAULT_REQUEST_BYTES,
+    LISTING_STATUSES,
+    MAX_LISTINGS_PER_REQUEST,
+    BaseClient,
+    backoff,
+)
 from marketplace_classifier.client.errors import (
     RETRIED_STATUSES,
-    ClassifierError,
     ModelNotFound,
     ServerUnreachable,
     ServiceUnavailable,
     error_for,
 )
-from marketplace_classifier.client.types import Classification, Listing, Photo
+from marketplace_classifier.client.types import Classification, Listing
 
 APIS = ("auto", "torchserve", "kserve")
-MAX_LISTINGS_PER_REQUEST = 64  # the servers' limit (serving/protocols.py)
-DEFAULT_REQUEST_BYTES = 8 * 2**20  # below every engine's 20 MB body limit, with room for JSON
-# refusals that are about a listing's content, not about the server: bad input, too much work, a type
-LISTING_STATUSES = frozenset({400, 413, 415})
+__all__ = ["APIS", "DEFAULT_REQUEST_BYTES", "LISTING_STATUSES", "MAX_LISTINGS_PER_REQUEST", "Client",
+           "read_token"]
 
 
 def read_token(key_file: str | Path, kind: str = "inference") -> str:
@@ -42,8 +45,8 @@ def read_token(key_file: str | Path, kind: str = "inference") -> str:
         raise ValueError(f"{path} is not a TorchServe key file (no {kind} key)") from error
 
 
-class Client:
-    """Classify listings with one served model.
+class Client(BaseClient):
+    """Classify listings with one served model over HTTP.
 
     >>> client = Client("http://127.0.0.1:8080", model="combined", key_file=".serve/key_file.json")
     >>> client.classify(text="Oak dining table, seats six", photos=["table.jpg"]).path_names
@@ -69,72 +72,18 @@ class Client:
             raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
         if token is not None and key_file is not None:
             raise ValueError("give either token or key_file, not both")
-        if not 1 <= listings_per_request <= MAX_LISTINGS_PER_REQUEST:
-            raise ValueError(f"listings_per_request must be 1 to {MAX_LISTINGS_PER_REQUEST}")
-        if timeout <= 0 or retries < 0:
-            raise ValueError("timeout must be positive and retries not negative")
-        self.url, self.model, self.api = url.rstrip("/"), model, api
+        super().__init__(model, timeout=timeout, retries=retries, max_retry_wait=max_retry_wait,
+                         listings_per_request=listings_per_request, max_request_bytes=max_request_bytes,
+                         sleep=sleep)
+        self.url, self.api = url.rstrip("/"), api
         self.probed = False
         self.token = read_token(key_file) if key_file is not None else token
-        self.timeout, self.retries, self.max_retry_wait = timeout, retries, max_retry_wait
-        self.listings_per_request, self.max_request_bytes = listings_per_request, max_request_bytes
-        self.sleep = sleep
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         if self.token:
             self.session.headers["Authorization"] = f"Bearer {self.token}"
-
-    # ------------------------------------------------------------ the public calls
-    def classify(
-        self,
-        text: str | None = None,
-        photos: Sequence[Photo] = (),
-        *,
-        name: str | None = None,
-        description: str | None = None,
-        top_k: int | None = None,
-        min_confidence: float | None = None,
-    ) -> Classification:
-        """One listing: its text (or name and description) and its photos (bytes or paths)."""
-        return self.classify_listing(
-            Listing.of(
-                text, photos, name=name, description=description, top_k=top_k, min_confidence=min_confidence
-            )
-        )
-
-    def classify_listing(self, listing: Listing) -> Classification:
-        return self._send([listing])[0]
-
-    def classify_many(
-        self, listings: Iterable[Listing], concurrency: int = 1, errors: str = "raise"
-    ) -> list[Classification | ClassifierError]:
-        """Every listing, in order, sent several to a request and `concurrency` requests at once.
-        errors="raise": the first refusal raises; errors="return": a refused request is resent
-        listing by listing and each refused listing's place holds its ClassifierError."""
-        if errors not in ("raise", "return"):
-            raise ValueError("errors must be 'raise' or 'return'")
-        return [
-            answer for chunk in self.answer_chunks(list(listings), concurrency, errors) for answer in chunk
-        ]
-
-    def answer_chunks(
-        self, listings: list[Listing], concurrency: int = 1, errors: str = "raise"
-    ) -> Iterator[list[Classification | ClassifierError]]:
-        """The answers of `listings`, one list per request sent, in order (for bulk scoring)."""
-        chunks = list(self.chunks(listings))
-        if concurrency <= 1:
-            yield from (self.classify_chunk(chunk, errors) for chunk in chunks)
-            return
-        with ThreadPoolExecutor(concurrency) as pool:
-            yield from pool.map(lambda chunk: self.classify_chunk(chunk, errors), chunks)
-
-    def classify_chunk(
-        self, listings: list[Listing], errors: str = "raise"
-    ) -> list[Classification | ClassifierError]:
-        """The listings in one request (up to listings_per_request): their answers in order."""
-        return list(self._send(listings)) if errors == "raise" else self._send_isolating(listings)
 
     def ready(self) -> bool:
         """Whether the server answers its health check."""
@@ -146,27 +95,6 @@ class Client:
 
     def close(self) -> None:
         self.session.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ------------------------------------------------------------ requests
-    def chunks(self, listings: list[Listing]) -> Iterator[list[Listing]]:
-        """Listings grouped into requests of at most listings_per_request and max_request_bytes."""
-        chunk: list[Listing] = []
-        size = 0
-        for listing in listings:
-            grown = size + listing.json_size()
-            if chunk and (len(chunk) == self.listings_per_request or grown > self.max_request_bytes):
-                yield chunk
-                chunk, grown = [], listing.json_size()
-            chunk.append(listing)
-            size = grown
-        if chunk:
-            yield chunk
 
     def resolved_api(self) -> str:
         """The engine's API: as given, else the second engine's where its v2 health route answers
@@ -202,27 +130,9 @@ class Client:
         self.api = "torchserve"
         return answer
 
-    def _send_isolating(self, listings: list[Listing]) -> list[Classification | ClassifierError]:
-        """Answers, or for a request refused for its content, each listing sent alone so that
-        only the bad ones hold their error; refusals of the server's state still raise."""
-        try:
-            return list(self._send(listings))
-        except ClassifierError as error:
-            if error.status not in LISTING_STATUSES:
-                raise
-            if len(listings) == 1:
-                return [error]
-        return [answer for listing in listings for answer in self._send_isolating([listing])]
-
     def _send(self, listings: list[Listing]) -> list[Classification]:
         body = json.dumps({"instances": [listing.to_json() for listing in listings]}).encode()
-        answer = self._predict(body)
-        predictions = answer.get("predictions")
-        if not isinstance(predictions, list) or len(predictions) != len(listings):
-            raise ClassifierError(
-                f"the server sent {len(predictions or [])} answers for {len(listings)} listings"
-            )
-        return [Classification.from_json(prediction) for prediction in predictions]
+        return self._answers(self._predict(body).get("predictions"), listings)
 
     def _post(self, url: str, body: bytes) -> dict:
         """POST with retries: a 503 after its Retry-After (capped), a failed connection after
@@ -238,13 +148,13 @@ class Client:
                     raise ServerUnreachable(
                         f"no answer from {url} after {attempt + 1} tries: {type(error).__name__}"
                     ) from error
-                self.sleep(min(2.0**attempt, self.max_retry_wait))
+                self.sleep(backoff(attempt, None, self.max_retry_wait))
                 continue
             if response.status_code == 200:
                 return response_json(response)
             wait = retry_after(response.headers.get("Retry-After"))
             if response.status_code in RETRIED_STATUSES and not last:
-                self.sleep(min(wait if wait is not None else 2.0**attempt, self.max_retry_wait))
+                self.sleep(backoff(attempt, wait, self.max_retry_wait))
                 continue
             raise error_for(response.status_code, response_json(response), wait)
         raise ServiceUnavailable(f"no answer from {url}")  # not reached: the last try returns or raises

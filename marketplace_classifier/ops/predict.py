@@ -3,26 +3,25 @@
 Usage: marketplace-classifier predict --model image|text|combined [--image PHOTO ...]
            [--text TEXT | --name NAME --description DESCRIPTION] [--url URL] [--timeout S]
            [--protocol rest|grpc] [--engine torchserve|kserve_ray] [--top-k 3] [--min-confidence P]
-One listing per call, with all its photos: one answer. REST goes through the Python client
-(marketplace_classifier/client/) to --url (default: TorchServe's inference address in
-config.properties, or the second engine's); the token comes from TorchServe's key file.
+One listing per call, with all its photos: one answer. It goes through the Python client
+(marketplace_classifier/client/): REST to --url (default: TorchServe's inference address in
+config.properties, or the second engine's), gRPC to the engine's gRPC address; the token comes
+from TorchServe's key file.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import requests
 
 from marketplace_classifier.client import Classification, ClassifierError, Client, Listing
+from marketplace_classifier.client.grpc import GrpcClient
 from marketplace_classifier.ops.serve import (
-    ENGINE_PYTHON,
     KSERVE_RAY_GRPC_PORT,
     ROOT,
     read_key,
@@ -70,52 +69,6 @@ def rest_predict(base_url: str, model: str, photos: bytes | list[bytes] | None, 
     if response.status_code >= 400:
         raise ClientError(f"HTTP {response.status_code}: {body.get('error') or body.get('message') or body}")
     return body
-
-
-def kserve_grpc_predict(target: str, model: str, photos: bytes | list[bytes] | None, fields: dict,
-                        top_k: int, timeout: float = 60) -> dict:
-    """The same listing as an Open Inference Protocol gRPC request to the second engine, sent by
-    marketplace_classifier/engines/kserve_ray/grpc_client.py in the engine's environment (KServe's generated
-    messages live there)."""
-    photos = [photos] if isinstance(photos, bytes) else list(photos or [])
-    parameters = {"top_k": top_k} | ({"min_confidence": float(fields["min_confidence"])}
-                                     if "min_confidence" in fields else {})
-    inputs = [{"name": "image", "datatype": "BYTES", "shape": [1, len(photos)],
-               "data": [base64.b64encode(p).decode() for p in photos]}] if photos else []
-    inputs += [{"name": name, "datatype": "BYTES", "shape": [1], "data": [value]}
-               for name, value in fields.items() if name != "min_confidence"]
-    body = {"model": model, "inputs": inputs, "parameters": parameters}
-    if not ENGINE_PYTHON.exists():
-        raise ClientError("the second engine's environment is missing: run `make engine-venv`")
-    module = "marketplace_classifier.engines.kserve_ray.grpc_client"
-    run = subprocess.run([str(ENGINE_PYTHON), "-m", module, "--target", target, "--deadline", str(timeout)],
-                         input=json.dumps(body), capture_output=True, text=True, cwd=ROOT,
-                         timeout=timeout + 30)
-    answer = _json(run.stdout.encode())
-    if "code" in answer:
-        raise ClientError(f"gRPC {answer['code']}: {answer.get('details')}")
-    if run.returncode != 0 or "outputs" not in answer:
-        raise ClientError(f"gRPC: {run.stderr.strip().splitlines()[-1:] or answer}")
-    return first_listing(answer)
-
-
-def first_listing(answer: dict) -> dict:
-    """The first listing of an Open Inference Protocol answer, shaped like the REST answer."""
-    outputs = {output["name"]: output["data"] for output in answer["outputs"]}
-    k = len(outputs["top_categories"]) // len(outputs["category"])
-    result = {"category": outputs["category"][0], "probability": outputs["probability"][0],
-              "needs_review": outputs["needs_review"][0],
-              "top_k": [{"category": c, "probability": p} for c, p in
-                        zip(outputs["top_categories"][:k], outputs["top_probabilities"][:k], strict=True)]}
-    if "path" in outputs:  # [listings, depth] row-major; "" past the depth of an answer
-        depth = len(outputs["path"]) // len(outputs["category"])
-        result["path"] = [{"name": name, "probability": probability} for name, probability in
-                          zip(outputs["path"][:depth], outputs["path_probabilities"][:depth], strict=True)
-                          if name]
-        result["confident_depth"] = outputs["confident_depth"][0]
-    if "photos" in outputs:
-        result["photos"] = outputs["photos"][0]
-    return result
 
 
 def grpc_stubs():
@@ -197,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         listing = Listing.of(args.text, args.image, name=args.name, description=args.description,
                              top_k=args.top_k, min_confidence=args.min_confidence)
-        if args.protocol == "rest":
-            answer = answer_json(rest_answer(args, listing))
-        else:
-            answer = grpc_answer(args, listing)
+        answer = answer_json((rest_answer if args.protocol == "rest" else grpc_answer)(args, listing))
     except (ClientError, ClassifierError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -224,18 +174,18 @@ def rest_answer(args: argparse.Namespace, listing: Listing) -> Classification:
         return client.classify_listing(listing)
 
 
-def grpc_answer(args: argparse.Namespace, listing: Listing) -> dict:
-    fields = text_fields(listing.text, listing.product_name, listing.product_description)
-    if listing.min_confidence is not None:
-        fields["min_confidence"] = str(listing.min_confidence)
-    photos = list(listing.images)
+def grpc_answer(args: argparse.Namespace, listing: Listing) -> Classification:
+    """The answer through the Python gRPC client, at the engine's gRPC address."""
     if args.engine == "kserve_ray":
-        return kserve_grpc_predict(args.engine_grpc, args.model, photos, fields, args.top_k, args.timeout)
-    properties = read_properties(args.config)
-    target = (f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
-              f"{properties.get('grpc_inference_port', '7070')}")
-    token = args.token or (read_key(args.key_file) if args.key_file.exists() else None)
-    return grpc_predict(target, args.model, photos, fields, args.top_k, token, args.timeout)
+        target, api, token = args.engine_grpc, "kserve", args.token
+    else:
+        properties = read_properties(args.config)
+        target, api = (f"{properties.get('grpc_inference_address', '127.0.0.1')}:"
+                       f"{properties.get('grpc_inference_port', '7070')}"), "torchserve"
+        token = args.token or (read_key(args.key_file) if args.key_file.exists() else None)
+    with GrpcClient(target, args.model, token=token, api=api, timeout=args.timeout,
+                    retries=args.retries) as client:
+        return client.classify_listing(listing)
 
 
 def answer_json(answer: Classification) -> dict:

@@ -164,7 +164,7 @@ def _v2_column(tensor, max_photos: int) -> tuple[str, list]:
     if len(values) != shape[0] * width:
         raise InputError(f"input {name!r} has shape {shape} but {len(values)} values")
     if name == "image" and len(shape) == 2:  # one list of photos per listing, empty slots dropped
-        return "images", [[v for v in values[row * width:(row + 1) * width] if v != ""]
+        return "images", [[v for v in values[row * width:(row + 1) * width] if v not in ("", b"")]
                           for row in range(shape[0])]
     return name, values
 

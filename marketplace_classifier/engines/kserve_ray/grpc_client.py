@@ -28,8 +28,10 @@ def infer_request(body: dict):
             name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"],
             contents=pb.InferTensorContents(bytes_contents=values)))
     for key, value in (body.get("parameters") or {}).items():
-        field = "int64_param" if isinstance(value, int) else "double_param"
-        request.parameters[key].CopyFrom(pb.InferParameter(**{field: value}))
+        # KServe's InferParameter has no float field: a number that is not whole goes as its text
+        parameter = pb.InferParameter(int64_param=value) if isinstance(value, int) \
+            else pb.InferParameter(string_param=str(value))
+        request.parameters[key].CopyFrom(parameter)
     return request
 
 
