@@ -2,6 +2,7 @@
 `GrpcClient` over gRPC (needs `grpcio`), the `Listing` they send, the `Classification` they
 return, and one exception per refusal."""
 
+from marketplace_classifier.client.base import read_token
 from marketplace_classifier.client.errors import (
     BadRequest,
     ClassifierError,
@@ -15,7 +16,7 @@ from marketplace_classifier.client.errors import (
     UnsupportedMediaType,
 )
 from marketplace_classifier.client.grpc import GrpcClient
-from marketplace_classifier.client.http import Client, read_token
+from marketplace_classifier.client.http import Client
 from marketplace_classifier.client.types import Choice, Classification, Level, Listing
 
 __all__ = [

@@ -4,9 +4,11 @@ a request was refused for. A transport (client/http.py, client/grpc.py) sends on
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from marketplace_classifier.client.errors import ClassifierError
 from marketplace_classifier.client.types import Classification, Listing, Photo
@@ -15,6 +17,18 @@ MAX_LISTINGS_PER_REQUEST = 64  # the servers' limit (serving/protocols.py)
 DEFAULT_REQUEST_BYTES = 8 * 2**20  # below every engine's 20 MB body limit, with room for JSON
 # refusals that are about a listing's content, not about the server: bad input, too much work, a type
 LISTING_STATUSES = frozenset({400, 413, 415})
+APIS = ("auto", "torchserve", "kserve")
+
+
+def read_token(key_file: str | Path, kind: str = "inference") -> str:
+    """The `kind` token of a TorchServe key file (key_file.json), or ValueError saying why not."""
+    path = Path(key_file)
+    try:
+        return str(json.loads(path.read_text())[kind]["key"])
+    except FileNotFoundError as error:
+        raise ValueError(f"no key file at {path}: is TorchServe running with token authorization?") from error
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a TorchServe key file (no {kind} key)") from error
 
 
 class BaseClient:
@@ -24,6 +38,9 @@ class BaseClient:
         self,
         model: str,
         *,
+        api: str,
+        token: str | None,
+        key_file: str | Path | None,
         timeout: float,
         retries: int,
         max_retry_wait: float,
@@ -31,11 +48,16 @@ class BaseClient:
         max_request_bytes: int,
         sleep: Callable[[float], None] = time.sleep,
     ):
+        if api not in APIS:
+            raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
+        if token is not None and key_file is not None:
+            raise ValueError("give either token or key_file, not both")
         if not 1 <= listings_per_request <= MAX_LISTINGS_PER_REQUEST:
             raise ValueError(f"listings_per_request must be 1 to {MAX_LISTINGS_PER_REQUEST}")
         if timeout <= 0 or retries < 0:
             raise ValueError("timeout must be positive and retries not negative")
-        self.model = model
+        self.model, self.api = model, api
+        self.token = read_token(key_file) if key_file is not None else token
         self.timeout, self.retries, self.max_retry_wait = timeout, retries, max_retry_wait
         self.listings_per_request, self.max_request_bytes = listings_per_request, max_request_bytes
         self.sleep = sleep

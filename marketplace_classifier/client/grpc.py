@@ -26,10 +26,8 @@ from marketplace_classifier.client.errors import (
     Unauthorized,
     error_for,
 )
-from marketplace_classifier.client.http import read_token
 from marketplace_classifier.client.types import Classification, Listing
 
-APIS = ("auto", "torchserve", "kserve")
 TORCHSERVE_SERVICE = "/org.pytorch.serve.grpc.inference.InferenceAPIsService"
 KSERVE_SERVICE = "/inference.GRPCInferenceService"
 # the gRPC status (by name) -> the exception of the HTTP status it stands for
@@ -131,15 +129,10 @@ class GrpcClient(BaseClient):
     ):
         import grpc
 
-        if api not in APIS:
-            raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
-        if token is not None and key_file is not None:
-            raise ValueError("give either token or key_file, not both")
-        super().__init__(model, timeout=timeout, retries=retries, max_retry_wait=max_retry_wait,
-                         listings_per_request=listings_per_request, max_request_bytes=max_request_bytes,
-                         sleep=sleep)
-        self.target, self.api = target.removeprefix("grpc://"), api
-        self.token = read_token(key_file) if key_file is not None else token
+        super().__init__(model, api=api, token=token, key_file=key_file, timeout=timeout, retries=retries,
+                         max_retry_wait=max_retry_wait, listings_per_request=listings_per_request,
+                         max_request_bytes=max_request_bytes, sleep=sleep)
+        self.target = target.removeprefix("grpc://")
         limit = 2 * max_request_bytes  # answers are small; a request is at most max_request_bytes
         options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
         self.channel = grpc.insecure_channel(self.target, options=options)

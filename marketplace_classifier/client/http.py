@@ -15,8 +15,6 @@ from requests.adapters import HTTPAdapter
 
 from marketplace_classifier.client.base import (
     DEFAULT_REQUEST_BYTES,
-    LISTING_STATUSES,
-    MAX_LISTINGS_PER_REQUEST,
     BaseClient,
     backoff,
 )
@@ -29,20 +27,7 @@ from marketplace_classifier.client.errors import (
 )
 from marketplace_classifier.client.types import Classification, Listing
 
-APIS = ("auto", "torchserve", "kserve")
-__all__ = ["APIS", "DEFAULT_REQUEST_BYTES", "LISTING_STATUSES", "MAX_LISTINGS_PER_REQUEST", "Client",
-           "read_token"]
-
-
-def read_token(key_file: str | Path, kind: str = "inference") -> str:
-    """The `kind` token of a TorchServe key file (key_file.json), or ValueError saying why not."""
-    path = Path(key_file)
-    try:
-        return str(json.loads(path.read_text())[kind]["key"])
-    except FileNotFoundError as error:
-        raise ValueError(f"no key file at {path}: is TorchServe running with token authorization?") from error
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a TorchServe key file (no {kind} key)") from error
+__all__ = ["Client"]
 
 
 class Client(BaseClient):
@@ -68,16 +53,10 @@ class Client(BaseClient):
         pool_size: int = 8,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        if api not in APIS:
-            raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
-        if token is not None and key_file is not None:
-            raise ValueError("give either token or key_file, not both")
-        super().__init__(model, timeout=timeout, retries=retries, max_retry_wait=max_retry_wait,
-                         listings_per_request=listings_per_request, max_request_bytes=max_request_bytes,
-                         sleep=sleep)
-        self.url, self.api = url.rstrip("/"), api
-        self.probed = False
-        self.token = read_token(key_file) if key_file is not None else token
+        super().__init__(model, api=api, token=token, key_file=key_file, timeout=timeout, retries=retries,
+                         max_retry_wait=max_retry_wait, listings_per_request=listings_per_request,
+                         max_request_bytes=max_request_bytes, sleep=sleep)
+        self.url, self.probed = url.rstrip("/"), False
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)

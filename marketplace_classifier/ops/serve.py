@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from marketplace_classifier.client.http import read_token
+from marketplace_classifier.client.base import read_token
 from marketplace_classifier.project import ROOT as PROJECT_ROOT
 
 ROOT = PROJECT_ROOT
