@@ -131,6 +131,11 @@ def test_client_cli_prints_the_answer_or_one_error_line(server, tmp_path):
         assert done.returncode == 0, done.stderr
         answer = json.loads(done.stdout)
         assert len(answer["top_k"]) == 2 and "probabilities" not in answer
+    explained = subprocess.run(common + ["--model", "text", "--text", "oak table", "--explain"],
+                               capture_output=True, text=True, timeout=120)
+    assert explained.returncode == 0, explained.stderr
+    lexical = json.loads(explained.stdout)["explanation"]["text"]["lexical"]
+    assert lexical["terms"] and f"{lexical['terms'][0]['term']} (" in explained.stderr.split("why: ")[1]
     empty = subprocess.run(common + ["--model", "text", "--text", "   "], capture_output=True,
                            text=True, timeout=120)  # refused by the client, before anything is sent
     assert empty.returncode == 2

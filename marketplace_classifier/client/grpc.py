@@ -164,7 +164,7 @@ class GrpcClient(BaseClient):
             return None
         texts = tuple(value is not None for value in (listing.text, listing.product_name,
                                                       listing.product_description))
-        return texts, bool(listing.images), listing.top_k, listing.min_confidence
+        return texts, bool(listing.images), listing.top_k, listing.min_confidence, listing.explain
 
     # ------------------------------------------------------------ requests
     def _send(self, listings: list[Listing]) -> list[Classification]:
@@ -256,6 +256,8 @@ def oip_request(types: dict[str, type], model: str, listings: list[Listing]):
                                      contents=contents(bytes_contents=photos)))
     if first.top_k is not None:
         request.parameters["top_k"].CopyFrom(types["InferParameter"](int64_param=first.top_k))
+    if first.explain is not None:
+        request.parameters["explain"].CopyFrom(types["InferParameter"](bool_param=first.explain))
     if first.min_confidence is not None:  # the protocol's parameters have no float: its text
         text = str(first.min_confidence)
         request.parameters["min_confidence"].CopyFrom(types["InferParameter"](string_param=text))
@@ -290,6 +292,8 @@ def oip_answer(outputs: dict[str, list], row: int, count: int, model_version: st
         answer["photos"] = outputs["photos"][row]
     if "probabilities" in outputs and "classes" in outputs:
         answer["probabilities"] = dict(zip(outputs["classes"], cells("probabilities"), strict=True))
+    if outputs.get("explanation") and outputs["explanation"][row]:  # JSON text; "" where none was asked
+        answer["explanation"] = json.loads(outputs["explanation"][row])
     if model_version:
         answer["model_version"] = model_version
     return answer

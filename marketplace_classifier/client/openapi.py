@@ -15,10 +15,24 @@ import typing
 from html import escape
 from pathlib import Path
 
-from marketplace_classifier.client.types import Choice, Classification, Level, Listing
+from marketplace_classifier.client.types import (
+    BranchShare,
+    Choice,
+    Classification,
+    EncoderExplanation,
+    Explanation,
+    Level,
+    LexicalExplanation,
+    Listing,
+    PhotoExplanation,
+    Term,
+    TextExplanation,
+    Word,
+)
 
 OPENAPI_VERSION = "3.1.0"
-SCHEMAS = (Listing, Level, Choice, Classification)
+SCHEMAS = (Listing, Level, Choice, Classification, Explanation, TextExplanation, LexicalExplanation, Term,
+           EncoderExplanation, Word, BranchShare, PhotoExplanation)
 ERROR_STATUSES = {
     "400": "the request or one of its listings is invalid",
     "401": "missing or wrong token",

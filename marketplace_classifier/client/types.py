@@ -38,6 +38,11 @@ class Listing:
         },
     )
 
+    explain: bool | None = field(
+        default=None,
+        metadata={"doc": "add why the model answered what it did (costs more of the work budget)"},
+    )
+
     def __post_init__(self) -> None:
         if self.text is not None and (self.product_name is not None or self.product_description is not None):
             raise ValueError("give the text either as `text` or as `product_name`/`product_description`")
@@ -54,10 +59,12 @@ class Listing:
         description: str | None = None,
         top_k: int | None = None,
         min_confidence: float | None = None,
+        explain: bool | None = None,
     ) -> Listing:
         """A listing from text and photo bytes or paths (paths are read here)."""
         return cls(
-            text, name, description, tuple(read_photo(photo) for photo in photos), top_k, min_confidence
+            text, name, description, tuple(read_photo(photo) for photo in photos), top_k, min_confidence,
+            explain,
         )
 
     @property
@@ -75,6 +82,7 @@ class Listing:
                 ("product_description", self.product_description),
                 ("top_k", self.top_k),
                 ("min_confidence", self.min_confidence),
+                ("explain", self.explain),
             )
             if value is not None
         }
@@ -111,6 +119,103 @@ class Choice:
 
     category: str
     probability: float
+
+
+@dataclass(frozen=True)
+class Term:
+    """A word (with its character n-grams) or a word pair, and its exact part of the lexical
+    branch's logit of the answer."""
+
+    term: str
+    contribution: float
+
+
+@dataclass(frozen=True)
+class LexicalExplanation:
+    """The lexical branch's logit of the answer: bias + the terms' contributions + other_terms."""
+
+    method: str
+    logit: float
+    bias: float
+    other_terms: float = field(metadata={"doc": "the contributions of the terms not listed, summed"})
+    terms: tuple[Term, ...] = field(metadata={"doc": "the terms for the answer (first) and against it"})
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word of the text (at character `start`) and the drop in the encoder branch's log-odds
+    of the answer without it."""
+
+    word: str
+    start: int
+    contribution: float
+
+
+@dataclass(frozen=True)
+class EncoderExplanation:
+    method: str
+    words: tuple[Word, ...]
+
+
+@dataclass(frozen=True)
+class TextExplanation:
+    lexical: LexicalExplanation | None = None
+    encoder: EncoderExplanation | None = None
+
+
+@dataclass(frozen=True)
+class BranchShare:
+    """A branch's share of the answer's margin over the runner-up (negative: it argued against)."""
+
+    branch: str
+    share: float
+
+
+@dataclass(frozen=True)
+class PhotoExplanation:
+    """A photo's grid: each cell's drop in the answer's log-odds when the cell is occluded."""
+
+    method: str
+    grid: int
+    cells: tuple[tuple[float, ...], ...]
+    milliseconds: float
+    photo: int = field(default=1, metadata={"doc": "which photo of the listing, as sent (1: the first)"})
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why the model answered its root category (sent when the listing asked with `explain`)."""
+
+    category: str | None = None
+    level: str | None = None
+    text: TextExplanation | None = None
+    branches: tuple[BranchShare, ...] = ()
+    photos: tuple[PhotoExplanation, ...] = ()
+    error: str | None = field(default=None, metadata={"doc": "why no explanation could be made"})
+
+    @classmethod
+    def from_json(cls, body: dict) -> Explanation:
+        return from_json(cls, body)
+
+
+def from_json(cls, value):
+    """A JSON value as the type `cls` (a dataclass, a tuple of them, a number ...), by its hints."""
+    import dataclasses
+    import types
+    import typing
+
+    origin, arguments = typing.get_origin(cls), typing.get_args(cls)
+    if value is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        return from_json(next(argument for argument in arguments if argument is not type(None)), value)
+    if origin is tuple:
+        return tuple(from_json(arguments[0], item) for item in value)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        return cls(**{item.name: from_json(hints[item.name], value[item.name])
+                      for item in dataclasses.fields(cls) if item.name in value})
+    return cls(value)
 
 
 @dataclass(frozen=True)
@@ -151,6 +256,9 @@ class Classification:
     probabilities: dict[str, float] = field(
         default_factory=dict, metadata={"doc": "every root category's calibrated probability"}
     )
+    explanation: Explanation | None = field(
+        default=None, metadata={"doc": "why the model answered its root (when the listing asked)"}
+    )
 
     @classmethod
     def from_json(cls, body: dict) -> Classification:
@@ -174,6 +282,7 @@ class Classification:
             body.get("photos"),
             body.get("answered_from"),
             {str(name): float(value) for name, value in (body.get("probabilities") or {}).items()},
+            Explanation.from_json(body["explanation"]) if body.get("explanation") else None,
         )
 
     @property

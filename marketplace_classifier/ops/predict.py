@@ -138,6 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-confidence", type=float,
                         help="file automatically at or above this probability (default: the threshold chosen "
                              "at export)")
+    parser.add_argument("--explain", action="store_true",
+                        help="add why the model answered what it did (the words and photo areas that "
+                             "weighed most)")
     parser.add_argument("--config", type=Path, default=ROOT / "config.properties")
     parser.add_argument("--key-file", type=Path, default=ROOT / ".serve" / "key_file.json",
                         help="TorchServe's key file, read when it exists")
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         listing = Listing.of(args.text, args.image, name=args.name, description=args.description,
-                             top_k=args.top_k, min_confidence=args.min_confidence)
+                             top_k=args.top_k, min_confidence=args.min_confidence,
+                             explain=args.explain or None)
         answer = answer_json((rest_answer if args.protocol == "rest" else grpc_answer)(args, listing))
     except (ClientError, ClassifierError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -159,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if answer.get("path"):
         print(f"path: {path_line(answer['path'], answer.get('confident_depth', len(answer['path'])))}",
               file=sys.stderr)
+    if answer.get("explanation"):
+        print(f"why: {why_line(answer['explanation'])}", file=sys.stderr)
     return 0
 
 
@@ -191,6 +197,18 @@ def grpc_answer(args: argparse.Namespace, listing: Listing) -> Classification:
 def answer_json(answer: Classification) -> dict:
     """A typed answer as the server's JSON (fields it did not send left out)."""
     return {name: value for name, value in dataclasses.asdict(answer).items() if value is not None}
+
+
+def why_line(explanation: dict) -> str:
+    """The lexical terms for and against the answer, and the branches' shares, in one line."""
+    if explanation.get("error"):
+        return explanation["error"]
+    terms = ((explanation.get("text") or {}).get("lexical") or {}).get("terms") or []
+    parts = [", ".join(f"{term['term']} ({term['contribution']:+.2f})" for term in terms)] if terms else []
+    parts += [f"{share['branch']} {share['share']:.0%}" for share in explanation.get("branches") or []]
+    if explanation.get("photos"):
+        parts.append(f"{len(explanation['photos'])} photo heat map(s) in the JSON")
+    return f"{explanation.get('category')}: " + "; ".join(parts)
 
 
 def path_line(path: list[dict], confident_depth: int) -> str:

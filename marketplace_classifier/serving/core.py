@@ -25,6 +25,7 @@ from PIL import Image
 
 from marketplace_classifier.serving.budget import Cost, WorkBudget, admit, batch_full, check_request
 from marketplace_classifier.serving.errors import refusal
+from marketplace_classifier.serving.explain import Explainer, explained_rows
 from marketplace_classifier.serving.exported import ExportedModel
 from marketplace_classifier.serving.payloads import DEFAULT_MAX_PHOTOS, Listing
 from marketplace_classifier.serving.processing import (
@@ -226,6 +227,7 @@ class ListingService:
         # a combined listing without photos is answered by the text branch, where exported
         self.answers_text_only = self.settings.text_only_temperature is not None and \
             hasattr(self.model, "text_only")
+        self.explainer = Explainer(self)
 
     @property
     def budget(self) -> WorkBudget:
@@ -302,6 +304,9 @@ class ListingService:
         if self.kind.uses_image:  # the count first, before a single header is read
             check_request(Cost(sum(len(listing.images) for listing in envelope.listings)), self.budget)
         envelope.items = [self.open(listing) for listing in envelope.listings]
+        for item in envelope.items:
+            if item.listing.explain:
+                item.explained_rows = explained_rows(len(item.listing.images), self.kind.uses_text, item.text)
         envelope.cost = sum((item.cost for item in envelope.items), Cost())
         check_request(envelope.cost, self.budget)
         return envelope
@@ -352,6 +357,7 @@ class ListingService:
                 data, self.options.max_image_pixels, self.budget.scans_per_photo)), position)
                 for position in order]
             item.photo_sides = [max(header.width, header.height) for header, _ in item.headers]
+            item.positions = [position for _, position in item.headers]
         return item
 
     def photo(self, item: PreparedListing, photo: tuple[Image.Image, int]) -> torch.Tensor:
@@ -453,7 +459,17 @@ class ListingService:
             answer["photos"] = len(item.images)
             if not item.images:
                 answer["answered_from"] = "text only"
+        if listing.explain:
+            answer["explanation"] = self.explanation(item, row)
         return answer
+
+    def explanation(self, item: PreparedListing, row: torch.Tensor) -> dict:
+        """The listing's explanation; one that fails says so in the answer and spares the batch."""
+        try:
+            return self.explainer.explain(item, row, self.kind.uses_image and not item.images)
+        except Exception as error:
+            logger.error("explaining a listing failed: %s", type(error).__name__)
+            return {"error": f"the explanation failed ({type(error).__name__}); the answer stands"}
 
     def format_response(self, envelope: Envelope, results: list[dict]) -> dict:
         if envelope.protocol == V1:

@@ -20,7 +20,8 @@ from marketplace_classifier.serving.processing import (
 )
 
 BODY_KEYS = ("data", "body")
-FIELDS = ("image", "images", "text", "product_name", "product_description", "top_k", "min_confidence")
+FIELDS = ("image", "images", "text", "product_name", "product_description", "top_k", "min_confidence",
+          "explain")
 # Multipart parts and gRPC inputs are a map by name in TorchServe's worker, so a listing's
 # further photos are named image_1, image_2, ... (repeated parts named `image` would collapse).
 EXTRA_PHOTO = re.compile(r"image_[1-9][0-9]{0,2}")
@@ -47,6 +48,7 @@ class Listing:
     text: str | None = None
     top_k: int = DEFAULT_TOP_K
     min_confidence: float | None = None
+    explain: bool = False  # add why the model answered what it did (serving/explain.py)
 
     @property
     def image(self) -> bytes | None:
@@ -74,7 +76,8 @@ def parse_fields(fields: dict, needs: frozenset[str], num_classes: int,
                          "or image_1, image_2, ...")
     listing = Listing(images=_images(fields, max_photos) if "image" in needs else [],
                       text=_text(fields), top_k=_top_k(fields.get("top_k"), num_classes),
-                      min_confidence=_min_confidence(fields.get("min_confidence")))
+                      min_confidence=_min_confidence(fields.get("min_confidence")),
+                      explain=_explain(fields.get("explain")))
     if "image" in needs and not listing.images and not (text_only_allowed and listing.text):
         raise InputError("no image: send the photo as the body, as multipart parts or gRPC inputs "
                          "named 'image', 'image_1', ..., or base64-encoded in the JSON field "
@@ -266,6 +269,17 @@ def _text(fields: dict) -> str | None:
     if not composed.strip():
         raise InputError("text is empty")
     return composed
+
+
+def _explain(value) -> bool:
+    """A JSON boolean, or the text true/false/1/0 of a form part or gRPC input."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", errors="replace")
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise InputError("field 'explain' must be true or false")
 
 
 def _top_k(value, num_classes: int) -> int:

@@ -355,28 +355,40 @@ def lexical_terms(text: str, settings: LexicalSettings) -> list[str]:
     what carries brand and model names ("ps4", "kallax") that a sentence encoder blurs. The
     first `settings.head_words` words (the listing's name comes first) also count as their own
     terms, apart from the same words further down the description."""
+    return [term for term, _ in labelled_lexical_terms(text, settings)]
+
+
+def labelled_lexical_terms(text: str, settings: LexicalSettings) -> list[tuple[str, str]]:
+    """`lexical_terms`, each with what a reader would call it: its word (for the word itself,
+    its character n-grams and its name copy) or its two words (for a word pair)."""
     words = _WORDS.findall(text[:settings.max_chars].lower())
     head_words = settings.head_words
-    head = ["n" + term for term in _word_terms(words[:head_words])] if head_words > 0 else []
+    head = [("n" + term, label) for term, label in _word_terms(words[:head_words])] if head_words > 0 else []
     return _word_terms(words) + head
 
 
-def _word_terms(words: list[str]) -> list[str]:
-    terms = ["w " + word for word in words]
-    terms += ["b " + first + " " + second for first, second in zip(words, words[1:], strict=False)]
+def _word_terms(words: list[str]) -> list[tuple[str, str]]:
+    terms = [("w " + word, word) for word in words]
+    terms += [("b " + first + " " + second, first + " " + second)
+              for first, second in zip(words, words[1:], strict=False)]
     low, high = CHAR_NGRAMS
     for word in words:
         padded = f" {word} "
-        terms += ["c " + padded[start:start + size] for size in range(low, high + 1)
+        terms += [("c " + padded[start:start + size], word) for size in range(low, high + 1)
                   for start in range(len(padded) - size + 1)]
     return terms
+
+
+def lexical_bucket(term: str, settings: LexicalSettings) -> int:
+    """The hashed id of a term (1..buckets-1; 0 pads)."""
+    return zlib.crc32(term.encode("utf-8")) % (settings.buckets - 1) + 1
 
 
 def lexical_ids(text: str, settings: LexicalSettings) -> tuple[list[int], list[float]]:
     """Hashed term ids (1..buckets-1; 0 pads) and how often each occurs in the text."""
     counts: dict[int, int] = {}
     for term in lexical_terms(text, settings):
-        bucket = zlib.crc32(term.encode("utf-8")) % (settings.buckets - 1) + 1
+        bucket = lexical_bucket(term, settings)
         counts[bucket] = counts.get(bucket, 0) + 1
     ids = sorted(counts)
     return ids, [float(counts[i]) for i in ids]

@@ -8,6 +8,7 @@ request may carry several listings; the handler runs every listing of the batch 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 PLAIN, V1, V2 = "plain", "v1", "v2"
 MAX_LISTINGS = 64  # per request; a bigger request would hold up everyone else's batch
 V2_INPUTS = ("image", "text", "product_name", "product_description")
-V2_PARAMETERS = ("top_k", "min_confidence")
+V2_PARAMETERS = ("top_k", "min_confidence", "explain")
 
 
 @dataclass
@@ -35,6 +36,8 @@ class PreparedListing:
     headers: list[tuple[Image.Image, int]] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)
     photo_sides: list[int] = field(default_factory=list)  # each photo's longer side, for the signals
+    positions: list[int] = field(default_factory=list)  # each decoded photo's position as sent
+    explained_rows: int = 0  # the work its explanation adds, in photos (serving/explain.py)
 
     @property
     def text(self) -> str | None:
@@ -42,7 +45,8 @@ class PreparedListing:
 
     @property
     def cost(self) -> Cost:
-        return Cost(len(self.headers), sum(header.width * header.height for header, _ in self.headers))
+        return Cost(len(self.headers) + self.explained_rows,
+                    sum(header.width * header.height for header, _ in self.headers))
 
 
 @dataclass
@@ -215,6 +219,9 @@ def v2_response(results: list[dict], class_names: list[str], model_name: str,
                     _tensor("path_probabilities", "FP32", [count, depth],
                             [c["probability"] if c else 0.0 for c in cells]),
                     _tensor("confident_depth", "INT32", [count], [r["confident_depth"] for r in results])]
+    if any("explanation" in r for r in results):  # JSON text per listing, "" where none was asked
+        outputs.append(_tensor("explanation", "BYTES", [count],
+                               [json.dumps(r["explanation"]) if "explanation" in r else "" for r in results]))
     response = {"model_name": model_name, "outputs": outputs}
     if model_version:
         response["model_version"] = model_version

@@ -29,8 +29,12 @@ def infer_request(body: dict):
             contents=pb.InferTensorContents(bytes_contents=values)))
     for key, value in (body.get("parameters") or {}).items():
         # KServe's InferParameter has no float field: a number that is not whole goes as its text
-        parameter = pb.InferParameter(int64_param=value) if isinstance(value, int) \
-            else pb.InferParameter(string_param=str(value))
+        if isinstance(value, bool):
+            parameter = pb.InferParameter(bool_param=value)
+        elif isinstance(value, int):
+            parameter = pb.InferParameter(int64_param=value)
+        else:
+            parameter = pb.InferParameter(string_param=str(value))
         request.parameters[key].CopyFrom(parameter)
     return request
 
