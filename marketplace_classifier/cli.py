@@ -4,6 +4,7 @@ imports it). Each command runs one module's `main`, imported only when that comm
 Data and models:  sample, clean, check, split, train, evaluate, export, cross-fit
 Serving:          archive, serve, predict, proxy, rollout, kserve-storage, grpc-stubs, openapi
 Catalogues:       score (in-process, through a server, or on Ray Data; resumable)
+Review:           review (the queue of flagged listings, its web page, corrections as training data)
 Reports:          publish, classify-samples
 """
 
@@ -17,7 +18,7 @@ TRAINING = ("sample", "clean", "check", "split", "train", "evaluate", "export", 
 OPERATIONS = {"archive": "archive", "serve": "engines", "predict": "predict", "proxy": "proxy",
               "rollout": "rollout", "kserve-storage": "kserve_storage", "grpc-stubs": "grpc_stubs",
               "publish": "publish", "classify-samples": "classify_samples", "score": "score",
-              "openapi": "client.openapi"}
+              "openapi": "client.openapi", "review": "review.commands"}
 
 
 def usage() -> str:

@@ -82,9 +82,9 @@ def exported_folder(model_dir: Path) -> Path:
 def listing_parts(listing: Listing) -> dict:
     """A listing as the named parts of a multipart request: image, image_1, ... and its text."""
     parts: dict = {
-        name: value.encode("utf-8")
+        name: (str(value).lower() if isinstance(value, bool) else str(value)).encode("utf-8")
         for name, value in listing.to_json().items()
-        if name != "images" and isinstance(value, str)
+        if name != "images"
     }
     parts |= {
         ("image" if index == 0 else f"image_{index}"): photo for index, photo in enumerate(listing.images)

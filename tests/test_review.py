@@ -1,0 +1,180 @@
+"""The review queue (marketplace_classifier/review/) on SQLite and on a real PostgreSQL (Debian's
+server, started by the test): the same migrations and queue behaviour on both; flagged
+listings ingested from bulk scoring with their explanation; decisions exported as a marketplace
+export that cleaning reads."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from marketplace_classifier.ops.hostile import ordinary_photo
+from marketplace_classifier.review.db import MIGRATIONS, Database
+from marketplace_classifier.review.queue import LEASE_SECONDS, NewListing, ReviewError, ReviewQueue
+from tests.postgres import postgres_binaries, running_postgres
+
+ANSWER = {"category": "Home & Garden", "probability": 0.41, "needs_review": True, "model_version": "7",
+          "path": [{"name": "Home & Garden", "probability": 0.41}, {"name": "Sofas", "probability": 0.2}]}
+PHOTOS = [ordinary_photo(index) for index in range(6)]
+PATHS = ["Home & Garden", "Home & Garden / Sofas", "Home & Garden / Tables", "Toys"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    if postgres_binaries() is None:
+        pytest.skip("PostgreSQL is not installed (Debian's postgresql; make test installs it as root)")
+    with running_postgres() as url:
+        yield url
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> Database:
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'review.db'}")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        database = Database(url)
+        database.migrate()
+        with database.transaction() as transaction:  # each test starts from an empty schema
+            for table in ("decisions", "photos", "listings", "sessions", "reviewers", "taxonomy",
+                          "schema_migrations"):
+                transaction.execute(f"DROP TABLE IF EXISTS {table}")
+    yield database
+    database.close()
+
+
+def queue_with(database: Database, listings: int = 3, clock: Clock | None = None) -> ReviewQueue:
+    database.migrate()
+    queue = ReviewQueue(database, clock or Clock())
+    queue.add_paths(PATHS)
+    for index in range(listings):
+        answer = ANSWER | {"probability": 0.5 - index / 10}
+        queue.add(NewListing("catalogue", f"id{index}", "combined", answer, text=f"listing {index}",
+                             photos=(PHOTOS[index],)))
+    return queue
+
+
+def test_migrations_apply_once_and_record_their_version(database):
+    assert database.migrate() == [version for version, _, _ in MIGRATIONS]
+    assert database.migrate() == []
+    assert database.version() == MIGRATIONS[-1][0]
+
+
+def test_a_listing_is_queued_once_and_claimed_by_one_reviewer_at_a_time(database):
+    clock = Clock()
+    queue = queue_with(database, 3, clock)
+    assert queue.add(NewListing("catalogue", "id0", "combined", ANSWER, text="again")) is None
+    first, second = (queue.add_reviewer(name, "a long password!") for name in ("ann", "bob"))
+    claimed = [queue.claim_next(first), queue.claim_next(second)]
+    assert claimed[0].source_id == "id0" and claimed[1].source_id == "id1"  # oldest first
+    assert queue.claim_next(first).id == claimed[0].id  # what you hold, until you decide
+    least = queue.claim_next(queue.add_reviewer("cy", "a long password!"), order="least_confident")
+    assert least.source_id == "id2"
+    with pytest.raises(ReviewError, match="not held by you"):
+        queue.decide(claimed[0].id, second, None)
+    clock.now += LEASE_SECONDS + 1  # ann's claim lapses: bob may take it
+    assert queue.claim_next(second).id in (claimed[0].id, claimed[1].id)
+
+
+def test_concurrent_claims_never_share_a_listing(database):
+    queue = queue_with(database, 6)
+    reviewers = [queue.add_reviewer(f"r{index}", "a long password!") for index in range(6)]
+    start = threading.Barrier(len(reviewers))
+
+    def claim(reviewer: int) -> int:
+        start.wait()
+        return queue.claim_next(reviewer).id
+
+    with ThreadPoolExecutor(len(reviewers)) as pool:
+        claimed = list(pool.map(claim, reviewers))
+    assert len(set(claimed)) == len(reviewers)
+
+
+def test_a_decision_is_stored_with_reviewer_time_and_version_and_checked(database):
+    clock = Clock()
+    queue = queue_with(database, 2, clock)
+    ann = queue.add_reviewer("ann", "a long password!")
+    first = queue.claim_next(ann)
+    with pytest.raises(ReviewError, match="pick a category path"):
+        queue.decide(first.id, ann, "Home & Garden / <script>")
+    queue.decide(first.id, ann, "Home & Garden / Tables")
+    second = queue.claim_next(ann)
+    queue.decide(second.id, ann, None)
+    with pytest.raises(ReviewError, match="not open"):
+        queue.decide(second.id, ann, None)
+    assert queue.decisions() == [
+        {"listing_id": first.id, "reviewer": "ann", "decided_at": clock.now, "model_version": "7",
+         "accepted": False, "path": "Home & Garden / Tables"},
+        {"listing_id": second.id, "reviewer": "ann", "decided_at": clock.now, "model_version": "7",
+         "accepted": True, "path": "Home & Garden / Sofas"}]
+    assert queue.counts() == {"open": 0, "decided": 2} and queue.claim_next(ann) is None
+
+
+def test_sign_in_sessions_and_passwords(database):
+    clock = Clock()
+    queue = queue_with(database, 0, clock)
+    with pytest.raises(ReviewError, match="at least 12"):
+        queue.add_reviewer("ann", "short")
+    ann = queue.add_reviewer("ann", "a long password!")
+    assert queue.sign_in("ann", "wrong password!!") is None and queue.sign_in("nobody", "x") is None
+    token, csrf = queue.sign_in("ann", "a long password!")
+    assert queue.session(token) == (ann, "ann", csrf)
+    stored = database.query("SELECT password_hash FROM reviewers")[0][0]
+    assert "a long password!" not in stored and stored.startswith("scrypt$")
+    assert database.query("SELECT COUNT(*) FROM sessions WHERE token_hash = ?", (token,))[0][0] == 0
+    clock.now += 9 * 3600
+    assert queue.session(token) is None
+    queue.sign_out(token)
+
+
+def test_decisions_export_as_a_marketplace_export_that_cleaning_reads(database, tmp_path):
+    from marketplace_classifier.review.corrections import export_decisions
+    from marketplace_classifier.training.cleaning import read_raw_images, read_raw_products
+
+    queue = queue_with(database, 2)
+    ann = queue.add_reviewer("ann", "a long password!")
+    queue.decide(queue.claim_next(ann).id, ann, "Toys")
+    assert export_decisions(queue, tmp_path / "reviewed") == 1
+    read = read_raw_products(tmp_path / "reviewed" / "Products.csv")
+    images = read_raw_images(tmp_path / "reviewed" / "Images.csv")
+    assert list(read["category"]) == ["Toys"] and list(read["id"]) == ["id0"]
+    assert list(images["product_id"]) == ["id0"]
+    photo = tmp_path / "reviewed" / "images" / f"{images['id'].iloc[0]}.jpg"
+    assert photo.read_bytes() == PHOTOS[0]
+    with pytest.raises(ReviewError, match="not empty"):
+        export_decisions(queue, tmp_path / "reviewed")
+
+
+def test_flagged_listings_are_ingested_once_with_their_explanation(artifacts, raw_sample, tmp_path):
+    """Bulk scoring of the sample export, then its flagged rows into the queue, answered again
+    by the exported model with an explanation."""
+    from marketplace_classifier.benchmarks.bulk_bench import subset_export
+    from marketplace_classifier.ops.bulk import BulkRun, InProcessScorer
+    from marketplace_classifier.review.ingest import Ingester, taxonomy_paths
+
+    export = subset_export(raw_sample[0], 40, tmp_path / "export")
+    scores = tmp_path / "scores.jsonl"
+    BulkRun(export, scores, "combined", InProcessScorer(artifacts / "combined"), 16, 1, progress=False).run()
+    flagged = [json.loads(line) for line in scores.open() if json.loads(line)["needs_review"]]
+    assert flagged, "the sample's scores flag some listings"
+    queue = ReviewQueue(Database(f"sqlite:///{tmp_path / 'review.db'}"))
+    queue.database.migrate()
+    ingester = Ingester(queue, artifacts / "combined", "catalogue")
+    counts = ingester.from_scores(scores, export)
+    assert counts["added"] == counts["flagged"] == len(flagged) and counts["missing"] == 0
+    assert ingester.from_scores(scores, export)["added"] == 0
+    assert set(taxonomy_paths(artifacts / "combined")) == set(queue.paths())
+    listing = queue.listing(1)
+    assert listing.answer["explanation"]["text"]["lexical"]["terms"]
+    assert listing.answer["path"] and listing.photo_ids and listing.model_version
