@@ -13,7 +13,7 @@ NPROC ?= 2
 MODEL ?= image
 ENGINE ?= torchserve
 
-.PHONY: help install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes prometheus demo test bench soak lint check-java clean-demo clean-all train-ddp sample-data train-real \
+.PHONY: help install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes prometheus demo test bench soak lint check-java clean-demo clean-all train-ddp sample-data train-real review chromium postgresql \
 	budget hostile-mix
 
 $(STAMP): pyproject.toml
@@ -60,13 +60,29 @@ prometheus: ## Debian's prometheus and promtool for the alert rules (when root)
 		prometheus >/dev/null; } || \
 		echo "warning: prometheus is not installed (apt-get install prometheus); its tests will be skipped" >&2
 
+# Debian's chromium for the review page's browser test (Playwright drives it; no browser download)
+# and Debian's PostgreSQL for the review queue's tests, where this runs as root; elsewhere those
+# tests are skipped and say why.
+chromium: ## Debian's chromium for the review page's browser test (when root)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: chromium is not installed (apt-get install chromium); the browser test will be skipped" >&2
+
+postgresql: ## Debian's PostgreSQL server for the review queue's tests (when root)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+		echo "warning: PostgreSQL is not installed (apt-get install postgresql); its tests will be skipped" >&2
+
 check-java:
 	@command -v java >/dev/null || { echo "error: java not found; TorchServe needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+
+review: install ## the review page on the demo's data (after make demo), 127.0.0.1:8090, sign-in printed
+	PY=$(PY) DEMO_DIR=$(DEMO_DIR) bash scripts/review
 
 demo: install ## the whole job on generated sample data, end to end
 	SAMPLE_PRODUCTS=$(SAMPLE_PRODUCTS) DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash scripts/demo
 
-test: install kserve-venv engine-venv nginx prometheus ## the test suite (installs what it needs)
+test: install kserve-venv engine-venv nginx prometheus chromium postgresql ## the test suite (installs what it needs)
 	$(PY) -m pytest
 
 # Data-parallel training with torchrun on this machine's sample data (gloo on CPU, nccl on GPUs).

@@ -169,6 +169,7 @@ class BranchShare:
 
     branch: str
     share: float
+    contribution: float = field(default=0.0, metadata={"doc": "its part of the margin, in log-probability"})
 
 
 @dataclass(frozen=True)

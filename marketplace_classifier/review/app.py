@@ -14,6 +14,11 @@ import hmac
 from pathlib import Path
 from urllib.parse import quote
 
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
 from marketplace_classifier.review.queue import ORDERS, ReviewError, ReviewQueue
 
 HERE = Path(__file__).parent
@@ -61,13 +66,8 @@ def photo_type(data: bytes) -> str | None:
     return next((media for signature, media in PHOTO_TYPES.items() if data.startswith(signature)), None)
 
 
-def create_app(queue: ReviewQueue):
+def create_app(queue: ReviewQueue) -> FastAPI:
     """The review web app over `queue`."""
-    from fastapi import FastAPI, Form, Request
-    from fastapi.responses import HTMLResponse, RedirectResponse, Response
-    from fastapi.staticfiles import StaticFiles
-    from fastapi.templating import Jinja2Templates
-
     app = FastAPI(title="marketplace-classifier review", docs_url=None, redoc_url=None, openapi_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -93,6 +93,15 @@ def create_app(queue: ReviewQueue):
         if session is None or not hmac.compare_digest(session[2].encode(), (csrf or "").encode()):
             return None
         return session
+
+    def refused(request: Request) -> Response:
+        """Not signed in: to the sign-in page; signed in but the form's token is not the
+        session's (a forged or stale form): 403."""
+        session = reviewer(request)
+        if session is None:
+            return to_sign_in()
+        return page(request, "gone.html", status=403, reviewer=session[1], csrf=session[2],
+                    message="This form is not from your session: reload the page and try again.")
 
     @app.get("/sign-in", response_class=HTMLResponse)
     def sign_in_page(request: Request):
@@ -127,7 +136,7 @@ def create_app(queue: ReviewQueue):
     def next_listing(request: Request, csrf: str = Form(""), order: str = Form("oldest")):
         session = checked(request, csrf)
         if session is None:
-            return to_sign_in()
+            return refused(request)
         listing = queue.claim_next(session[0], order if order in ORDERS else "oldest")
         if listing is None:
             return RedirectResponse("/", status_code=303)
@@ -152,7 +161,7 @@ def create_app(queue: ReviewQueue):
                path: str = Form(""), order: str = Form("oldest")):
         session = checked(request, csrf)
         if session is None:
-            return to_sign_in()
+            return refused(request)
         try:
             if action == "skip":
                 queue.release(listing_id, session[0])

@@ -25,23 +25,31 @@ from marketplace_classifier.review.queue import ReviewError, ReviewQueue
 STEPS = ("migrate", "add-reviewer", "ingest", "serve", "export", "status")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the steps' list kept as written."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("step", choices=STEPS)
-    parser.add_argument("--db", default=DEFAULT_URL, help=f"the database URL (default {DEFAULT_URL})")
+    parser.add_argument("--db", default=DEFAULT_URL, help="the database URL")
     parser.add_argument("--name", help="add-reviewer: the reviewer's name")
     parser.add_argument("--password-file", type=Path, help="add-reviewer: a file holding the password")
+    parser.add_argument("--replace", action="store_true",
+                        help="add-reviewer: give an existing reviewer the new password")
     parser.add_argument("--scores", type=Path, help="ingest: bulk scoring's output (.csv, .jsonl, .parquet)")
     parser.add_argument("--listings", type=Path,
                         help="ingest: what was scored (an export folder, .csv, .jsonl)")
     parser.add_argument("--request-log", type=Path, help="ingest: a request log folder instead of --scores")
     parser.add_argument("--model-dir", type=Path, default=Path("artifacts/combined"),
-                        help="ingest: the exported model that answers and explains "
-                             "(default artifacts/combined)")
+                        help="ingest: the exported model that answers and explains")
     parser.add_argument("--source", default="catalogue", help="ingest: the name the listings' ids belong to")
-    parser.add_argument("--host", default="127.0.0.1", help="serve: the address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8090, help="serve: the port (default 8090)")
+    parser.add_argument("--below-depth", type=int, default=0,
+                        help="ingest: also the listings confident to fewer levels than this "
+                             "(0: the flagged ones only)")
+    parser.add_argument("--host", default="127.0.0.1", help="serve: the address")
+    parser.add_argument("--port", type=int, default=8090, help="serve: the port")
     parser.add_argument("--out", type=Path, help="export: the folder to write")
     return parser.parse_args(argv)
 
@@ -67,6 +75,9 @@ def add_reviewer(args: argparse.Namespace, queue: ReviewQueue) -> int:
         raise ReviewError("add-reviewer needs --name")
     generated = args.password_file is None
     password = secrets.token_urlsafe(12) if generated else args.password_file.read_text().strip()
+    if args.replace and queue.set_password(args.name, password):
+        print(f"reviewer {args.name}: new password" + (f" {password}" if generated else " set"))
+        return 0
     queue.add_reviewer(args.name, password)
     print(f"reviewer {args.name} added" + (f"; password: {password}" if generated else ""))
     return 0
@@ -80,7 +91,7 @@ def ingest(args: argparse.Namespace, queue: ReviewQueue) -> int:
     if args.scores is not None and args.listings is None:
         raise ReviewError("ingest --scores needs --listings: the export or file that was scored")
     ingester = Ingester(queue, args.model_dir, args.source)
-    counts = ingester.from_scores(args.scores, args.listings) if args.scores else \
+    counts = ingester.from_scores(args.scores, args.listings, args.below_depth) if args.scores else \
         ingester.from_request_log(args.request_log)
     print(json.dumps(counts))
     return 0

@@ -49,8 +49,15 @@ def score_records(path: Path) -> Iterator[dict]:
         raise IngestError(f"cannot read {path.name}: give bulk scoring's .csv, .jsonl or .parquet")
 
 
-def flagged(record: dict) -> bool:
-    return not record.get("error") and str(record.get("needs_review", "")).strip().lower() in TRUE
+def flagged(record: dict, below_depth: int = 0) -> bool:
+    """Flagged for review (`needs_review`), or, with `below_depth`, confident to fewer levels
+    of its path than that (a marketplace files under the leaf)."""
+    if record.get("error"):
+        return False
+    if str(record.get("needs_review", "")).strip().lower() in TRUE:
+        return True
+    depth = record.get("confident_depth")
+    return bool(below_depth) and depth not in (None, "") and int(depth) < below_depth
 
 
 def taxonomy_paths(model_dir: Path) -> list[str]:
@@ -82,12 +89,13 @@ class Ingester:
                          listing.product_name, listing.product_description, listing.images)
         return self.queue.add(new) is not None
 
-    def from_scores(self, scores: Path, listings: Path) -> dict[str, int]:
-        """The flagged rows of `scores`, their listings read from `listings` (what was scored)."""
+    def from_scores(self, scores: Path, listings: Path, below_depth: int = 0) -> dict[str, int]:
+        """The flagged rows of `scores` (see `flagged`), their listings read from `listings`
+        (what was scored)."""
         wanted, counts = {}, {"flagged": 0, "added": 0, "queued_already": 0, "other_version": 0, "missing": 0}
         version = self.scorer.model_version
         for record in score_records(scores):
-            if flagged(record):
+            if flagged(record, below_depth):
                 counts["flagged"] += 1
                 if version and record.get("model_version") and record["model_version"] != version:
                     counts["other_version"] += 1

@@ -103,6 +103,19 @@ class ReviewQueue:
                 "INSERT INTO reviewers (name, password_hash, created_at) VALUES (?, ?, ?)",
                 (name, hash_password(password), self.clock()))
 
+    def set_password(self, name: str, password: str) -> bool:
+        """A reviewer's new password (their sessions end); False when there is no such reviewer."""
+        if len(password) < 12:
+            raise ReviewError("a password must have at least 12 characters")
+        with self.database.transaction() as transaction:
+            rows = transaction.query("SELECT id FROM reviewers WHERE name = ?", (name,))
+            if not rows:
+                return False
+            transaction.execute("UPDATE reviewers SET password_hash = ? WHERE id = ?",
+                                (hash_password(password), rows[0][0]))
+            transaction.execute("DELETE FROM sessions WHERE reviewer_id = ?", (rows[0][0],))
+        return True
+
     def sign_in(self, name: str, password: str) -> tuple[str, str] | None:
         """A new session's (token, CSRF token), or None for a wrong name or password."""
         rows = self.database.query("SELECT id, password_hash FROM reviewers WHERE name = ?", (name,))

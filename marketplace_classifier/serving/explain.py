@@ -11,8 +11,9 @@
   model's output, so the figure is the encoder's alone; log-odds, not log-probability, so that a
   confident answer's words still differ).
 - **Branches' shares.** The answer's margin over the runner-up (in pooled log-probability) is a
-  weighted sum of each branch's margin; a branch's share is its part of it (negative: it argued
-  for the runner-up).
+  weighted sum of each branch's margin; a branch's `contribution` is its part of it and its
+  `share` that part over the margin (negative: it argued for the runner-up; a close call makes
+  shares large, the contributions stay readable).
 - **Photos, by occlusion on a grid.** Each cell of a `GRID` x `GRID` grid is painted grey in
   turn; a cell's value is how much the photo's log-odds of the answer drop. Only the first
   `MAX_EXPLAINED_PHOTOS` photos as sent are explained; the time it took is reported.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -156,8 +158,8 @@ def branch_shares(margin: float, lexical_margin: float, main_name: str) -> list[
     if not math.isfinite(margin) or abs(margin) < 1e-9:
         return []
     lexical_share = lexical_margin / margin
-    return [{"branch": main_name, "share": 1.0 - lexical_share},
-            {"branch": "lexical", "share": lexical_share}]
+    return [{"branch": main_name, "share": 1.0 - lexical_share, "contribution": margin - lexical_margin},
+            {"branch": "lexical", "share": lexical_share, "contribution": lexical_margin}]
 
 
 def occluded_photos(photo: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,9 @@ def photo_explanation(log_probabilities: torch.Tensor, answer: int, started: flo
 def read_lexical_weights(model_file, text_only: bool) -> LexicalWeights | None:
     """The lexical branch of an exported TorchScript (None: the model has none), and the mix
     of the answer that uses it: the text model's for a text-only answer, else the model's."""
-    module = torch.jit.load(str(model_file), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is what the export writes
+        module = torch.jit.load(str(model_file), map_location="cpu")
     text_model = getattr(module, "text_model", module)
     lexical = getattr(text_model, "lexical", None)
     if lexical is None:
