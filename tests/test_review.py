@@ -178,3 +178,39 @@ def test_flagged_listings_are_ingested_once_with_their_explanation(artifacts, ra
     listing = queue.listing(1)
     assert listing.answer["explanation"]["text"]["lexical"]["terms"]
     assert listing.answer["path"] and listing.photo_ids and listing.model_version
+
+
+def test_reviewed_listings_join_the_training_split_only(clean_sample, tmp_path):
+    """A reviewed listing the data holds out (validation or test) is left out; one it trains on
+    takes the reviewer's path; a new one joins the training split with its photo."""
+    from marketplace_classifier.review.corrections import export_decisions
+    from marketplace_classifier.training.cleaning import clean
+    from marketplace_classifier.training.data import CleanData
+
+    base = CleanData.load(clean_sample[0])
+    held_out = base.products[base.products["split"] == "val"].iloc[0]
+    trained = base.products[base.products["split"] == "train"].iloc[0]
+    other_path = next(path for path in base.products["category"]
+                      if path.split(" / ")[0] != trained["root_category"])
+    photo_id = base.images[base.images["product_id"] == trained["id"]]["id"].iloc[0]
+    photo = base.image_path(photo_id).read_bytes()
+    queue = queue_with(Database(f"sqlite:///{tmp_path / 'review.db'}"), 0)
+    queue.add_paths([held_out["category"], other_path, trained["category"]])
+    ann = queue.add_reviewer("ann", "a long password!")
+    for source_id, row, path in ((held_out["id"], held_out, held_out["category"]),
+                                 (trained["id"], trained, other_path),
+                                 ("new-listing", trained, trained["category"])):
+        queue.add(NewListing("catalogue", source_id, "combined", ANSWER, product_name=row["product_name"],
+                             product_description=row["product_description"], photos=(photo,)))
+        queue.decide(queue.claim_next(ann).id, ann, path)
+    export_decisions(queue, tmp_path / "reviewed")
+    clean(tmp_path / "reviewed", tmp_path / "reviewed-clean", size=base.image_size, workers=1)
+    data = CleanData.load(clean_sample[0], tmp_path / "reviewed-clean")
+    assert data.reviewed == {"added": 1, "corrected": 1, "left_out_held_out": 1, "left_out_unknown_root": 0}
+    by_id = data.products.set_index("id")
+    assert by_id.loc["new-listing", "split"] == "train" and by_id.loc[trained["id"], "category"] == other_path
+    assert by_id.loc[held_out["id"], "category"] == held_out["category"]
+    assert (data.products["split"] != "train").sum() == (base.products["split"] != "train").sum()
+    new_photos = data.images[data.images["product_id"] == "new-listing"]["id"]
+    assert len(new_photos) == 1 and data.image_path(new_photos.iloc[0]).is_file()
+    assert "reviewed-clean" in str(data.image_path(new_photos.iloc[0]))

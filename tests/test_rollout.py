@@ -65,6 +65,29 @@ def rollout_server(versions):
         yield rollout.Server.from_state(work / "config.properties", state)
 
 
+def reviewed_export(raw: Path, folder: Path) -> Path:
+    """Ten listings of the sample filed by a reviewer under their own path, through the review
+    queue and its export (what `rollout compare --reviewed` reads)."""
+    from marketplace_classifier.review.corrections import export_decisions
+    from marketplace_classifier.review.db import Database
+    from marketplace_classifier.review.queue import NewListing, ReviewQueue
+    from marketplace_classifier.training.cleaning import read_raw_products
+
+    products = read_raw_products(raw / "Products.csv").dropna(subset=["id", "category"])
+    products = products.drop_duplicates("id").head(10)
+    queue = ReviewQueue(Database(f"sqlite:///{folder / 'review.db'}"))
+    queue.database.migrate()
+    queue.add_paths(list(products["category"]))
+    reviewer = queue.add_reviewer("ann", "a long password!")
+    answer = {"category": "Toys", "probability": 0.5, "path": [{"name": "Toys", "probability": 0.5}]}
+    for row in products.itertuples():
+        queue.add(NewListing("sample", row.id, "text", answer, product_name=row.product_name,
+                             product_description=row.product_description))
+        queue.decide(queue.claim_next(reviewer).id, reviewer, row.category)
+    export_decisions(queue, folder / "reviewed")
+    return folder / "reviewed"
+
+
 class Load:
     """Continuous requests to the default text endpoint, over REST and gRPC, until stopped; every
     answer's status and version recorded."""
@@ -127,10 +150,15 @@ def test_the_whole_cycle_under_load_fails_no_request_and_every_answer_names_its_
         time.sleep(2)
         staged = rollout.stage(rollout_server, "text", versions["retrained"]["archive"], workers=1)
         assert staged["staged"] == retrained and staged["card"]["version"] == retrained
-        compared = rollout.compare(rollout_server, "text", raw_sample[0], count=60, margin=0.2)
+        reviewed = reviewed_export(raw_sample[0], versions["root"] / "review")
+        compared = rollout.compare(rollout_server, "text", raw_sample[0], count=60, margin=0.2,
+                                   reviewed=reviewed)
         assert compared["passed"] and compared["listings"] == 60 and 0 <= compared["agreement"] <= 1
         assert compared["levels_agreement"]["level1"] == compared["agreement"]
         assert set(compared["candidate_figures"]["levels_accuracy"]) >= {"level1", "level2"}
+        beside = compared["reviewed"]  # the reviewers' listings, reported beside the sample's
+        assert beside["listings"] == 10 and beside["data_dir"] == str(reviewed)
+        assert set(beside["live_figures"]["levels_accuracy"]) >= {"level1"}
         promoted_at = time.monotonic()
         promoted = rollout.promote(rollout_server, "text", force=False, drain_seconds=2, workers=1)
         assert promoted["live"] == retrained and promoted["switch_seconds"] > 0

@@ -5,6 +5,7 @@ Usage: python -m marketplace_classifier.ops.rollout status   [--model text]
        python -m marketplace_classifier.ops.rollout stage    --model text --archive
        model_store/text-<version>.mar
        python -m marketplace_classifier.ops.rollout compare  --model text --data-dir <marketplace folder>
+       [--reviewed <review export>]
        [--margin 0.01]
        python -m marketplace_classifier.ops.rollout promote  --model text [--force]
        python -m marketplace_classifier.ops.rollout rollback --model text
@@ -278,28 +279,22 @@ def figures(answers: list[dict], latencies: list[float], labels: list[str],
             "p95_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1)}
 
 
-def compare(server: Server, model: str, data_dir: Path, count: int, margin: float) -> dict:
+def compare(server: Server, model: str, data_dir: Path, count: int, margin: float,
+            reviewed: Path | None = None) -> dict:
+    """Both versions on `count` listings of `data_dir` (the gate: the candidate's root accuracy
+    within `margin` of the live one's) and, with `reviewed`, on the listings reviewers filed
+    (`marketplace-classifier review export`), reported beside them."""
     state = server.load_state()
     candidate = model_state(state, model).get("candidate")
     if not candidate:
         raise RolloutError(f"no {model} candidate is staged: run `rollout stage` first")
     live = live_version(server, model)
-    listings = marketplace_listings(data_dir, count, model_kind(model).uses_image)
-    if not listings:
-        raise RolloutError(f"{data_dir} holds no listing the {model} model can answer")
-    bodies = [listing_body(listing) for listing in listings]
-    labels = [listing["label"] for listing in listings]
-    truths = [listing["path"] for listing in listings]
-    live_answers, live_latency = answers_of(server, model, live, bodies)
-    new_answers, new_latency = answers_of(server, model, candidate, bodies)
-    depth = max(len(answered_names(answer)) for answer in live_answers + new_answers)
-    result = {"model": model, "live": live, "candidate": candidate, "listings": len(listings),
-              "data_dir": str(data_dir),
-              "agreement": round(sum(a["category"] == b["category"] for a, b in
-                                     zip(live_answers, new_answers, strict=True)) / len(listings), 4),
-              "levels_agreement": level_agreement(live_answers, new_answers, depth),
-              "live_figures": figures(live_answers, live_latency, labels, truths),
-              "candidate_figures": figures(new_answers, new_latency, labels, truths), "margin": margin}
+    result = {"model": model, "live": live, "candidate": candidate, "data_dir": str(data_dir)}
+    result |= both_versions(server, model, (live, candidate), data_dir, count)
+    if reviewed is not None:
+        result["reviewed"] = {"data_dir": str(reviewed)} | both_versions(server, model, (live, candidate),
+                                                                         reviewed, count)
+    result["margin"] = margin
     drop = result["live_figures"]["accuracy"] - result["candidate_figures"]["accuracy"]
     result["passed"] = drop <= margin
     result["verdict"] = (f"candidate accuracy {result['candidate_figures']['accuracy']:.3f} against live "
@@ -308,6 +303,26 @@ def compare(server: Server, model: str, data_dir: Path, count: int, margin: floa
     model_state(state, model)["compare"] = result
     server.save_state(state)
     return result
+
+
+def both_versions(server: Server, model: str, versions: tuple[str, str], folder: Path, count: int) -> dict:
+    """The live and candidate versions' answers on up to `count` listings of `folder`: their
+    agreement and each one's figures against the folder's categories."""
+    listings = marketplace_listings(folder, count, model_kind(model).uses_image)
+    if not listings:
+        raise RolloutError(f"{folder} holds no listing the {model} model can answer")
+    bodies = [listing_body(listing) for listing in listings]
+    labels = [listing["label"] for listing in listings]
+    truths = [listing["path"] for listing in listings]
+    live_answers, live_latency = answers_of(server, model, versions[0], bodies)
+    new_answers, new_latency = answers_of(server, model, versions[1], bodies)
+    depth = max(len(answered_names(answer)) for answer in live_answers + new_answers)
+    return {"listings": len(listings),
+            "agreement": round(sum(a["category"] == b["category"] for a, b in
+                                   zip(live_answers, new_answers, strict=True)) / len(listings), 4),
+            "levels_agreement": level_agreement(live_answers, new_answers, depth),
+            "live_figures": figures(live_answers, live_latency, labels, truths),
+            "candidate_figures": figures(new_answers, new_latency, labels, truths)}
 
 
 def switch_default(server: Server, model: str, version: str, timeout: float = 60) -> float:
@@ -401,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="retire: the version to unregister")
     parser.add_argument("--data-dir", type=Path, help="compare: a folder in the marketplace layout")
     parser.add_argument("--count", type=int, default=200, help="compare: listings sent to both versions")
+    parser.add_argument("--reviewed", type=Path,
+                        help="compare: reviewers' decisions (marketplace-classifier review export), reported "
+                             "beside --data-dir")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                         help="compare: accuracy per listing the candidate may lose (default 0.01)")
     parser.add_argument("--force", action="store_true", help="promote: even if compare found it worse")
@@ -436,7 +454,7 @@ def run_step(server: Server, args: argparse.Namespace) -> dict:
         if args.data_dir is None or not (args.data_dir / "Products.csv").exists():
             raise RolloutError("compare needs --data-dir, a folder in the marketplace layout "
                                "(Products.csv, Images.csv, images/)")
-        return compare(server, args.model, args.data_dir, args.count, args.margin)
+        return compare(server, args.model, args.data_dir, args.count, args.margin, args.reviewed)
     if args.step == "promote":
         return promote(server, args.model, args.force, args.drain_seconds, args.workers, args.keep_workers)
     if args.step == "rollback":

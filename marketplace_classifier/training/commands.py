@@ -89,7 +89,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     for name, (section, text) in train_options().items():
         default = getattr(defaults, name)
         kind = type(default) if default is not None else str
-        groups[section].add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+        # SUPPRESS: an option not given is left out (the config's default applies) and the
+        # help shows the config's default, not argparse's
+        groups[section].add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                                      help=f"{text} (default: {default})")
     train.set_defaults(run=_train)
 

@@ -43,6 +43,8 @@ class TrainConfig:
     model: str = _model("image", "image, text or combined", cli=False)
     data_dir: str = _model("data/clean", "cleaned and split folder", cli=False)
     seed: int = _model(0, "random seed (runs are deterministic on CPU)")
+    reviewed_dir: str | None = _model(None, "a cleaned folder of reviewers' decisions (`review export`, then "
+                                            "`clean`) added to the training split only")
     levels: int = _model(3, "levels of the category path the model answers (1: the 13 roots only)")
     min_listings: int = _model(5, "a category below the roots with fewer training listings folds into "
                                   "its parent")

@@ -189,7 +189,9 @@ def train(config: TrainConfig) -> Path:
     cluster, device = join(choose_device(config.device))
     try:
         per_process_batch(config.batch_size, cluster)
-        data = CleanData.load(Path(config.data_dir))
+        data = CleanData.load(Path(config.data_dir), config.reviewed_dir)
+        if data.reviewed:
+            tqdm.write(f"reviewed listings from {config.reviewed_dir}: {data.reviewed}")
         with cluster.main_first():  # rank 0 fills the feature cache, the others read it
             if config.kind.fuses:
                 model, config = _combined_branches(config)
