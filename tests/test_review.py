@@ -214,3 +214,23 @@ def test_reviewed_listings_join_the_training_split_only(clean_sample, tmp_path):
     new_photos = data.images[data.images["product_id"] == "new-listing"]["id"]
     assert len(new_photos) == 1 and data.image_path(new_photos.iloc[0]).is_file()
     assert "reviewed-clean" in str(data.image_path(new_photos.iloc[0]))
+
+
+def test_flagged_lines_of_the_request_log_are_ingested(artifacts, tmp_path):
+    """The request log keeps text and photo digests: a text model's flagged answers are
+    enqueued (explained again from their text), its unflagged ones are not."""
+    from marketplace_classifier.review.ingest import Ingester
+    from marketplace_classifier.serving.payloads import Listing as ServedListing
+    from marketplace_classifier.serving.request_log import RequestLog
+
+    log = RequestLog(tmp_path / "log", 1.0, 2**20, "text", "1")
+    log.record(ServedListing(text="kettle, boxed"), {"category": "Home & Garden", "probability": 0.4,
+                                                     "needs_review": True})
+    log.record(ServedListing(text="oak table"), {"category": "Home & Garden", "probability": 0.99,
+                                                 "needs_review": False})
+    queue = ReviewQueue(Database(f"sqlite:///{tmp_path / 'review.db'}"))
+    queue.database.migrate()
+    counts = Ingester(queue, artifacts / "text", "requests").from_request_log(tmp_path / "log")
+    assert counts == {"flagged": 1, "added": 1, "queued_already": 0, "without_photos": 0}
+    listing = queue.listing(1)
+    assert listing.text == "kettle, boxed" and listing.answer["explanation"]["text"]["lexical"]["terms"]
