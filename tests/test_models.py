@@ -155,6 +155,34 @@ def test_text_model_answers_a_mix_of_its_branches(minilm):
         assert torch.allclose(text(*inputs), expected, atol=1e-6)
 
 
+def test_a_lexical_branch_with_levels_mixes_them_like_its_roots_and_traces(minilm):
+    """With lexical_levels_rank, the lexical branch answers the levels too (a narrow bag and a
+    linear layer); the model's levels are then the branches' weighted log-probabilities, as its
+    roots are, and the traced model gives the same."""
+    from marketplace_classifier.serving.processing import model_inputs
+
+    encoder, tokenizer = minilm
+    torch.manual_seed(0)
+    text = TextClassifier(encoder, 13, lexical_buckets=512, levels=7, lexical_levels_rank=4).eval()
+    torch.nn.init.normal_(text.lexical.bag.weight)
+    text.mix.copy_(torch.tensor([0.3, 0.7]))
+    inputs = model_inputs("text", None, ["oak table", "xbox one s"], tokenizer,
+                          TextSettings(16, LexicalSettings(buckets=512, max_chars=100)))
+    with torch.inference_mode():
+        encoder_logits, lexical_logits = text.branches(*inputs)
+        assert encoder_logits.shape == lexical_logits.shape == (2, 13 + 7)
+        expected = torch.cat([0.3 * torch.log_softmax(part_e, 1) + 0.7 * torch.log_softmax(part_l, 1)
+                              for part_e, part_l in ((encoder_logits[:, :13], lexical_logits[:, :13]),
+                                                     (encoder_logits[:, 13:], lexical_logits[:, 13:]))], 1)
+        assert torch.allclose(text(*inputs), expected, atol=1e-6)
+        traced = torch.jit.trace(text, tuple(inputs), check_trace=False)
+        assert torch.allclose(traced(*inputs), expected, atol=1e-5)
+    roots_only = TextClassifier(encoder, 13, lexical_buckets=512, levels=7).eval()
+    with torch.inference_mode():
+        assert roots_only.branches(*inputs)[1].shape == (2, 13)  # the first branch's levels pass through
+        assert roots_only(*inputs).shape == (2, 20)
+
+
 def test_each_model_kind_says_how_its_model_is_built_called_and_trained(minilm):
     """ModelKind: the parts it needs, the inputs its model takes (model_inputs builds exactly
     those), the method frozen training calls, and its TorchScript's extra methods."""

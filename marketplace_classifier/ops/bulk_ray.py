@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from marketplace_classifier.ops.bulk_io import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ACTORS_START_SECONDS = 600  # how long the pool may take to start and load the model in every actor
 
 
 class RayScorer:
@@ -94,7 +96,12 @@ def run_on_ray(args: argparse.Namespace) -> dict:
     )
     try:
         if rows:
-            dataset = ray.data.from_items([{"row": row_json(row)} for row in rows])
+            # every actor up (its model loaded) before the first block is handed out, and a block
+            # per batch: otherwise the first actor ready takes every block of a small catalogue
+            ray.data.DataContext.get_current().wait_for_min_actors_s = ACTORS_START_SECONDS
+            blocks = max(args.actors, math.ceil(len(rows) / args.batch_size))
+            dataset = ray.data.from_items([{"row": row_json(row)} for row in rows],
+                                          override_num_blocks=blocks)
             answered = dataset.map_batches(
                 RayScorer,
                 batch_size=args.batch_size,

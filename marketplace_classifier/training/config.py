@@ -92,6 +92,8 @@ class TrainConfig:
                                    cli=False)
     lexical_head_words: int = _text(10, "the lexical branch also hashes the first N words (the name) apart "
                                         "(0: off)")
+    lexical_levels_rank: int = _text(0, "the lexical branch also answers the levels below the roots, through "
+                                        "a hashed bag of this width and a linear layer (0: roots only)")
     # the lexical branch starts at zero and its inputs are L2-normalised: it learns faster than the rest
     lexical_lr: float = _text(2e-2, "AdamW learning rate of the lexical branch")
 
@@ -121,7 +123,7 @@ class TrainConfig:
         for name, least in (("epochs", 1), ("batch_size", 1), ("image_size", 16), ("cached_views", 1),
                             ("max_length", 1), ("feature_batch_size", 1), ("lexical_max_chars", 1),
                             ("levels", 1), ("min_listings", 1), ("patience", 0), ("lexical_buckets", 0),
-                            ("lexical_head_words", 0),
+                            ("lexical_head_words", 0), ("lexical_levels_rank", 0),
                             ("num_workers", 0), ("weight_decay", 0), ("warmup_epochs", 0), ("grad_clip", 0),
                             ("lr", 0), ("lexical_lr", 0), ("backbone_lr", 0)):
             if getattr(self, name) < least:

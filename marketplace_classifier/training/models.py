@@ -105,13 +105,19 @@ class LexicalClassifier(nn.Module):
     handler only hashes terms). The idf comes from the training split's products.
     """
 
-    def __init__(self, buckets: int, num_classes: int):
+    def __init__(self, buckets: int, num_classes: int, levels: int = 0, levels_rank: int = 0):
         super().__init__()
         self.buckets = buckets
         self.bag = nn.EmbeddingBag(buckets, num_classes, mode="sum", padding_idx=0)
         nn.init.zeros_(self.bag.weight)
         self.bias = nn.Parameter(torch.zeros(num_classes))
         self.register_buffer("idf", torch.ones(buckets))
+        # the levels below the roots (hundreds of classes) through a narrow bag and a linear layer:
+        # a full-width bag of every bucket would weigh hundreds of megabytes
+        self.levels_bag = nn.Embedding(buckets, levels_rank) if levels and levels_rank else None
+        self.levels_out = nn.Linear(levels_rank, levels) if self.levels_bag is not None else None
+        if self.levels_bag is not None:
+            nn.init.normal_(self.levels_bag.weight, std=0.01)
 
     @torch.no_grad()
     def fit_idf(self, term_ids: list[list[int]]) -> None:
@@ -128,20 +134,31 @@ class LexicalClassifier(nn.Module):
         # the bag's weighted sum as a gather and a sum: the same answer, and ONNX exporters take it
         # (they refuse an EmbeddingBag with a padding index; id 0 weighs 0 here anyway)
         rows = nn.functional.embedding(term_ids, self.bag.weight)
-        return (rows * weights.unsqueeze(2)).sum(1) + self.bias
+        roots = (rows * weights.unsqueeze(2)).sum(1) + self.bias
+        if self.levels_bag is None or self.levels_out is None:
+            return roots
+        narrow = (nn.functional.embedding(term_ids, self.levels_bag.weight) * weights.unsqueeze(2)).sum(1)
+        return torch.cat([roots, self.levels_out(narrow)], dim=1)
 
 
 def mix_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor, num_classes: int
                           ) -> torch.Tensor:
     """Weighted sum of the branches' root log-probabilities: a late fusion whose weights are chosen
-    on the validation split (each branch trains on its own loss, so none hides another). The first
-    branch's levels logits, where it has them, follow unchanged (only it has a levels head)."""
+    on the validation split (each branch trains on its own loss, so none hides another). The
+    levels below the roots are mixed the same way over the branches that answer them (the first
+    branch's pass unchanged when it alone does)."""
     first = logits[0].float()
     mixed = weights[0] * torch.log_softmax(root_logits(first, num_classes), dim=1)
+    levels = levels_logits(first, num_classes)
+    with_levels = [index for index in range(1, len(logits)) if logits[index].shape[1] == first.shape[1]]
+    if with_levels and levels.shape[1]:
+        levels = weights[0] * torch.log_softmax(levels, dim=1)
     for index in range(1, len(logits)):
-        branch = root_logits(logits[index].float(), num_classes)
-        mixed = mixed + weights[index] * torch.log_softmax(branch, dim=1)
-    return torch.cat([mixed, levels_logits(first, num_classes)], dim=1)
+        branch = logits[index].float()
+        mixed = mixed + weights[index] * torch.log_softmax(root_logits(branch, num_classes), dim=1)
+        if index in with_levels and levels.shape[1]:
+            levels = levels + weights[index] * torch.log_softmax(levels_logits(branch, num_classes), dim=1)
+    return torch.cat([mixed, levels], dim=1)
 
 
 class TextClassifier(nn.Module):
@@ -149,12 +166,13 @@ class TextClassifier(nn.Module):
     through a BERT-family encoder and, with `lexical_buckets`, a lexical branch beside it."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, lexical_buckets: int = 0, levels: int = 0,
-                 **head_options):
+                 lexical_levels_rank: int = 0, **head_options):
         super().__init__()
         self.encoder = encoder
         self.head = TextCNNHead(encoder.config.hidden_size, num_classes, levels=levels, **head_options)
         self.feature_dim, self.num_classes = self.head.feature_dim, num_classes
-        self.lexical = LexicalClassifier(lexical_buckets, num_classes) if lexical_buckets else None
+        self.lexical = LexicalClassifier(lexical_buckets, num_classes, levels, lexical_levels_rank) \
+            if lexical_buckets else None
         if self.lexical is not None:
             self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # encoder, lexical
 
