@@ -200,12 +200,14 @@ def answer_json(answer: Classification) -> dict:
 
 
 def why_line(explanation: dict) -> str:
-    """The lexical terms for and against the answer, and the branches' shares, in one line."""
+    """The lexical terms for and against the answer, and each branch's part of the answer's
+    margin over the runner-up, in one line."""
     if explanation.get("error"):
         return explanation["error"]
     terms = ((explanation.get("text") or {}).get("lexical") or {}).get("terms") or []
     parts = [", ".join(f"{term['term']} ({term['contribution']:+.2f})" for term in terms)] if terms else []
-    parts += [f"{share['branch']} {share['share']:.0%}" for share in explanation.get("branches") or []]
+    parts += [f"{share['branch']} {share.get('contribution', 0.0):+.2f}"
+              for share in explanation.get("branches") or []]
     if explanation.get("photos"):
         parts.append(f"{len(explanation['photos'])} photo heat map(s) in the JSON")
     return f"{explanation.get('category')}: " + "; ".join(parts)
