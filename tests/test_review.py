@@ -13,7 +13,15 @@ import pytest
 
 from marketplace_classifier.ops.hostile import ordinary_photo
 from marketplace_classifier.review.db import MIGRATIONS, Database
-from marketplace_classifier.review.queue import LEASE_SECONDS, NewListing, ReviewError, ReviewQueue
+from marketplace_classifier.review.queue import (
+    FAILURE_WINDOW_SECONDS,
+    FAILURES_ALLOWED,
+    LEASE_SECONDS,
+    NewListing,
+    ReviewError,
+    ReviewQueue,
+    TooManyFailures,
+)
 from tests.postgres import postgres_binaries, running_postgres
 
 ANSWER = {"category": "Home & Garden", "probability": 0.41, "needs_review": True, "model_version": "7",
@@ -48,7 +56,7 @@ def database(request, tmp_path) -> Database:
         database.migrate()
         with database.transaction() as transaction:  # each test starts from an empty schema
             for table in ("decisions", "photos", "listings", "sessions", "reviewers", "taxonomy",
-                          "schema_migrations"):
+                          "sign_in_failures", "schema_migrations"):
                 transaction.execute(f"DROP TABLE IF EXISTS {table}")
     yield database
     database.close()
@@ -136,6 +144,19 @@ def test_sign_in_sessions_and_passwords(database):
     clock.now += 9 * 3600
     assert queue.session(token) is None
     queue.sign_out(token)
+
+
+def test_failed_sign_ins_lock_a_name_for_a_while(database):
+    clock = Clock()
+    queue = queue_with(database, 0, clock)
+    queue.add_reviewer("ann", "a long password!")
+    for _ in range(FAILURES_ALLOWED):
+        assert queue.sign_in("ann", "not the password") is None
+    with pytest.raises(TooManyFailures, match="try again in 15 minutes"):
+        queue.sign_in("ann", "a long password!")  # the right password too: guessing learns nothing
+    assert queue.sign_in("bob", "any password at all") is None  # another name is not locked
+    clock.now += FAILURE_WINDOW_SECONDS + 1
+    assert queue.sign_in("ann", "a long password!") is not None
 
 
 def test_decisions_export_as_a_marketplace_export_that_cleaning_reads(database, tmp_path):

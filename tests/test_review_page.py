@@ -86,6 +86,9 @@ def test_only_a_signed_in_reviewer_with_the_sessions_form_gets_anything(review_a
         assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
     wrong = requests.post(base + "/sign-in", data={"name": "ann", "password": "not it at all"}, timeout=10)
     assert wrong.status_code == 401 and "Wrong name or password" in wrong.text
+    guesses = [requests.post(base + "/sign-in", data={"name": "mallory", "password": f"guess {index}"},
+                             timeout=10).status_code for index in range(6)]
+    assert guesses == [401] * 5 + [429]  # the name is locked for a while after five failures
     session, csrf = signed_in(base)
     assert "HttpOnly" in requests.post(base + "/sign-in", data={"name": "ann", "password": PASSWORD},
                                        allow_redirects=False, timeout=10).headers["set-cookie"]

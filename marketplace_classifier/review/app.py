@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from marketplace_classifier.review.queue import ORDERS, ReviewError, ReviewQueue
+from marketplace_classifier.review.queue import ORDERS, ReviewError, ReviewQueue, TooManyFailures
 
 HERE = Path(__file__).parent
 COOKIE = "review_session"
@@ -109,7 +109,10 @@ def create_app(queue: ReviewQueue) -> FastAPI:
 
     @app.post("/sign-in")
     def sign_in(request: Request, name: str = Form(""), password: str = Form("")):
-        session = queue.sign_in(name[:100], password[:1000])
+        try:
+            session = queue.sign_in(name[:100], password[:1000])
+        except TooManyFailures as error:
+            return page(request, "sign_in.html", status=429, error=str(error).capitalize() + ".")
         if session is None:
             return page(request, "sign_in.html", status=401, error="Wrong name or password.")
         response = RedirectResponse("/", status_code=303)

@@ -43,6 +43,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                model_version TEXT, accepted BOOLEAN NOT NULL, path TEXT NOT NULL)""",
         "CREATE TABLE taxonomy (path TEXT PRIMARY KEY)",
     ]),
+    (2, "failed sign-ins, to slow down password guessing", [
+        "CREATE TABLE sign_in_failures (id {id}, name TEXT NOT NULL, failed_at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX sign_in_failures_name ON sign_in_failures (name, failed_at)",
+    ]),
 ]
 
 

@@ -21,11 +21,16 @@ from marketplace_classifier.review.db import Database
 LEASE_SECONDS = 300
 ORDERS = {"oldest": "added_at, id", "least_confident": "probability, added_at, id"}
 SESSION_SECONDS = 8 * 3600
+FAILURES_ALLOWED, FAILURE_WINDOW_SECONDS = 5, 15 * 60  # then a name is locked for the rest of the window
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
 class ReviewError(ValueError):
     """A queue operation that is not allowed: what, and why."""
+
+
+class TooManyFailures(ReviewError):
+    """A name with FAILURES_ALLOWED failed sign-ins in the window: refused until it passes."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,21 @@ class ReviewQueue:
         return True
 
     def sign_in(self, name: str, password: str) -> tuple[str, str] | None:
-        """A new session's (token, CSRF token), or None for a wrong name or password."""
+        """A new session's (token, CSRF token), or None for a wrong name or password; after
+        FAILURES_ALLOWED failures for a name within FAILURE_WINDOW_SECONDS, TooManyFailures
+        whatever the password (the right one included, so guessing learns nothing)."""
+        since = self.clock() - FAILURE_WINDOW_SECONDS
+        failures = self.database.query("SELECT COUNT(*), MIN(failed_at) FROM sign_in_failures "
+                                       "WHERE name = ? AND failed_at >= ?", (name, since))[0]
+        if int(failures[0]) >= FAILURES_ALLOWED:
+            minutes = max(1, round((float(failures[1]) - since) / 60))
+            raise TooManyFailures(f"too many failed sign-ins for this name: try again in {minutes} minutes")
         rows = self.database.query("SELECT id, password_hash FROM reviewers WHERE name = ?", (name,))
         if not rows or not password_matches(password, rows[0][1]):
+            with self.database.transaction() as transaction:
+                transaction.execute("DELETE FROM sign_in_failures WHERE failed_at < ?", (since,))
+                transaction.execute("INSERT INTO sign_in_failures (name, failed_at) VALUES (?, ?)",
+                                    (name, self.clock()))
             return None
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self.database.transaction() as transaction:
