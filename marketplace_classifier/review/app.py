@@ -103,6 +103,19 @@ def create_app(queue: ReviewQueue) -> FastAPI:
         return page(request, "gone.html", status=403, reviewer=session[1], csrf=session[2],
                     message="This form is not from your session: reload the page and try again.")
 
+    def listing_page(request: Request, session, listing_id: int, order: str, status: int = 200,
+                     error: str | None = None) -> Response:
+        """A listing the reviewer holds, with its marked text and the taxonomy to pick from;
+        409 when it is not theirs (decided, held by another, or their claim lapsed)."""
+        listing = queue.listing(listing_id)
+        if listing is None or queue.holder(listing_id) != session[0]:
+            return page(request, "gone.html", status=409, reviewer=session[1], csrf=session[2])
+        explanation = listing.answer.get("explanation")
+        return page(request, "listing.html", status=status, reviewer=session[1], csrf=session[2],
+                    listing=listing, segments=highlighted(listing.shown_text, explanation),
+                    explanation=explanation or {}, paths=queue.paths(),
+                    order=order if order in ORDERS else "oldest", counts=queue.counts(), error=error)
+
     @app.get("/sign-in", response_class=HTMLResponse)
     def sign_in_page(request: Request):
         return page(request, "sign_in.html", error=None)
@@ -150,14 +163,7 @@ def create_app(queue: ReviewQueue) -> FastAPI:
         session = reviewer(request)
         if session is None:
             return to_sign_in()
-        listing = queue.listing(listing_id)
-        if listing is None or listing.status != "open" or queue.holder(listing_id) != session[0]:
-            return page(request, "gone.html", status=409, reviewer=session[1], csrf=session[2])
-        explanation = listing.answer.get("explanation")
-        return page(request, "listing.html", reviewer=session[1], csrf=session[2], listing=listing,
-                    segments=highlighted(listing.shown_text, explanation), explanation=explanation or {},
-                    paths=queue.paths(), order=order if order in ORDERS else "oldest",
-                    counts=queue.counts())
+        return listing_page(request, session, listing_id, order)
 
     @app.post("/listings/{listing_id}")
     def decide(request: Request, listing_id: int, csrf: str = Form(""), action: str = Form(""),
@@ -171,14 +177,7 @@ def create_app(queue: ReviewQueue) -> FastAPI:
             else:
                 queue.decide(listing_id, session[0], None if action == "accept" else path.strip()[:500])
         except ReviewError as error:
-            listing = queue.listing(listing_id)
-            if listing is None or queue.holder(listing_id) != session[0]:
-                return page(request, "gone.html", status=409, reviewer=session[1], csrf=session[2])
-            explanation = listing.answer.get("explanation")
-            return page(request, "listing.html", status=400, reviewer=session[1], csrf=session[2],
-                        listing=listing, segments=highlighted(listing.shown_text, explanation),
-                        explanation=explanation or {}, paths=queue.paths(), order=order,
-                        counts=queue.counts(), error=str(error))
+            return listing_page(request, session, listing_id, order, status=400, error=str(error))
         following = queue.claim_next(session[0], order if order in ORDERS else "oldest",
                                      skipped=listing_id if action == "skip" else None)
         if following is None:

@@ -123,15 +123,18 @@ class Ingester:
         photos, so only a text model's answers can be explained again)."""
         counts = {"flagged": 0, "added": 0, "queued_already": 0, "without_photos": 0}
         for path in sorted(Path(folder).glob("requests-*.jsonl")):
-            for number, line in enumerate(path.open(encoding="utf-8"), 1):
-                record = json.loads(line)
-                if not record.get("answer", {}).get("needs_review"):
-                    continue
-                counts["flagged"] += 1
-                if record.get("photos") and self.scorer.service.kind.uses_image:
-                    counts["without_photos"] += 1
-                    continue
-                source_id = f"{path.name}:{number}"
-                added = self.enqueue(source_id, Listing(text=record.get("text") or ""))
-                counts["added" if added else "queued_already"] += 1
+            with path.open(encoding="utf-8") as stream:
+                for number, line in enumerate(stream, 1):
+                    self.enqueue_logged(f"{path.name}:{number}", json.loads(line), counts)
         return counts
+
+    def enqueue_logged(self, source_id: str, record: dict, counts: dict[str, int]) -> None:
+        """One request-log line, counted; enqueued when it was flagged and can be shown whole."""
+        if not record.get("answer", {}).get("needs_review"):
+            return
+        counts["flagged"] += 1
+        if record.get("photos") and self.scorer.service.kind.uses_image:
+            counts["without_photos"] += 1
+            return
+        added = self.enqueue(source_id, Listing(text=record.get("text") or ""))
+        counts["added" if added else "queued_already"] += 1

@@ -28,12 +28,17 @@ import math
 import re
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from marketplace_classifier.serving.processing import labelled_lexical_terms, lexical_bucket
+from marketplace_classifier.serving.processing import (
+    labelled_lexical_terms,
+    lexical_bucket,
+    lexical_ids,
+    text_inputs,
+)
 
 GRID = 4
 MAX_EXPLAINED_PHOTOS = 1  # the first photo as sent
@@ -63,11 +68,6 @@ def index(ids: list[int]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def term_buckets(text: str, settings) -> list[tuple[int, str]]:
-    """Each term occurrence of `text` as (its bucket, its label)."""
-    return [(lexical_bucket(term, settings), label) for term, label in labelled_lexical_terms(text, settings)]
-
-
 @dataclass(frozen=True)
 class LexicalWeights:
     """The lexical branch's parameters (read from the exported TorchScript) and its weight in
@@ -90,27 +90,23 @@ class LexicalWeights:
 
     def logits(self, text: str, settings) -> torch.Tensor:
         """The branch's logits of one text [classes] (roots first)."""
-        buckets = Counter(bucket for bucket, _ in term_buckets(text, settings))
-        if not buckets:
+        ids, counts = lexical_ids(text, settings)
+        if not ids:
             return self.bias.clone()
-        ids = sorted(buckets)
-        weights = self.bucket_weights(ids, [float(buckets[i]) for i in ids])
-        return weights @ self.weight[index(ids)] + self.bias
+        return self.bucket_weights(ids, counts) @ self.weight[index(ids)] + self.bias
 
     def contributions(self, text: str, settings, answer: int) -> dict[str, float]:
-        """Each term label's exact part of the logit of class `answer` (bias excluded)."""
-        labelled = term_buckets(text, settings)
-        buckets = Counter(bucket for bucket, _ in labelled)
-        if not buckets:
+        """Each term label's exact part of the logit of class `answer` (bias excluded): a
+        bucket's part shared equally by the term occurrences hashed into it."""
+        ids, counts = lexical_ids(text, settings)
+        if not ids:
             return {}
-        ids = sorted(buckets)
-        weights = self.bucket_weights(ids, [float(buckets[i]) for i in ids])
-        parts = weights * self.weight[index(ids), answer]
-        per_occurrence = {bucket: float(part) / buckets[bucket]
-                          for bucket, part in zip(ids, parts, strict=True)}
+        parts = self.bucket_weights(ids, counts) * self.weight[index(ids), answer]
+        per_occurrence = {bucket: float(part) / count
+                          for bucket, part, count in zip(ids, parts, counts, strict=True)}
         totals: dict[str, float] = defaultdict(float)
-        for bucket, label in labelled:
-            totals[label] += per_occurrence[bucket]
+        for term, label in labelled_lexical_terms(text, settings):
+            totals[label] += per_occurrence[lexical_bucket(term, settings)]
         return dict(totals)
 
 
@@ -220,11 +216,11 @@ class Explainer:
         service, answer = self.service, int(probabilities.argmax())
         explanation: dict = {"category": service.index_to_name[str(answer)], "level": "root"}
         lexical = self.lexical(text_only)
-        text_settings = service.settings.text
         if service.kind.uses_text and item.text:
             text: dict = {}
             if lexical is not None:
-                text["lexical"] = lexical_explanation(lexical, item.text, text_settings.lexical, answer)
+                settings = service.settings.text.lexical
+                text["lexical"] = lexical_explanation(lexical, item.text, settings, answer)
             text["encoder"] = self.encoder_occlusion(item.text, answer, lexical)
             explanation["text"] = text
             if lexical is not None:
@@ -239,8 +235,6 @@ class Explainer:
 
     def text_model_output(self, texts: list[str]) -> torch.Tensor:
         """The text model's output rows for `texts` (the combined model's text_only)."""
-        from marketplace_classifier.serving.processing import text_inputs
-
         service = self.service
         method = service.model.text_only if service.kind.uses_image else service.model
         inputs = text_inputs(service.tokenizer, texts, service.settings.text)
@@ -275,8 +269,6 @@ class Explainer:
         return branch_shares(margin, lexical.mix[1] * float(branch[answer] - branch[runner_up]), main)
 
     def photo_occlusion(self, photo: torch.Tensor, text: str | None, answer: int) -> dict:
-        from marketplace_classifier.serving.processing import text_inputs
-
         started, service = time.perf_counter(), self.service
         images = torch.cat([photo.unsqueeze(0), occluded_photos(photo)])
         if service.kind.uses_text:
