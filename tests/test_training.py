@@ -135,9 +135,14 @@ def test_evaluation_writes_its_reports(trained, tmp_path):
         assert pair["truth"] != pair["answer"] and pair["count"] >= 1
 
 
-def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tmp_path):
+def test_export_matches_the_eager_model_and_loads_in_a_fresh_process(trained, tmp_path, capsys):
     for kind in ("image", "text", "combined"):  # the ONNX runtimes: tests/test_runtimes.py
         result = export(trained["paths"][kind], trained["data_dir"], tmp_path, runtime="torchscript")
+        progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export ")]
+        assert progress[0] == f"export {kind} [1/4] loading the checkpoint and data; calibrating on " \
+            "validation"
+        assert progress[-2].startswith(f"export {kind} [4/4] writing preprocessing.json")
+        assert progress[-1].startswith(f"export {kind}: done in ")
         folder = tmp_path / kind
         assert result["max_abs_diff"] <= 1e-4
         settings = ModelSettings.load(folder)

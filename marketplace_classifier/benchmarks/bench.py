@@ -26,6 +26,7 @@ from marketplace_classifier.benchmarks.bench_report import BATCH_SIZES, CONCURRE
 from marketplace_classifier.benchmarks.harness import reported, served
 from marketplace_classifier.benchmarks.load import make_request
 from marketplace_classifier.ops import serve
+from marketplace_classifier.progress import Steps
 from marketplace_classifier.serving.config import MODEL_CONFIG, MODEL_HANDLER_OPTIONS
 from marketplace_classifier.serving.exported import ExportedModel, optimise_for_device
 from marketplace_classifier.serving.layout import ExportLayout
@@ -191,30 +192,38 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
               "workers": workers, "other_workers": other_worker_count(workers),
               "threads_per_worker": threads, "configured_batch_size": batch,
               "max_batch_delay_ms": MODEL_CONFIG["maxBatchDelay"], "models": {}}
+    variants = [v for v in ("text_int8", "combined_int8") if ExportLayout(artifacts / v).model.exists()
+                and v.removesuffix("_int8") in models]
+    steps = Steps("bench", 3 * len(models) + 3 + int(bool(variants)))
     for model in models:
+        steps(f"{model}: model limit at batch sizes {', '.join(map(str, BATCH_SIZES))}")
         inputs = Inputs(model, artifacts / model, 16)
         limit = model_limit(model, artifacts / model, inputs, threads, seconds)
         # the naive service was one process using every core
+        steps(f"{model}: the naive service")
         naive = naive_baseline(model, checkpoints / model / "best.pt", inputs, os.cpu_count() or 1, seconds)
         report["models"][model] = {"model_limit": limit, "naive": naive}
+        steps(f"{model}: optimisations with and without")
         report["models"][model]["layouts"] = layout_trials(model, artifacts / model, inputs, threads,
                                                            seconds, batch)
         if inputs.kind is IMAGE:
             report["image_preprocessing"] = preprocessing_share(inputs, limit[batch], seconds)
+    steps(f"served by TorchServe at concurrency {', '.join(map(str, CONCURRENCY))}")
     on = served(list(models), artifacts, MODEL_CONFIG, requests_per_run, CONCURRENCY, 60 * scale)
+    steps("served with batching off")
     off = served(list(models), artifacts, MODEL_CONFIG | {"batchSize": 1, "maxBatchDelay": 0},
                  requests_per_run, (16,), 60 * scale)
     # the other way of sharing the cores: one worker with all of them, or one per core
     other = other_worker_count(workers)
+    steps(f"served by {other} worker(s) per model")
     split = served(list(models), artifacts, MODEL_CONFIG | {"minWorkers": other, "maxWorkers": other},
                    requests_per_run, (16,), 60 * scale)
     for model in models:
         report["models"][model]["served"] = on[model]
         report["models"][model]["batching_off"] = off[model][16]
         report["models"][model]["other_workers"] = split[model][16]
-    variants = [v for v in ("text_int8", "combined_int8") if ExportLayout(artifacts / v).model.exists()
-                and v.removesuffix("_int8") in models]
     if variants:  # opt-in exports (`marketplace-classifier export --int8`), served beside the fp32 ones
+        steps(f"int8 variants served beside fp32: {', '.join(variants)}")
         pairs = served([*variants, *(v.removesuffix("_int8") for v in variants)], artifacts, MODEL_CONFIG,
                        requests_per_run, (16,), 60 * scale)
         report["int8_served"] = {v: {"int8": pairs[v][16], "fp32": pairs[v.removesuffix("_int8")][16]}
@@ -222,6 +231,7 @@ def run(artifacts: Path, checkpoints: Path, out: Path, scale: float = 1.0,
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(report, out)
+    steps.done()
     return report
 
 

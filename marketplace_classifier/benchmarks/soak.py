@@ -108,6 +108,18 @@ def watch_ping(properties: dict, state: Path, until: float, results: list) -> No
         time.sleep(5)
 
 
+def say_each_minute(recorder: Recorder, start: float, until: float, stream=None) -> None:
+    """One line a minute on standard error, so a long soak shows it is alive and how it goes."""
+    minutes = max(1, round((until - start) / 60))
+    for minute in range(1, minutes + 1):
+        time.sleep(max(0.0, min(start + 60 * minute, until) - time.monotonic()))
+        with recorder.lock:
+            rows = list(recorder.rows)
+        errors = sum(not ok for *_, ok in rows)
+        print(f"soak [{minute}/{minutes} min] {len(rows)} requests, {errors} errors so far",
+              file=stream or sys.stderr, flush=True)
+
+
 def per_minute(rows: list, start: float, minutes: int) -> list[dict]:
     table = []
     for minute in range(minutes):
@@ -134,6 +146,7 @@ def soak(artifacts: Path, minutes: float, rates: dict[str, float]) -> dict:
                 f"{properties['inference_address']}/predictions/{model}", token, model, rates[model],
                 until, recorder, pool)) for model in MODELS]
             threads.append(threading.Thread(target=watch_ping, args=(properties, state, until, pings)))
+            threads.append(threading.Thread(target=say_each_minute, args=(recorder, start, until)))
             for thread in threads:
                 thread.start()
             for thread in threads:

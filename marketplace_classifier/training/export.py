@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from marketplace_classifier.progress import Steps
 from marketplace_classifier.serving.files import atomic_write, folder_digests, staged_folder
 from marketplace_classifier.serving.layout import ExportLayout
 from marketplace_classifier.serving.model_kinds import ModelKind
@@ -162,6 +163,8 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     config = config_from(checkpoint["config"])
     if int8 and not config.kind.uses_text:
         raise ValueError("--int8 quantises the text encoder: use it with the text or combined model")
+    steps = Steps(f"export {config.model}", 4 + int(int8) + int(not int8 and runtime != TORCHSCRIPT))
+    steps("loading the checkpoint and data; calibrating on validation")
     data = CleanData.load(Path(data_dir))
     tokenizer = load_tokenizer(config.text_encoder) if config.kind.uses_text else None
     config = replace(config, data_dir=str(data_dir))
@@ -170,9 +173,11 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
     card = model_card(model, checkpoint_path, checkpoint, config, data, answers, task)
     result = {"model": config.model, "version": card["version"]} | answers
     if int8:
+        steps("quantising the text encoder (accuracy on test before and after)")
         result["fp32_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
         model = quantise_text_encoder(model, config.kind)
         result["int8_test_accuracy"] = split_accuracy(model, config, data, tokenizer)
+    steps("tracing TorchScript and checking it against the model")
     batches = example_batches(config, data, tokenizer)
     with torch.inference_mode(), warnings.catch_warnings():
         # Shape-derived constants (e.g. 'same' padding for the fixed image size) are intended.
@@ -201,6 +206,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         check_fresh_process(layout.model, batches, expected)
         chosen = None
         if not int8 and runtime != TORCHSCRIPT:
+            steps("ONNX programs: parity, accuracy gates and speed of each runtime")
             chosen = export_runtimes(model, config, data, tokenizer, batches, scripted, staging, runtime,
                                      PARITY_TOLERANCE, measure_seconds, try_reduced_precision)
             result |= chosen
@@ -209,6 +215,7 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
                           "onnx_int8": (chosen or {}).get("onnx_int8", False),
                           "onnx_bf16": (chosen or {}).get("onnx_bf16", False),
                           "runtime_choice": (chosen or {}).get("runtime_choice")}
+        steps("model card and reference distributions (for drift)")
         write_card(card, staging)
         reference = reference_distributions(model, config, data, answers, task)
         text = json.dumps(reference, indent=2) + "\n"
@@ -219,4 +226,6 @@ def export(checkpoint_path: Path, data_dir: Path, artifacts_dir: Path, int8: boo
         settings = preprocessing_settings(config, model, len(checkpoint["index_to_name"]), answers, int8,
                                           chosen)
         replace(settings, files=folder_digests(staging, leave_out=(SETTINGS_FILE,))).save(staging)
+        steps("writing preprocessing.json and swapping the folder in")
+    steps.done()
     return result | {"path": str(ExportLayout(out).model), "max_abs_diff": worst}
