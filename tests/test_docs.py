@@ -41,3 +41,33 @@ def test_make_help_lists_the_everyday_targets():
                             text=True, check=True).stdout
     targets = {line.split()[0] for line in listed.splitlines() if line.strip()}
     assert {"demo", "test", "train-real", "serve", "bench", "clean-demo", "clean-all", "help"} <= targets
+
+
+# A measured figure: a decimal, a percentage or a ratio (`2.5x`). Not one: a setting in a code span,
+# a version after its product's name, a target after ≥ or ≤, a level before "precision" or
+# "interval", and others' published figures in a paragraph that says so.
+FIGURE = re.compile(r"(?<![\w.#/-])\d+(?:,\d{3})*(?:(?:\.\d+)?[x×]\b|\.\d+(?:\s?%)?|\s?%)(?![.\d])")
+NOT_MEASURED_BEFORE = re.compile(r"(?:[≥≤]|\b[A-Z][\w-]*) $")
+NOT_MEASURED_AFTER = re.compile(r"\s+(?:precision|bootstrap|interval|confidence)")
+GENERATED = re.compile(r"<!-- include .*?<!-- end include -->|<!-- value .*?<!-- end -->|```.*?```|`[^`]*`",
+                       re.DOTALL)
+
+
+def typed_figures(text: str) -> list[str]:
+    prose = re.sub(r"\n(?![\n|])", " ", GENERATED.sub("", text))  # a paragraph on one line
+    return [f"{figure.group(0)!r} in {line.strip()[:80]!r}"
+            for line in prose.splitlines() if "published" not in line
+            for figure in FIGURE.finditer(line)
+            if not NOT_MEASURED_BEFORE.search(line[:figure.start()])
+            and not NOT_MEASURED_AFTER.match(line[figure.end():])]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: str(doc.relative_to(ROOT)))
+def test_measured_figures_are_copied_from_reports_not_typed(doc):
+    assert typed_figures(doc.read_text()) == [], "put it in a report, copy it with ops.publish"
+
+
+def test_a_typed_figure_is_found_and_a_version_or_target_is_not():
+    sample = ("TorchServe 0.12 served 34.5 items/s, 2.8x the naive one; 59.7% filed at 95% precision "
+              "(target ≥ 0.76) on 127.0.0.1; `--lite 1.25` <!-- value r.json | a -->0.8<!-- end -->\n")
+    assert [item.split(" in ")[0] for item in typed_figures(sample)] == ["'34.5'", "'2.8x'", "'59.7%'"]

@@ -25,6 +25,7 @@ from marketplace_classifier.benchmarks.harness import missing_exports, reported,
 from marketplace_classifier.benchmarks.load import make_request, run_load
 from marketplace_classifier.benchmarks.model_speed import calls_per_second
 from marketplace_classifier.ops import serve
+from marketplace_classifier.progress import Steps
 from marketplace_classifier.serving.config import MODEL_CONFIG
 from marketplace_classifier.serving.core import ListingService, Request, ServingOptions
 from marketplace_classifier.serving.exported import ExportedModel
@@ -226,7 +227,9 @@ def run(artifacts: Path, models: list[str], seconds: float, out: Path, data_dir:
     report = {"date": time.strftime("%Y-%m-%d"), "cores": psutil.cpu_count(), "concurrency": CONCURRENCY,
               "workers": MODEL_CONFIG["minWorkers"], "peak_gflops_one_core": peaks(), "models": {}}
     rng = random.Random(2)
+    steps = Steps("bench-runtimes", len(models) * (1 + int(data_dir is not None)) + 2)
     for model in models:
+        steps(f"{model}: FLOPs and the worker's stages under each runtime")
         requests = [make_request(model, rng) for _ in range(8)]
         settings = chosen[model]
         report["models"][model] = {
@@ -236,16 +239,20 @@ def run(artifacts: Path, models: list[str], seconds: float, out: Path, data_dir:
             "stages_ms_per_item": {"old": stage_profile(artifacts / model, TORCHSCRIPT, requests),
                                    "new": stage_profile(artifacts / model, None, requests)}}
         if data_dir is not None:
+            steps(f"{model}: test accuracy per listing under each runtime")
             report["models"][model]["test_listing_accuracy"] = {
                 "old": round(test_accuracy(artifacts / model, TORCHSCRIPT, data_dir), 4),
                 "new": round(test_accuracy(artifacts / model, None, data_dir), 4)}
+    steps(f"served as {TORCHSCRIPT} at concurrency {CONCURRENCY}")
     old = served_with_cpu(TORCHSCRIPT, models, artifacts, seconds, requests_per_run)
+    steps(f"served under the runtime each export chose, at concurrency {CONCURRENCY}")
     new = served_with_cpu(None, models, artifacts, seconds, requests_per_run)
     for model in models:
         report["models"][model]["served"] = {"old": old[model], "new": new[model]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtimes.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "runtimes.md").write_text(markdown(report) + "\n")
+    steps.done()
     return report
 
 

@@ -7,13 +7,22 @@ A doc marks each generated block:
     <!-- end include -->
 
 `PATH` includes the whole file, `PATH#N` its N-th block of lines separated by blank lines.
+A figure inside a sentence comes from a JSON report the same way, by its keys and a format:
+
+    in-process scoring ran at <!-- value reports/bulk/bulk.json | ways/in-process/listings_per_second
+    | .1f -->78.0<!-- end --> listings/s
+
+(keys separated by `/`, which a key may also hold; a list's item by its index; the format is
+Python's, e.g. `.1f`, `.1%`, `,`). `--keep-missing` leaves the blocks whose report is absent.
 Usage: python -m marketplace_classifier.ops.publish [docs/results.md docs/benchmark.md] [--check]
+       [--keep-missing]
 (--check changes nothing and exits 1 when a doc differs from its reports.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -24,6 +33,10 @@ ROOT = PROJECT_ROOT
 DOCS = (ROOT / "docs" / "results.md", ROOT / "docs" / "benchmark.md")
 BLOCK = re.compile(r"(<!-- include (?P<source>[^ #]+)(?:#(?P<part>\d+))? -->\n)(?P<body>.*?)"
                    r"(<!-- end include -->)", re.DOTALL)
+
+
+VALUE = re.compile(r"(<!-- value (?P<source>[^|]+?)\s*\|\s*(?P<keys>[^|]+?)\s*"
+                   r"(?:\|\s*(?P<format>[^|]*?)\s*)?-->)(?P<body>[^<]*)(<!-- end -->)", re.DOTALL)
 
 
 class PublishError(RuntimeError):
@@ -43,14 +56,57 @@ def included(source: str, part: str | None, root: Path) -> str:
     return blocks[int(part) - 1] + "\n"
 
 
-def publish(doc: Path, root: Path | None = None) -> str:
-    """The doc with every include block filled from its report (paths relative to `root`)."""
+def value(source: str, keys: str, format_spec: str | None, root: Path) -> str:
+    """One figure of a JSON report, formatted: `keys` is a `/`-separated path into it."""
+    path = root / source
+    if not path.is_file():
+        raise PublishError(f"{source} not found: run the command that writes it first")
+    found = json.loads(path.read_text())
+    parts = " ".join(keys.split()).split("/")
+    while parts:
+        try:
+            found, parts = step_into(found, parts)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise PublishError(f"{source} has no {keys!r} (stopped at {parts[0]!r})") from None
+    try:
+        return format(found, format_spec or "")
+    except (TypeError, ValueError) as error:
+        raise PublishError(f"{source} {keys!r}: format {format_spec!r}: {error}") from None
+
+
+def step_into(found, parts: list[str]) -> tuple[object, list[str]]:
+    """One level down: a list's item by index, else the longest run of parts that is a key (a
+    report's key may itself hold a `/`)."""
+    if isinstance(found, list):
+        return found[int(parts[0])], parts[1:]
+    for length in range(len(parts), 0, -1):
+        key = "/".join(parts[:length])
+        if key in found:
+            return found[key], parts[length:]
+    raise KeyError(parts[0])
+
+
+def publish(doc: Path, root: Path | None = None, missing: list[str] | None = None) -> str:
+    """The doc with every include block and every value filled from its report (paths relative
+    to `root`). With a `missing` list, a block whose report file is absent keeps what it holds
+    and its report is added to the list; otherwise it is an error."""
     root = root or ROOT
 
-    def fill(match: re.Match) -> str:
-        return match.group(1) + included(match["source"], match["part"], root) + match.group(5)
+    def kept_when_missing(match: re.Match, body: int, make) -> str:
+        source = match["source"].strip()
+        if missing is not None and not (root / source).is_file():
+            missing.append(source)
+            return match.group(0)
+        return match.group(1) + make() + match.group(body + 1)
 
-    return BLOCK.sub(fill, doc.read_text())
+    def fill(match: re.Match) -> str:
+        return kept_when_missing(match, 4, lambda: included(match["source"], match["part"], root))
+
+    def fill_value(match: re.Match) -> str:
+        return kept_when_missing(
+            match, 5, lambda: value(match["source"].strip(), match["keys"], match["format"], root))
+
+    return VALUE.sub(fill_value, BLOCK.sub(fill, doc.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,14 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("docs", nargs="*", type=Path, default=list(DOCS))
     parser.add_argument("--check", action="store_true", help="exit 1 when a doc is out of date")
+    parser.add_argument("--keep-missing", action="store_true",
+                        help="leave the blocks whose report this machine lacks as they are (named on stderr)")
     args = parser.parse_args(argv)
     stale = []
     for doc in args.docs:
+        missing = [] if args.keep_missing else None
         try:
-            text = publish(doc)
+            text = publish(doc, missing=missing)
         except (OSError, PublishError) as error:
             print(f"error: {doc}: {error}", file=sys.stderr)
             return 2
+        for source in dict.fromkeys(missing or []):
+            print(f"kept as it was in {doc}: {source} not found", file=sys.stderr)
         if text != doc.read_text():
             stale.append(str(doc))
             if not args.check:
