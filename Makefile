@@ -13,7 +13,7 @@ NPROC ?= 2
 MODEL ?= image
 ENGINE ?= torchserve
 
-.PHONY: help install kserve-venv engine-venv nginx serve stop bench-engines bench-runtimes prometheus demo test bench soak lint check-java clean-demo clean-all train-ddp sample-data train-real review chromium postgresql \
+.PHONY: help install kserve-venv engine-venv nginx serve stop bench-engines bench-real bench-runtimes prometheus demo test bench soak lint check-java clean-demo clean-all train-ddp sample-data train-real review chromium postgresql \
 	budget hostile-mix
 
 $(STAMP): pyproject.toml
@@ -123,6 +123,14 @@ bench: install ## model, served and naive throughput (after make demo)
 	    $(if $(CHECKPOINTS),--checkpoint-dir $(CHECKPOINTS)) && $(MAKE) bench-runtimes; else \
 	  $(MAKE) engine-venv && $(PY) -m marketplace_classifier.benchmarks.engines_bench --engines $(ENGINE) \
 	    --artifacts-dir $(or $(ARTIFACTS),artifacts) --out reports/bench-$(ENGINE); fi
+
+# The real models (after make train-real): the reports docs/benchmark.md and docs/results.md copy,
+# then those docs refreshed from them.
+bench-real: install ## the real models' benchmark, published into docs/
+	$(PY) -m marketplace_classifier.benchmarks.bench --artifacts-dir artifacts/real \
+	  --checkpoint-dir checkpoints/real --out reports/benchmark-real
+	$(MAKE) bench-runtimes ARTIFACTS=artifacts/real DATA=data/real RUNTIMES_OUT=reports/runtimes-real
+	$(PY) -m marketplace_classifier.ops.publish --keep-missing
 
 # Old runtime against new, served side by side, with the server's CPU time per item (docs/benchmark.md).
 bench-runtimes: install ## the CPU runtimes compared on the exported models
