@@ -183,6 +183,33 @@ def test_a_lexical_branch_with_levels_mixes_them_like_its_roots_and_traces(minil
         assert roots_only(*inputs).shape == (2, 20)
 
 
+def test_the_combined_models_levels_mix_the_fusions_and_the_text_heads_and_trace(minilm):
+    """levels_mix [1, 0] answers the fusion's levels alone (as before the mix existed); another
+    weight mixes in the text model's own levels head on the same text features."""
+    from marketplace_classifier.serving.processing import model_inputs
+
+    encoder, tokenizer = minilm
+    torch.manual_seed(0)
+    text = TextClassifier(encoder, 13, lexical_buckets=512, levels=7)
+    image = ImageClassifier(build_backbone("efficientnet_lite0", "none"), 13, levels=7)
+    model = CombinedClassifier(image, text, 13, levels=7).eval()
+    photos = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(2)]
+    inputs = model_inputs("combined", photos, ["oak table", "xbox one s"], tokenizer,
+                          TextSettings(16, LexicalSettings(buckets=512, max_chars=100)))
+    with torch.inference_mode():
+        hidden = text.hidden_states(*inputs[1:3])
+        features = (image.features(inputs[0]), text.head.pooled(hidden, inputs[2]))
+        fusion = model.levels_fusion(torch.cat(features, 1))
+        own = text.head.levels(features[1])
+        assert model.levels_mix.tolist() == [1.0, 0.0]
+        assert torch.allclose(model(*inputs)[:, 13:], torch.log_softmax(fusion, 1), atol=1e-5)
+        model.levels_mix.copy_(torch.tensor([0.25, 0.75]))
+        expected = 0.25 * torch.log_softmax(fusion, 1) + 0.75 * torch.log_softmax(own, 1)
+        assert torch.allclose(model(*inputs)[:, 13:], expected, atol=1e-5)
+        traced = torch.jit.trace(model, tuple(inputs), check_trace=False)
+        assert torch.allclose(traced(*inputs)[:, 13:], expected, atol=1e-5)
+
+
 def test_each_model_kind_says_how_its_model_is_built_called_and_trained(minilm):
     """ModelKind: the parts it needs, the inputs its model takes (model_inputs builds exactly
     those), the method frozen training calls, and its TorchScript's extra methods."""

@@ -107,12 +107,31 @@ def test_text_model_mixes_its_lexical_branch_with_a_weight_chosen_on_validation(
         combined["state_dict"]["text_model.lexical.bag.weight"], lexical)
 
 
+def test_combined_model_mixes_the_text_models_levels_with_a_weight_chosen_on_validation(trained, tmp_path):
+    checkpoint = torch.load(trained["paths"]["combined"], weights_only=False)
+    chosen = checkpoint["levels_mix"]
+    assert set(chosen["val_full_path_accuracy_by_weight"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    by_weight, weight = chosen["val_full_path_accuracy_by_weight"], chosen["text_weight"]
+    assert chosen["val_full_path_accuracy"] == max(by_weight.values()) == by_weight[weight]
+    assert torch.allclose(checkpoint["state_dict"]["levels_mix"], torch.tensor([1 - weight, weight]))
+    # a checkpoint saved before the mix existed still loads strictly, its levels from the fusion alone
+    del checkpoint["state_dict"]["levels_mix"], checkpoint["levels_mix"]
+    torch.save(checkpoint, tmp_path / "before.pt")
+    older, _ = load_checkpoint(tmp_path / "before.pt")
+    assert older.levels_mix.tolist() == [1.0, 0.0]
+    del checkpoint["state_dict"]["fusion.bias"]  # anything else missing is still refused
+    torch.save(checkpoint, tmp_path / "broken.pt")
+    with pytest.raises(RuntimeError, match="fusion.bias"):
+        load_checkpoint(tmp_path / "broken.pt")
+
+
 def test_evaluation_writes_its_reports(trained, tmp_path):
     metrics = evaluate(trained["paths"]["combined"], trained["data_dir"], tmp_path)
     saved = json.loads((tmp_path / "combined" / "metrics.json").read_text())
     assert saved["accuracy"] == metrics["accuracy"] and 0 <= saved["accuracy"] <= 1
     assert set(saved["per_class"]) == set(CleanData.load(trained["data_dir"]).index_to_name.values())
     assert sum(map(sum, saved["confusion_matrix"])) == saved["samples"] > 0
+    assert saved["path"]["levels_mix"]["text_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # what val chose
     calibration = saved["calibration"]  # temperature from validation, error measured on test
     assert calibration["temperature"] > 0 and 0 <= calibration["ece_after"] <= 1
     for name in ("confusion_matrix.png", "curves.png", "reliability.png"):

@@ -17,6 +17,19 @@ from marketplace_classifier.training.config import TrainConfig
 from marketplace_classifier.training.models import CombinedClassifier, ImageClassifier, TextClassifier
 from marketplace_classifier.training.text_encoder import load_encoder
 
+# Buffers a model gained after checkpoints were first written, each at the value that answers as
+# the checkpoint did before it existed.
+ADDED_BUFFERS = {"levels_mix": (1.0, 0.0)}
+
+
+def current_state(model: nn.Module, state: dict) -> dict:
+    """`state` completed with the buffers `model` gained since it was saved, at their neutral
+    value; anything else missing or unexpected is still refused by the strict load."""
+    buffers = dict(model.named_buffers())
+    added = {name: torch.tensor(value) for name, value in ADDED_BUFFERS.items()
+             if name in buffers and name not in state}
+    return {**state, **added}
+
 
 def choose_device(name: str) -> torch.device:
     if name == "auto":
@@ -81,5 +94,5 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     config = config_from(checkpoint["config"])
     model = build_model(config, len(checkpoint["index_to_name"]), pretrained=False,
                         levels=len(checkpoint_taxonomy(checkpoint).terminals))
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.load_state_dict(current_state(model, checkpoint["state_dict"]), strict=True)
     return model.eval(), checkpoint

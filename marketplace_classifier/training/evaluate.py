@@ -214,6 +214,8 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     metrics["calibration"] = calibration_report(model, task, config, data, split, labels, probabilities,
                                                 Path(reports_dir) / config.model, target_precision)
     metrics["path"] = path_figures(model, task, config, data, split, target_precision)
+    if metrics["path"] is not None and "levels_mix" in checkpoint:  # chosen on val (train.py)
+        metrics["path"]["levels_mix"] = checkpoint["levels_mix"]
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)
     metrics.update(model=config.model, split=split, unit="photo" if config.kind.per_photo else "product",

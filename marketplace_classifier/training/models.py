@@ -215,6 +215,10 @@ class CombinedClassifier(nn.Module):
         self.levels_fusion = nn.Linear(width, levels) if levels else None
         if text_model.lexical is not None:
             self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # fusion, lexical
+        if self.levels_fusion is not None and text_model.head.levels is not None:
+            # the levels of the fusion and of the text model's own head, mixed by weights chosen on
+            # validation after training (train.choose_levels_mix); [1, 0] trains the fusion alone
+            self.register_buffer("levels_mix", torch.tensor([1.0, 0.0]))
 
     @torch.no_grad()
     def init_fusion_from_heads(self) -> None:
@@ -234,6 +238,10 @@ class CombinedClassifier(nn.Module):
     def fuse_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         features = self.dropout(torch.cat([image_features, text_features], dim=1))
         levels = self.levels_fusion(features) if self.levels_fusion is not None else None
+        if levels is not None and self.text_model.head.levels is not None:
+            text_levels = self.text_model.head.levels(self.text_model.head.dropout(text_features))
+            levels = self.levels_mix[0] * torch.log_softmax(levels, dim=1) \
+                + self.levels_mix[1] * torch.log_softmax(text_levels, dim=1)
         return with_levels(self.fusion(features), levels)
 
     def fused_branches(self, image_features: torch.Tensor, hidden: torch.Tensor,

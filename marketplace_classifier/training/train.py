@@ -15,13 +15,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from marketplace_classifier.serving.model_kinds import TEXT
-from marketplace_classifier.training.calibration import split_outputs
+from marketplace_classifier.training.calibration import DEFAULT_TARGET_PRECISION, split_outputs
 from marketplace_classifier.training.checkpoints import (
     atomic_save,
     build_model,
     checkpoint_taxonomy,
     choose_device,
     config_from,
+    current_state,
     load_checkpoint,
     save_checkpoint,
 )
@@ -37,6 +38,7 @@ from marketplace_classifier.training.distributed import (
     train_order,
     wrap,
 )
+from marketplace_classifier.training.levels import calibrated_taxonomy, levels_figures, split_paths
 from marketplace_classifier.training.models import CombinedClassifier, levels_logits, root_logits
 from marketplace_classifier.training.tasks import make_task, taxonomy_of, text_settings
 
@@ -215,6 +217,8 @@ def train(config: TrainConfig) -> Path:
         best_path = _fit(model, task, optimizer, scheduler, config, data, device, cluster)
         if cluster.is_main and has_lexical(model):
             choose_mix(best_path, task, config)
+        if cluster.is_main and hasattr(model, "levels_mix"):
+            choose_levels_mix(best_path, task, config, data)
         cluster.barrier()  # nobody returns while rank 0 is still writing checkpoints
         return best_path
     finally:
@@ -283,7 +287,7 @@ def start_from(model: nn.Module, path: Path, config: TrainConfig) -> None:
         raise ValueError(f"--init-from: {path} holds a {checkpoint['config']['model']} model, "
                          f"not {config.model}")
     try:
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
+        model.load_state_dict(current_state(model, checkpoint["state_dict"]), strict=True)
     except RuntimeError as error:
         raise ValueError(f"--init-from: {path} does not fit this model ({str(error).splitlines()[0]})"
                          ) from error
@@ -325,6 +329,38 @@ def choose_mix(best_path: Path, task, config: TrainConfig) -> float:
     atomic_save(checkpoint, best_path)
     tqdm.write(f"{config.model}: lexical weight {best:.2f} (val accuracy {max(scores):.3f}; "
                f"without it {scores[0]:.3f}, lexical alone {scores[-1]:.3f})")
+    return best
+
+
+LEVELS_MIX_GRID = [step / 4 for step in range(5)]
+
+
+@torch.no_grad()
+def choose_levels_mix(best_path: Path, task, config: TrainConfig, data: CleanData) -> float:
+    """Weight of the text model's levels against the fusion's in the combined model's category
+    path: the one whose full path is most often right on the validation listings (per level
+    temperatures and thresholds fitted for each weight, as export fits them), kept in the best
+    checkpoint."""
+    checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
+    model = task.model
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.eval()
+    taxonomy = taxonomy_of(config, data)
+    scores = []
+    for weight in LEVELS_MIX_GRID:
+        model.levels_mix.copy_(torch.tensor([1 - weight, weight]))
+        paths = split_paths(model, config, data, taxonomy, "val", task, 1.0)
+        tuned = calibrated_taxonomy(taxonomy, paths, DEFAULT_TARGET_PRECISION)
+        scores.append(levels_figures(tuned, paths, None)["full_path"]["accuracy"])
+    best = LEVELS_MIX_GRID[scores.index(max(scores))]  # the fusion alone wins ties
+    model.levels_mix.copy_(torch.tensor([1 - best, best]))
+    checkpoint["state_dict"] = model.state_dict()
+    checkpoint["levels_mix"] = {"text_weight": best, "val_full_path_accuracy": max(scores),
+                                "val_full_path_accuracy_by_weight": dict(zip(LEVELS_MIX_GRID, scores,
+                                                                             strict=True))}
+    atomic_save(checkpoint, best_path)
+    tqdm.write(f"{config.model}: text levels weight {best:.2f} (val full path {max(scores):.3f}; "
+               f"the fusion's levels alone {scores[0]:.3f})")
     return best
 
 
@@ -382,7 +418,7 @@ def _restore(last_path: Path, model, optimizer, scheduler) -> dict:
     if not last_path.exists():
         raise FileNotFoundError(f"--resume: {last_path} not found (no epoch of this run completed)")
     state = torch.load(last_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["state_dict"], strict=True)
+    model.load_state_dict(current_state(model, state["state_dict"]), strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
