@@ -361,7 +361,10 @@ def test_a_body_of_millions_of_empty_listings_is_refused_unbuilt_and_leaves_no_m
         assert response.status_code == 413 and "values" in response.json()["error"], response.text[:200]
     grown = serving_memory(engine, driver) - before
     assert engine.v1("text", ordinary).status_code == 200
-    assert grown < 150 * 2**20, f"{grown / 2**20:.0f} MB more after four refused bodies"
+    # Parsed, one such body is about 500 MB in one worker. Refused unparsed, a worker still reads
+    # each 20 MB body (and its allocator may keep a copy or two), which measured up to 150 MB over
+    # the four: the bound sits between the two.
+    assert grown < 300 * 2**20, f"{grown / 2**20:.0f} MB more after four refused bodies"
 
 
 def heavy_photo(seed: int, side: int = 1700) -> str:
