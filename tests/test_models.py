@@ -177,6 +177,18 @@ def test_a_lexical_branch_with_levels_mixes_them_like_its_roots_and_traces(minil
         assert torch.allclose(text(*inputs), expected, atol=1e-6)
         traced = torch.jit.trace(text, tuple(inputs), check_trace=False)
         assert torch.allclose(traced(*inputs), expected, atol=1e-5)
+    table = TextClassifier(encoder, 13, lexical_buckets=512, levels=7, lexical_levels_buckets=64).eval()
+    assert tuple(table.lexical.levels_table.shape) == (64, 7)  # a full table of fewer buckets
+    torch.nn.init.normal_(table.lexical.levels_table)
+    with torch.inference_mode():
+        lexical_logits = table.branches(*inputs)[1]
+        term_ids, counts = inputs[2:]  # each term weighs in the bucket it folds into
+        weights = (1 + torch.log(counts.clamp(min=1))) * table.lexical.idf[term_ids] * (term_ids > 0)
+        weights = weights / weights.norm(dim=1, keepdim=True)
+        expected = (table.lexical.levels_table[term_ids % 64] * weights.unsqueeze(2)).sum(1)
+        assert torch.allclose(lexical_logits[:, 13:], expected, atol=1e-5)
+        traced = torch.jit.trace(table, tuple(inputs), check_trace=False)
+        assert torch.allclose(traced(*inputs), table(*inputs), atol=1e-5)
     roots_only = TextClassifier(encoder, 13, lexical_buckets=512, levels=7).eval()
     with torch.inference_mode():
         assert roots_only.branches(*inputs)[1].shape == (2, 13)  # the first branch's levels pass through

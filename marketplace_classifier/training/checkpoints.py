@@ -46,7 +46,8 @@ def _image_model(config: TrainConfig, num_classes: int, pretrained: bool, levels
 
 def _text_model(config: TrainConfig, num_classes: int, pretrained: bool, levels: int) -> nn.Module:
     return TextClassifier(load_encoder(config.text_encoder)[0], num_classes, config.lexical_buckets, levels,
-                          lexical_levels_rank=config.lexical_levels_rank)
+                          lexical_levels_rank=config.lexical_levels_rank,
+                          lexical_levels_buckets=config.lexical_levels_buckets)
 
 
 def _combined_model(config: TrainConfig, num_classes: int, pretrained: bool, levels: int) -> nn.Module:

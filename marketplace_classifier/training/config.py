@@ -94,6 +94,9 @@ class TrainConfig:
                                         "(0: off)")
     lexical_levels_rank: int = _text(0, "the lexical branch also answers the levels below the roots, through "
                                         "a hashed bag of this width and a linear layer (0: roots only)")
+    lexical_levels_buckets: int = _text(0, "the lexical branch also answers the levels below the roots, "
+                                           "from a full table of this many buckets, the terms folded into "
+                                           "it (0: roots only)")
     # the lexical branch starts at zero and its inputs are L2-normalised: it learns faster than the rest
     lexical_lr: float = _text(2e-2, "AdamW learning rate of the lexical branch")
 
@@ -124,6 +127,7 @@ class TrainConfig:
                             ("max_length", 1), ("feature_batch_size", 1), ("lexical_max_chars", 1),
                             ("levels", 1), ("min_listings", 1), ("patience", 0), ("lexical_buckets", 0),
                             ("lexical_head_words", 0), ("lexical_levels_rank", 0),
+                            ("lexical_levels_buckets", 0),
                             ("num_workers", 0), ("weight_decay", 0), ("warmup_epochs", 0), ("grad_clip", 0),
                             ("lr", 0), ("lexical_lr", 0), ("backbone_lr", 0)):
             if getattr(self, name) < least:

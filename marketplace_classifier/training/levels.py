@@ -35,11 +35,11 @@ class SplitPaths:
 
 @torch.inference_mode()
 def split_levels_logits(task, split: str, batch_size: int) -> torch.Tensor:
-    """The levels head's logits [N, K] of a split's samples, in the split's order (the part of the
-    first branch's output after the roots)."""
+    """The levels' logits [N, K] of a split's samples, in the split's order: the part of the model's
+    answer after the roots, its branches mixed as the served model mixes them."""
     classes, outputs = task.model.num_classes, []
     for batch in task.batches(split, batch_size):
-        outputs.append(task.network(*batch.inputs)[0][:, classes:].float().cpu())
+        outputs.append(task.model.combine(task.network(*batch.inputs))[:, classes:].float().cpu())
     return torch.cat(outputs)
 
 

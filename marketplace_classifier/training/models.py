@@ -105,7 +105,8 @@ class LexicalClassifier(nn.Module):
     handler only hashes terms). The idf comes from the training split's products.
     """
 
-    def __init__(self, buckets: int, num_classes: int, levels: int = 0, levels_rank: int = 0):
+    def __init__(self, buckets: int, num_classes: int, levels: int = 0, levels_rank: int = 0,
+                 levels_buckets: int = 0):
         super().__init__()
         self.buckets = buckets
         self.bag = nn.EmbeddingBag(buckets, num_classes, mode="sum", padding_idx=0)
@@ -118,6 +119,10 @@ class LexicalClassifier(nn.Module):
         self.levels_out = nn.Linear(levels_rank, levels) if self.levels_bag is not None else None
         if self.levels_bag is not None:
             nn.init.normal_(self.levels_bag.weight, std=0.01)
+        # or through a full table of fewer buckets, each term folded into one (zeros, like the bag)
+        self.levels_buckets = levels_buckets if levels and not levels_rank else 0
+        self.levels_table = nn.Parameter(torch.zeros(levels_buckets, levels)) if self.levels_buckets else None
+        self.levels_bias = nn.Parameter(torch.zeros(levels)) if self.levels_buckets else None
 
     @torch.no_grad()
     def fit_idf(self, term_ids: list[list[int]]) -> None:
@@ -135,6 +140,10 @@ class LexicalClassifier(nn.Module):
         # (they refuse an EmbeddingBag with a padding index; id 0 weighs 0 here anyway)
         rows = nn.functional.embedding(term_ids, self.bag.weight)
         roots = (rows * weights.unsqueeze(2)).sum(1) + self.bias
+        if self.levels_table is not None and self.levels_bias is not None:
+            folded = torch.remainder(term_ids, self.levels_buckets)
+            levels = (nn.functional.embedding(folded, self.levels_table) * weights.unsqueeze(2)).sum(1)
+            return torch.cat([roots, levels + self.levels_bias], dim=1)
         if self.levels_bag is None or self.levels_out is None:
             return roots
         narrow = (nn.functional.embedding(term_ids, self.levels_bag.weight) * weights.unsqueeze(2)).sum(1)
@@ -166,12 +175,13 @@ class TextClassifier(nn.Module):
     through a BERT-family encoder and, with `lexical_buckets`, a lexical branch beside it."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, lexical_buckets: int = 0, levels: int = 0,
-                 lexical_levels_rank: int = 0, **head_options):
+                 lexical_levels_rank: int = 0, lexical_levels_buckets: int = 0, **head_options):
         super().__init__()
         self.encoder = encoder
         self.head = TextCNNHead(encoder.config.hidden_size, num_classes, levels=levels, **head_options)
         self.feature_dim, self.num_classes = self.head.feature_dim, num_classes
-        self.lexical = LexicalClassifier(lexical_buckets, num_classes, levels, lexical_levels_rank) \
+        self.lexical = LexicalClassifier(lexical_buckets, num_classes, levels, lexical_levels_rank,
+                                         lexical_levels_buckets) \
             if lexical_buckets else None
         if self.lexical is not None:
             self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # encoder, lexical
