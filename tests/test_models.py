@@ -140,15 +140,18 @@ def test_lexical_branch_ignores_padding_and_weighs_rare_terms_more():
         assert torch.allclose(lexical(ids, counts), bag, atol=1e-5)
 
 
-def test_text_model_answers_a_mix_of_its_branches(minilm):
-    from marketplace_classifier.serving.processing import model_inputs
+def two_listings(tokenizer, photos: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """Model inputs of two short listings (with `photos`, the combined model's), 512 lexical buckets."""
+    return model_inputs("text" if photos is None else "combined", photos, ["oak table", "xbox one s"],
+                        tokenizer, TextSettings(16, LexicalSettings(buckets=512, max_chars=100)))
 
+
+def test_text_model_answers_a_mix_of_its_branches(minilm):
     encoder, tokenizer = minilm
     text = TextClassifier(encoder, 13, lexical_buckets=512).eval()
     torch.nn.init.normal_(text.lexical.bag.weight)
     text.mix.copy_(torch.tensor([0.3, 0.7]))
-    inputs = model_inputs("text", None, ["oak table", "xbox one s"], tokenizer,
-                          TextSettings(16, LexicalSettings(buckets=512, max_chars=100)))
+    inputs = two_listings(tokenizer)
     with torch.inference_mode():
         encoder_logits, lexical_logits = text.branches(*inputs)
         expected = 0.3 * torch.log_softmax(encoder_logits, 1) + 0.7 * torch.log_softmax(lexical_logits, 1)
@@ -159,15 +162,12 @@ def test_a_lexical_branch_with_levels_mixes_them_like_its_roots_and_traces(minil
     """With lexical_levels_rank, the lexical branch answers the levels too (a narrow bag and a
     linear layer); the model's levels are then the branches' weighted log-probabilities, as its
     roots are, and the traced model gives the same."""
-    from marketplace_classifier.serving.processing import model_inputs
-
     encoder, tokenizer = minilm
     torch.manual_seed(0)
     text = TextClassifier(encoder, 13, lexical_buckets=512, levels=7, lexical_levels_rank=4).eval()
     torch.nn.init.normal_(text.lexical.bag.weight)
     text.mix.copy_(torch.tensor([0.3, 0.7]))
-    inputs = model_inputs("text", None, ["oak table", "xbox one s"], tokenizer,
-                          TextSettings(16, LexicalSettings(buckets=512, max_chars=100)))
+    inputs = two_listings(tokenizer)
     with torch.inference_mode():
         encoder_logits, lexical_logits = text.branches(*inputs)
         assert encoder_logits.shape == lexical_logits.shape == (2, 13 + 7)
@@ -198,16 +198,13 @@ def test_a_lexical_branch_with_levels_mixes_them_like_its_roots_and_traces(minil
 def test_the_combined_models_levels_mix_the_fusions_and_the_text_heads_and_trace(minilm):
     """levels_mix [1, 0] answers the fusion's levels alone (as before the mix existed); another
     weight mixes in the text model's own levels head on the same text features."""
-    from marketplace_classifier.serving.processing import model_inputs
-
     encoder, tokenizer = minilm
     torch.manual_seed(0)
     text = TextClassifier(encoder, 13, lexical_buckets=512, levels=7)
     image = ImageClassifier(build_backbone("efficientnet_lite0", "none"), 13, levels=7)
     model = CombinedClassifier(image, text, 13, levels=7).eval()
     photos = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(2)]
-    inputs = model_inputs("combined", photos, ["oak table", "xbox one s"], tokenizer,
-                          TextSettings(16, LexicalSettings(buckets=512, max_chars=100)))
+    inputs = two_listings(tokenizer, photos)
     with torch.inference_mode():
         hidden = text.hidden_states(*inputs[1:3])
         features = (image.features(inputs[0]), text.head.pooled(hidden, inputs[2]))

@@ -43,11 +43,15 @@ class PublishError(RuntimeError):
     """A doc names a report that cannot be included."""
 
 
-def included(source: str, part: str | None, root: Path) -> str:
+def report_text(source: str, root: Path) -> str:
     path = root / source
     if not path.is_file():
         raise PublishError(f"{source} not found: run the command that writes it first")
-    text = path.read_text()
+    return path.read_text()
+
+
+def included(source: str, part: str | None, root: Path) -> str:
+    text = report_text(source, root)
     if part is None:
         return text.rstrip("\n") + "\n"
     blocks = [block for block in re.split(r"\n\s*\n", text.strip("\n")) if block.strip()]
@@ -58,10 +62,7 @@ def included(source: str, part: str | None, root: Path) -> str:
 
 def value(source: str, keys: str, format_spec: str | None, root: Path) -> str:
     """One figure of a JSON report, formatted: `keys` is a `/`-separated path into it."""
-    path = root / source
-    if not path.is_file():
-        raise PublishError(f"{source} not found: run the command that writes it first")
-    found = json.loads(path.read_text())
+    found = json.loads(report_text(source, root))
     parts = " ".join(keys.split()).split("/")
     while parts:
         try:
@@ -92,19 +93,20 @@ def publish(doc: Path, root: Path | None = None, missing: list[str] | None = Non
     and its report is added to the list; otherwise it is an error."""
     root = root or ROOT
 
-    def kept_when_missing(match: re.Match, body: int, make) -> str:
+    def kept_when_missing(match: re.Match, make) -> str:
         source = match["source"].strip()
         if missing is not None and not (root / source).is_file():
             missing.append(source)
             return match.group(0)
-        return match.group(1) + make() + match.group(body + 1)
+        # the opening comment, the filled body, then the closing comment (each pattern's last group)
+        return match.group(1) + make() + match.group(match.lastindex)
 
     def fill(match: re.Match) -> str:
-        return kept_when_missing(match, 4, lambda: included(match["source"], match["part"], root))
+        return kept_when_missing(match, lambda: included(match["source"], match["part"], root))
 
     def fill_value(match: re.Match) -> str:
         return kept_when_missing(
-            match, 5, lambda: value(match["source"].strip(), match["keys"], match["format"], root))
+            match, lambda: value(match["source"].strip(), match["keys"], match["format"], root))
 
     return VALUE.sub(fill_value, BLOCK.sub(fill, doc.read_text()))
 

@@ -132,6 +132,9 @@ class TrainConfig:
                             ("lr", 0), ("lexical_lr", 0), ("backbone_lr", 0)):
             if getattr(self, name) < least:
                 found.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
+        if self.lexical_levels_rank and self.lexical_levels_buckets:
+            found.append("--lexical-levels-rank and --lexical-levels-buckets: choose one way for the "
+                         "lexical branch's levels")
         return found
 
     @property
