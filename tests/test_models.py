@@ -158,22 +158,24 @@ def test_text_model_answers_a_mix_of_its_branches(minilm):
         assert torch.allclose(text(*inputs), expected, atol=1e-6)
 
 
-def test_a_lexical_branch_with_levels_mixes_them_like_its_roots_and_traces(minilm):
+def test_a_lexical_branch_with_levels_mixes_them_by_their_own_weights_and_traces(minilm):
     """With lexical_levels_rank, the lexical branch answers the levels too (a narrow bag and a
-    linear layer); the model's levels are then the branches' weighted log-probabilities, as its
-    roots are, and the traced model gives the same."""
+    linear layer); the model's levels are then the branches' log-probabilities weighted by
+    `levels_branch_mix`, its roots by `mix`, and the traced model gives the same."""
     encoder, tokenizer = minilm
     torch.manual_seed(0)
     text = TextClassifier(encoder, 13, lexical_buckets=512, levels=7, lexical_levels_rank=4).eval()
     torch.nn.init.normal_(text.lexical.bag.weight)
     text.mix.copy_(torch.tensor([0.3, 0.7]))
+    text.levels_branch_mix.copy_(torch.tensor([0.8, 0.2]))
     inputs = two_listings(tokenizer)
     with torch.inference_mode():
         encoder_logits, lexical_logits = text.branches(*inputs)
         assert encoder_logits.shape == lexical_logits.shape == (2, 13 + 7)
-        expected = torch.cat([0.3 * torch.log_softmax(part_e, 1) + 0.7 * torch.log_softmax(part_l, 1)
-                              for part_e, part_l in ((encoder_logits[:, :13], lexical_logits[:, :13]),
-                                                     (encoder_logits[:, 13:], lexical_logits[:, 13:]))], 1)
+        expected = torch.cat([first * torch.log_softmax(part_e, 1) + second * torch.log_softmax(part_l, 1)
+                              for part_e, part_l, first, second in (
+                                  (encoder_logits[:, :13], lexical_logits[:, :13], 0.3, 0.7),
+                                  (encoder_logits[:, 13:], lexical_logits[:, 13:], 0.8, 0.2))], 1)
         assert torch.allclose(text(*inputs), expected, atol=1e-6)
         traced = torch.jit.trace(text, tuple(inputs), check_trace=False)
         assert torch.allclose(traced(*inputs), expected, atol=1e-5)
@@ -190,6 +192,7 @@ def test_a_lexical_branch_with_levels_mixes_them_like_its_roots_and_traces(minil
         traced = torch.jit.trace(table, tuple(inputs), check_trace=False)
         assert torch.allclose(traced(*inputs), table(*inputs), atol=1e-5)
     roots_only = TextClassifier(encoder, 13, lexical_buckets=512, levels=7).eval()
+    assert not hasattr(roots_only, "levels_branch_mix")  # nothing to weigh
     with torch.inference_mode():
         assert roots_only.branches(*inputs)[1].shape == (2, 13)  # the first branch's levels pass through
         assert roots_only(*inputs).shape == (2, 20)

@@ -83,8 +83,51 @@ def test_confident_depth_stops_at_the_first_level_below_its_threshold():
     assert Taxonomy(tree().roots, tree().terminals, thresholds=(None, 0.1)).confident_depth(path, 0.5) == 1
 
 
+def test_a_path_is_filed_to_its_end_only_when_its_last_level_reaches_its_end_threshold():
+    """The end threshold judges where the answer stops: it applies to the path's last level, and
+    a path that goes on below a level is not held to that level's end threshold."""
+    path = [Level("A", 0.9), Level("a1", 0.7), Level("x", 0.5)]
+    ends_at_a1 = path[:2]
+    taxonomy = Taxonomy(tree().roots, tree().terminals, thresholds=(0.6, 0.4), end_thresholds=(0.8, 0.45))
+    assert taxonomy.confident_depth(path, 0.8) == 3  # a1 goes on: 0.7 < 0.8 does not stop it
+    assert taxonomy.confident_depth(ends_at_a1, 0.8) == 1  # it stops at a1: 0.7 < 0.8
+    stricter = Taxonomy(tree().roots, tree().terminals, thresholds=(0.6, 0.4), end_thresholds=(0.6, 0.55))
+    assert stricter.confident_depth(path, 0.8) == 2 and stricter.confident_depth(ends_at_a1, 0.8) == 2
+    never = Taxonomy(tree().roots, tree().terminals, thresholds=(0.6, 0.4), end_thresholds=(None, 0.0))
+    assert never.confident_depth(ends_at_a1, 0.8) == 1 and never.confident_depth(path, 0.8) == 3
+    assert never.confident_depth(path[:1], 0.8) == 1  # a path that ends at its root: the root's threshold
+
+
+def test_end_thresholds_file_whole_paths_at_the_target_precision():
+    """Per-level thresholds hold each level's precision down to it; where an answer stops can
+    still be wrong. The end thresholds chosen on a split hold the precision of the paths filed to
+    their end on it, which the per-level thresholds alone did not."""
+    from marketplace_classifier.training.levels import SplitPaths, choose_end_thresholds, levels_figures
+
+    generator = torch.Generator().manual_seed(0)
+    taxonomy = Taxonomy(tree().roots, tree().terminals, thresholds=(0.0, 0.0))
+    levels = torch.log_softmax(3 * torch.randn(600, len(taxonomy.terminals), generator=generator), 1)
+    roots = torch.tensor([[0.98, 0.01, 0.01]]).repeat(600, 1)
+    answers = taxonomy.decode(roots, levels)
+    draws = torch.rand(600, generator=generator).tolist()
+    # an answer is right about as often as its probability says, and a wrong one that stops at a1
+    # went one level too shallow
+    truths = [tuple(a.name for a in answer) if draw < answer[-1].probability
+              else ("A", "a1", "x") if len(answer) == 2 and answer[1].name == "a1" else ("A", "a2")
+              for answer, draw in zip(answers, draws, strict=True)]
+    paths = SplitPaths(truths, roots, levels)
+    before = levels_figures(taxonomy, paths, 0.5)["full_path"]
+    assert before["filed_to_end_precision"] < 0.9
+    ends = choose_end_thresholds(taxonomy, paths, 0.9)
+    assert len(ends) == 2 and all(threshold is not None for threshold in ends)
+    after = levels_figures(Taxonomy(taxonomy.roots, taxonomy.terminals, thresholds=(0.0, 0.0),
+                                    end_thresholds=ends), paths, 0.5)["full_path"]
+    assert after["filed_to_end_precision"] >= 0.9 and 0 < after["filed_to_end"] < before["filed_to_end"]
+
+
 def test_the_tree_round_trips_through_preprocessing_json_and_an_old_export_answers_its_roots():
-    taxonomy = Taxonomy(tree().roots, tree().terminals, temperatures=(1.2, 0.8), thresholds=(0.7, None))
+    taxonomy = Taxonomy(tree().roots, tree().terminals, temperatures=(1.2, 0.8), thresholds=(0.7, None),
+                        end_thresholds=(0.9, None))
     saved = json.loads(json.dumps(taxonomy.to_json()))
     assert saved["rule"]["min_listings"] == 5 and "fewer training listings" in saved["rule"]["folding"]
     assert Taxonomy.from_json(ROOTS, saved) == taxonomy

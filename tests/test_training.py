@@ -107,18 +107,38 @@ def test_text_model_mixes_its_lexical_branch_with_a_weight_chosen_on_validation(
         combined["state_dict"]["text_model.lexical.bag.weight"], lexical)
 
 
-def test_combined_model_mixes_the_text_models_levels_with_a_weight_chosen_on_validation(trained, tmp_path):
-    checkpoint = torch.load(trained["paths"]["combined"], weights_only=False)
-    chosen = checkpoint["levels_mix"]
-    assert set(chosen["val_full_path_accuracy_by_weight"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
-    by_weight, weight = chosen["val_full_path_accuracy_by_weight"], chosen["text_weight"]
+@pytest.mark.parametrize(("model", "buffer", "grid"), [
+    ("combined", "levels_mix", {0.0, 0.25, 0.5, 0.75, 1.0}),  # the text model's levels head
+    ("combined", "levels_branch_mix", {step / 10 for step in range(11)}),  # the lexical branch's levels
+    ("text", "levels_branch_mix", {step / 10 for step in range(11)}),
+])
+def test_the_paths_weights_are_chosen_on_validation_and_kept(trained, model, buffer, grid):
+    checkpoint = torch.load(trained["paths"][model], weights_only=False)
+    chosen = checkpoint[buffer]
+    assert set(chosen["val_full_path_accuracy_by_weight"]) == grid
+    by_weight, weight = chosen["val_full_path_accuracy_by_weight"], chosen["weight"]
     assert chosen["val_full_path_accuracy"] == max(by_weight.values()) == by_weight[weight]
-    assert torch.allclose(checkpoint["state_dict"]["levels_mix"], torch.tensor([1 - weight, weight]))
-    # a checkpoint saved before the mix existed still loads strictly, its levels from the fusion alone
-    del checkpoint["state_dict"]["levels_mix"], checkpoint["levels_mix"]
+    assert weight == min(w for w, score in by_weight.items() if score == chosen["val_full_path_accuracy"])
+    assert torch.allclose(checkpoint["state_dict"][buffer], torch.tensor([1 - weight, weight]))
+
+
+def test_checkpoints_from_before_the_paths_weights_load_strictly_as_they_answered(trained, tmp_path):
+    checkpoint = torch.load(trained["paths"]["combined"], weights_only=False)
+    # saved before the mixes existed: levels from the fusion alone, the lexical levels at the roots' weight
+    for name in ("levels_mix", "levels_branch_mix", "text_model.levels_branch_mix"):
+        del checkpoint["state_dict"][name]
     torch.save(checkpoint, tmp_path / "before.pt")
     older, _ = load_checkpoint(tmp_path / "before.pt")
     assert older.levels_mix.tolist() == [1.0, 0.0]
+    assert torch.equal(older.levels_branch_mix, checkpoint["state_dict"]["mix"])
+    assert torch.equal(older.text_model.levels_branch_mix, checkpoint["state_dict"]["text_model.mix"])
+    text = torch.load(trained["paths"]["text"], weights_only=False)  # from before the lexical levels
+    for name in ("lexical_levels_buckets", "lexical_levels_rank"):
+        del text["config"][name]
+    for name in ("lexical.levels_table", "lexical.levels_bias", "levels_branch_mix"):
+        del text["state_dict"][name]
+    torch.save(text, tmp_path / "text_before.pt")
+    assert load_checkpoint(tmp_path / "text_before.pt")[0].lexical.levels_table is None
     del checkpoint["state_dict"]["fusion.bias"]  # anything else missing is still refused
     torch.save(checkpoint, tmp_path / "broken.pt")
     with pytest.raises(RuntimeError, match="fusion.bias"):
@@ -131,7 +151,8 @@ def test_evaluation_writes_its_reports(trained, tmp_path):
     assert saved["accuracy"] == metrics["accuracy"] and 0 <= saved["accuracy"] <= 1
     assert set(saved["per_class"]) == set(CleanData.load(trained["data_dir"]).index_to_name.values())
     assert sum(map(sum, saved["confusion_matrix"])) == saved["samples"] > 0
-    assert saved["path"]["levels_mix"]["text_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # what val chose
+    assert saved["path"]["levels_mix"]["weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # what val chose
+    assert saved["path"]["levels_branch_mix"]["weighs"] == "lexical levels"
     calibration = saved["calibration"]  # temperature from validation, error measured on test
     assert calibration["temperature"] > 0 and 0 <= calibration["ece_after"] <= 1
     for name in ("confusion_matrix.png", "curves.png", "reliability.png"):

@@ -28,7 +28,8 @@ def test_the_configuration_is_frozen_and_changed_only_by_replace():
     ({"lr": -0.001}, "--lr -0.001: must be at least 0"),  # 0 keeps the weights (a check in tests)
     ({"grad_clip": -1.0}, "--grad-clip -1.0: must be at least 0"),
     ({"lexical_levels_rank": 32, "lexical_levels_buckets": 32768},
-     "--lexical-levels-rank and --lexical-levels-buckets: choose one way for the lexical branch's levels"),
+     "--lexical-levels-rank and --lexical-levels-buckets: choose one way for the lexical branch's levels "
+     "(a rank needs --lexical-levels-buckets 0)"),
 ])
 def test_a_bad_setting_is_refused_when_built_naming_its_option(changes, message):
     with pytest.raises(ValueError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):

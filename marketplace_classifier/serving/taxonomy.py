@@ -16,7 +16,9 @@ answer is therefore always a path of the tree. Each level's conditional choice h
 temperature, fitted on validation listings; a level's probability is the product of the
 choices down to it, so it never grows with depth. `confident_depth` is the deepest level whose
 probability reaches that level's review threshold (chosen on validation for a target precision),
-every level above it reaching its own.
+every level above it reaching its own. A path's last level must also reach its *end* threshold:
+an answer that stops at a level is right only when the listing's path stops there too, so the
+answers filed to their end meet the precision target for the whole path, not only down to it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Taxonomy:
     min_listings: int = DEFAULT_MIN_LISTINGS
     temperatures: tuple[float, ...] = ()  # levels 2, 3, ...: the levels head's, per level
     thresholds: tuple[float | None, ...] = ()  # levels 2, 3, ...: the review threshold per level
+    end_thresholds: tuple[float | None, ...] = ()  # levels 2, 3, ...: for a path that ends there
     _children: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -186,14 +189,26 @@ class Taxonomy:
 
     def confident_depth(self, path: Sequence[Level], root_threshold: float | None) -> int:
         """How many levels of `path`, from the root, reach their review thresholds (0: not even
-        the root; a level without a threshold never does)."""
+        the root; a level without a threshold never does). The path's last level below the root
+        must reach its end threshold as well, when the export has one."""
         thresholds = (root_threshold, *self.thresholds)
         depth = 0
         for level, threshold in zip(path, thresholds, strict=False):
             if threshold is None or level.probability < threshold:
                 break
+            if depth + 1 == len(path) and not self.reaches_end(depth + 1, level.probability):
+                break
             depth += 1
         return depth
+
+    def reaches_end(self, level: int, probability: float) -> bool:
+        """Whether a path that ends at `level` (2, 3, ...) is confident that it ends there (always,
+        for the root or an export without end thresholds)."""
+        index = level - 2
+        if index < 0 or index >= len(self.end_thresholds):
+            return True
+        threshold = self.end_thresholds[index]
+        return threshold is not None and probability >= threshold
 
     # ------------------------------------------------------------ preprocessing.json
     def to_json(self) -> dict:
@@ -201,7 +216,8 @@ class Taxonomy:
                          "folding": "a category with fewer training listings than min_listings is filed "
                                     "under its parent; paths are cut at max_depth levels"},
                 "terminals": [join_path(terminal) for terminal in self.terminals],
-                "temperatures": list(self.temperatures), "thresholds": list(self.thresholds)}
+                "temperatures": list(self.temperatures), "thresholds": list(self.thresholds),
+                "end_thresholds": list(self.end_thresholds)}
 
     @classmethod
     def from_json(cls, roots: Sequence[str], saved: dict | None) -> Taxonomy:
@@ -213,7 +229,8 @@ class Taxonomy:
                    int(rule.get("max_depth", DEFAULT_MAX_DEPTH)),
                    int(rule.get("min_listings", DEFAULT_MIN_LISTINGS)),
                    tuple(float(t) for t in saved.get("temperatures", [])),
-                   tuple(None if t is None else float(t) for t in saved.get("thresholds", [])))
+                   tuple(None if t is None else float(t) for t in saved.get("thresholds", [])),
+                   tuple(None if t is None else float(t) for t in saved.get("end_thresholds", [])))
 
 
 def _fold(parts: tuple[str, ...], counts: Counter, min_listings: int) -> tuple[str, ...]:

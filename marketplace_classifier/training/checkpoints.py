@@ -18,16 +18,26 @@ from marketplace_classifier.training.models import CombinedClassifier, ImageClas
 from marketplace_classifier.training.text_encoder import load_encoder
 
 # Buffers a model gained after checkpoints were first written, each at the value that answers as
-# the checkpoint did before it existed.
-ADDED_BUFFERS = {"levels_mix": (1.0, 0.0)}
+# the checkpoint did before it existed: a constant, or the saved buffer of that name beside it
+# (the lexical branch's levels were mixed by the roots' weights before they had their own).
+ADDED_BUFFERS = {"levels_mix": (1.0, 0.0), "levels_branch_mix": "mix"}
 
 
 def current_state(model: nn.Module, state: dict) -> dict:
     """`state` completed with the buffers `model` gained since it was saved, at their neutral
     value; anything else missing or unexpected is still refused by the strict load."""
-    buffers = dict(model.named_buffers())
-    added = {name: torch.tensor(value) for name, value in ADDED_BUFFERS.items()
-             if name in buffers and name not in state}
+    added = {}
+    for name in dict(model.named_buffers()):
+        prefix, _, own = name.rpartition(".")
+        neutral = ADDED_BUFFERS.get(own)
+        if neutral is None or name in state:
+            continue
+        if isinstance(neutral, str):
+            sibling = f"{prefix}.{neutral}" if prefix else neutral
+            if sibling in state:
+                added[name] = state[sibling].clone()
+        else:
+            added[name] = torch.tensor(neutral)
     return {**state, **added}
 
 
@@ -77,9 +87,11 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def config_from(saved: dict) -> TrainConfig:
-    """The configuration a checkpoint was trained with (older ones had no lexical branch and
-    answered the roots only)."""
-    return TrainConfig(**({"lexical_buckets": 0, "lexical_head_words": 0, "levels": 1} | saved))
+    """The configuration a checkpoint was trained with (older ones had no lexical branch, answered
+    the roots only, and then had no lexical levels)."""
+    older = {"lexical_buckets": 0, "lexical_head_words": 0, "levels": 1, "lexical_levels_rank": 0,
+             "lexical_levels_buckets": 0}
+    return TrainConfig(**(older | saved))
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:

@@ -98,18 +98,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     for name, run, text in (("evaluate", _evaluate, "test-split reports under reports/<model>/"),
                             ("export", _export, "TorchScript and handler files under artifacts/<model>/")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--model", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS))
+        command.add_argument("--model", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS),
+                             help="the models to take, each from <checkpoint-dir>/<model>/best.pt")
         command.add_argument("--data-dir", required=True, help="cleaned and split folder")
-        command.add_argument("--checkpoint-dir", default="checkpoints")
+        command.add_argument("--checkpoint-dir", default="checkpoints", help="where train saved the models")
         command.add_argument("--target-precision", type=_fraction, default=0.95,
                              help="precision of the listings filed without review, for which the "
-                                  "review threshold is chosen on validation (default: 0.95)")
+                                  "review threshold is chosen on validation")
         if name == "evaluate":
-            command.add_argument("--reports-dir", default="reports")
-            command.add_argument("--split", choices=("train", "val", "test"), default="test")
-            command.add_argument("--device", default="auto")
+            command.add_argument("--reports-dir", default="reports", help="where the reports go")
+            command.add_argument("--split", choices=("train", "val", "test"), default="test",
+                                 help="the split to report on (choices are made on val)")
+            command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         else:
-            command.add_argument("--artifacts-dir", default="artifacts")
+            command.add_argument("--artifacts-dir", default="artifacts",
+                                 help="where each model's exported folder goes")
             command.add_argument("--int8", action="store_true",
                                  help="also quantise the text encoder to int8 (into <model>_int8/; "
                                       "reports the test accuracy before and after)")
@@ -118,8 +121,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                       "here (ONNX Runtime and OpenVINO checked against the model; int8 "
                                       "or bfloat16 when validation accuracy drops 0.5 points or less; one "
                                       "that lost any is chosen only when 1.25x faster than the best that "
-                                      "lost none), or one of them; torchscript writes no onnx/ "
-                                      "(default: fastest)")
+                                      "lost none), or one of them; torchscript writes no onnx/")
         command.set_defaults(run=run)
 
     cross = commands.add_parser("cross-fit", help="out-of-fold answers of the text and frozen image "

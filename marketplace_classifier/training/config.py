@@ -94,9 +94,9 @@ class TrainConfig:
                                         "(0: off)")
     lexical_levels_rank: int = _text(0, "the lexical branch also answers the levels below the roots, through "
                                         "a hashed bag of this width and a linear layer (0: roots only)")
-    lexical_levels_buckets: int = _text(0, "the lexical branch also answers the levels below the roots, "
-                                           "from a full table of this many buckets, the terms folded into "
-                                           "it (0: roots only)")
+    lexical_levels_buckets: int = _text(32_768, "the lexical branch also answers the levels below the roots, "
+                                                "from a full table of this many buckets, the terms folded "
+                                                "into it (0: roots only)")
     # the lexical branch starts at zero and its inputs are L2-normalised: it learns faster than the rest
     lexical_lr: float = _text(2e-2, "AdamW learning rate of the lexical branch")
 
@@ -134,7 +134,7 @@ class TrainConfig:
                 found.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
         if self.lexical_levels_rank and self.lexical_levels_buckets:
             found.append("--lexical-levels-rank and --lexical-levels-buckets: choose one way for the "
-                         "lexical branch's levels")
+                         "lexical branch's levels (a rank needs --lexical-levels-buckets 0)")
         return found
 
     @property

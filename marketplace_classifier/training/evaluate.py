@@ -25,7 +25,12 @@ from marketplace_classifier.training.calibration import (
 from marketplace_classifier.training.checkpoints import choose_device, config_from, load_checkpoint
 from marketplace_classifier.training.config import TrainConfig
 from marketplace_classifier.training.data import CleanData
-from marketplace_classifier.training.levels import calibrated_taxonomy, levels_figures, split_paths
+from marketplace_classifier.training.levels import (
+    PATH_WEIGHTS,
+    calibrated_taxonomy,
+    levels_figures,
+    split_paths,
+)
 from marketplace_classifier.training.tasks import make_task, taxonomy_of
 
 matplotlib.use("Agg")
@@ -214,8 +219,9 @@ def evaluate(checkpoint_path: Path, data_dir: Path, reports_dir: Path, split: st
     metrics["calibration"] = calibration_report(model, task, config, data, split, labels, probabilities,
                                                 Path(reports_dir) / config.model, target_precision)
     metrics["path"] = path_figures(model, task, config, data, split, target_precision)
-    if metrics["path"] is not None and "levels_mix" in checkpoint:  # chosen on val (train.py)
-        metrics["path"]["levels_mix"] = checkpoint["levels_mix"]
+    for weight in PATH_WEIGHTS:  # chosen on val after training
+        if metrics["path"] is not None and weight.buffer in checkpoint:
+            metrics["path"][weight.buffer] = checkpoint[weight.buffer]
     metrics["branches"] = branch_ablation(samples, labels, branches, model.mix.tolist()
                                           if hasattr(model, "mix") else [1.0, 0.0], names, texts)
     metrics.update(model=config.model, split=split, unit="photo" if config.kind.per_photo else "product",
@@ -246,7 +252,8 @@ def path_figures(model, task, config: TrainConfig, data: CleanData, split: str,
     return figures | {"taxonomy": {"terminals": len(tuned.terminals), "depth": tuned.depth,
                                    "min_listings": tuned.min_listings,
                                    "temperatures": list(tuned.temperatures),
-                                   "thresholds": list(tuned.thresholds)}}
+                                   "thresholds": list(tuned.thresholds),
+                                   "end_thresholds": list(tuned.end_thresholds)}}
 
 
 def describe_training(config: TrainConfig) -> str:
@@ -259,7 +266,9 @@ def describe_training(config: TrainConfig) -> str:
         return f"{config.image_backbone} ({config.image_weights} weights), {mode}, {config.image_size}px"
     mode = "fine-tuned encoder" if config.finetune_encoder else "frozen encoder"
     head = f", the first {config.lexical_head_words} words also apart" if config.lexical_head_words else ""
-    lexical = f" + hashed n-gram lexical branch ({config.lexical_buckets} buckets{head})" \
+    levels = f", the levels from {config.lexical_levels_buckets} buckets" \
+        if config.lexical_levels_buckets and config.levels > 1 else ""
+    lexical = f" + hashed n-gram lexical branch ({config.lexical_buckets} buckets{head}{levels})" \
         if config.lexical_buckets else ""
     return f"{config.text_encoder} encoder, {mode}, 1-D CNN head, max {config.max_length} tokens{lexical}"
 

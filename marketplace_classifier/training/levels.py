@@ -20,6 +20,28 @@ from marketplace_classifier.training.calibration import (
     wilson_interval,
 )
 
+LEVELS_MIX_GRID = [step / 4 for step in range(5)]
+LEVELS_BRANCH_MIX_GRID = [step / 10 for step in range(11)]
+
+
+@dataclass(frozen=True)
+class PathWeight:
+    """A weight of two sources of the category path's levels, chosen on validation after training:
+    the model's buffer [1 - w, w], the candidates (the first wins ties) and what w weighs."""
+
+    buffer: str
+    grid: list[float]
+    weighs: str
+
+
+PATH_WEIGHTS = (
+    # the combined model: the text model's own levels head against the fusion's
+    PathWeight("levels_mix", LEVELS_MIX_GRID, "text levels"),
+    # any model whose lexical branch answers the levels: that branch against the other
+    PathWeight("levels_branch_mix", LEVELS_BRANCH_MIX_GRID, "lexical levels"),
+)
+
+
 TEMPERATURE_GRID = tuple(math.exp(x) for x in np.linspace(math.log(0.25), math.log(4.0), 49))
 
 
@@ -128,11 +150,30 @@ def choose_level_thresholds(taxonomy: Taxonomy, paths: SplitPaths, target_precis
     return tuple(thresholds)
 
 
+def choose_end_thresholds(taxonomy: Taxonomy, paths: SplitPaths, target_precision: float
+                          ) -> tuple[float | None, ...]:
+    """Per level below the roots, the lowest probability at which the answers that end at that
+    level, each of their levels past its review threshold, are right to the end (the listing's
+    path ends there too) `target_precision` of the time (None: no threshold reaches it)."""
+    answers = decoded(taxonomy, paths)
+    lengths = np.array([len(answer) for answer in answers])
+    confident = np.array([taxonomy.confident_depth(answer, 0.0) for answer in answers]) == lengths
+    last = np.array([answer[-1].probability for answer in answers])
+    right = np.array([tuple(a.name for a in answer) == truth
+                      for answer, truth in zip(answers, paths.truths, strict=True)])
+    thresholds = []
+    for level in range(2, taxonomy.depth + 1):
+        ends = confident & (lengths == level)
+        thresholds.append(review_threshold(last[ends], right[ends], target_precision) if ends.any() else None)
+    return tuple(thresholds)
+
+
 def calibrated_taxonomy(taxonomy: Taxonomy, paths: SplitPaths, target_precision: float) -> Taxonomy:
-    """`taxonomy` with its per-level temperatures and review thresholds chosen on `paths` (the
-    validation listings)."""
-    tuned = replace(taxonomy, temperatures=fit_level_temperatures(taxonomy, paths))
-    return replace(tuned, thresholds=choose_level_thresholds(tuned, paths, target_precision))
+    """`taxonomy` with its per-level temperatures, review thresholds and end thresholds chosen on
+    `paths` (the validation listings)."""
+    tuned = replace(taxonomy, temperatures=fit_level_temperatures(taxonomy, paths), end_thresholds=())
+    tuned = replace(tuned, thresholds=choose_level_thresholds(tuned, paths, target_precision))
+    return replace(tuned, end_thresholds=choose_end_thresholds(tuned, paths, target_precision))
 
 
 # ------------------------------------------------------------------ figures
@@ -214,5 +255,5 @@ def _at(values: tuple, index: int):
     return values[index] if index < len(values) else None
 
 
-__all__ = ["SplitPaths", "calibrated_taxonomy", "coverage_at", "depth_shares", "exported_path_figures",
-           "levels_figures", "split_paths"]
+__all__ = ["PATH_WEIGHTS", "PathWeight", "SplitPaths", "calibrated_taxonomy", "coverage_at", "depth_shares",
+           "exported_path_figures", "levels_figures", "split_paths"]

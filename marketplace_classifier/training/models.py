@@ -124,6 +124,10 @@ class LexicalClassifier(nn.Module):
         self.levels_table = nn.Parameter(torch.zeros(levels_buckets, levels)) if self.levels_buckets else None
         self.levels_bias = nn.Parameter(torch.zeros(levels)) if self.levels_buckets else None
 
+    @property
+    def answers_levels(self) -> bool:
+        return self.levels_table is not None or self.levels_bag is not None
+
     @torch.no_grad()
     def fit_idf(self, term_ids: list[list[int]]) -> None:
         """Smoothed inverse document frequency of every bucket over these documents."""
@@ -150,24 +154,46 @@ class LexicalClassifier(nn.Module):
         return torch.cat([roots, self.levels_out(narrow)], dim=1)
 
 
-def mix_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor, num_classes: int
-                          ) -> torch.Tensor:
+def mix_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor, num_classes: int,
+                          levels_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum of the branches' root log-probabilities: a late fusion whose weights are chosen
     on the validation split (each branch trains on its own loss, so none hides another). The
-    levels below the roots are mixed the same way over the branches that answer them (the first
-    branch's pass unchanged when it alone does)."""
+    levels below the roots are mixed over the branches that answer them, by `levels_weights`
+    (chosen on validation for the whole path) or else by the roots' weights; the first branch's
+    pass unchanged when it alone answers them."""
+    levels_weights = weights if levels_weights is None else levels_weights
     first = logits[0].float()
     mixed = weights[0] * torch.log_softmax(root_logits(first, num_classes), dim=1)
     levels = levels_logits(first, num_classes)
     with_levels = [index for index in range(1, len(logits)) if logits[index].shape[1] == first.shape[1]]
     if with_levels and levels.shape[1]:
-        levels = weights[0] * torch.log_softmax(levels, dim=1)
+        levels = levels_weights[0] * torch.log_softmax(levels, dim=1)
     for index in range(1, len(logits)):
         branch = logits[index].float()
         mixed = mixed + weights[index] * torch.log_softmax(root_logits(branch, num_classes), dim=1)
         if index in with_levels and levels.shape[1]:
-            levels = levels + weights[index] * torch.log_softmax(levels_logits(branch, num_classes), dim=1)
+            levels = levels + levels_weights[index] * torch.log_softmax(levels_logits(branch, num_classes),
+                                                                        dim=1)
     return torch.cat([mixed, levels], dim=1)
+
+
+def register_branch_mixes(module: nn.Module, lexical: nn.Module | None) -> None:
+    """The weights of a model's branches [first, lexical]: `mix` for the roots, and, when the
+    lexical branch answers the levels too, `levels_branch_mix` for them (both chosen on validation
+    after training)."""
+    if lexical is None:
+        return
+    module.register_buffer("mix", torch.tensor([0.5, 0.5]))
+    if lexical.answers_levels:
+        module.register_buffer("levels_branch_mix", torch.tensor([0.5, 0.5]))
+
+
+def combine_branches(module: nn.Module, logits: list[torch.Tensor]) -> torch.Tensor:
+    """A model's answer from its branches' logits (see mix_log_probabilities)."""
+    if len(logits) == 1:
+        return logits[0]
+    return mix_log_probabilities(logits, module.mix, module.num_classes,
+                                 getattr(module, "levels_branch_mix", None))
 
 
 class TextClassifier(nn.Module):
@@ -183,8 +209,7 @@ class TextClassifier(nn.Module):
         self.lexical = LexicalClassifier(lexical_buckets, num_classes, levels, lexical_levels_rank,
                                          lexical_levels_buckets) \
             if lexical_buckets else None
-        if self.lexical is not None:
-            self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # encoder, lexical
+        register_branch_mixes(self, self.lexical)  # encoder, lexical
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -197,7 +222,7 @@ class TextClassifier(nn.Module):
         return logits
 
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix, self.num_classes)
+        return combine_branches(self, logits)
 
     def branches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  *lexical_inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -223,8 +248,7 @@ class CombinedClassifier(nn.Module):
         width = image_model.feature_dim + text_model.feature_dim
         self.fusion = nn.Linear(width, num_classes)
         self.levels_fusion = nn.Linear(width, levels) if levels else None
-        if text_model.lexical is not None:
-            self.register_buffer("mix", torch.tensor([0.5, 0.5]))  # fusion, lexical
+        register_branch_mixes(self, text_model.lexical)  # fusion, lexical
         if self.levels_fusion is not None and text_model.head.levels is not None:
             # the levels of the fusion and of the text model's own head, mixed by weights chosen on
             # validation after training (train.choose_levels_mix); [1, 0] trains the fusion alone
@@ -268,7 +292,7 @@ class CombinedClassifier(nn.Module):
                                    *lexical_inputs)
 
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        return logits[0] if len(logits) == 1 else mix_log_probabilities(logits, self.mix, self.num_classes)
+        return combine_branches(self, logits)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *lexical_inputs: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,13 @@ from marketplace_classifier.training.distributed import (
     train_order,
     wrap,
 )
-from marketplace_classifier.training.levels import calibrated_taxonomy, levels_figures, split_paths
+from marketplace_classifier.training.levels import (
+    PATH_WEIGHTS,
+    PathWeight,
+    calibrated_taxonomy,
+    levels_figures,
+    split_paths,
+)
 from marketplace_classifier.training.models import CombinedClassifier, levels_logits, root_logits
 from marketplace_classifier.training.tasks import make_task, taxonomy_of, text_settings
 
@@ -217,8 +223,8 @@ def train(config: TrainConfig) -> Path:
         best_path = _fit(model, task, optimizer, scheduler, config, data, device, cluster)
         if cluster.is_main and has_lexical(model):
             choose_mix(best_path, task, config)
-        if cluster.is_main and hasattr(model, "levels_mix"):
-            choose_levels_mix(best_path, task, config, data)
+        if cluster.is_main:
+            choose_path_weights(best_path, task, config, data)
         cluster.barrier()  # nobody returns while rank 0 is still writing checkpoints
         return best_path
     finally:
@@ -332,35 +338,41 @@ def choose_mix(best_path: Path, task, config: TrainConfig) -> float:
     return best
 
 
-LEVELS_MIX_GRID = [step / 4 for step in range(5)]
+def choose_path_weights(best_path: Path, task, config: TrainConfig, data: CleanData) -> None:
+    """Each of the model's path weights in turn (PATH_WEIGHTS), the others as chosen before it."""
+    for weight in PATH_WEIGHTS:
+        if hasattr(task.model, weight.buffer):
+            choose_path_weight(best_path, task, config, data, weight)
 
 
 @torch.no_grad()
-def choose_levels_mix(best_path: Path, task, config: TrainConfig, data: CleanData) -> float:
-    """Weight of the text model's levels against the fusion's in the combined model's category
-    path: the one whose full path is most often right on the validation listings (per level
+def choose_path_weight(best_path: Path, task, config: TrainConfig, data: CleanData,
+                       weight: PathWeight) -> float:
+    """The weight whose full path is most often right on the validation listings (per level
     temperatures and thresholds fitted for each weight, as export fits them), kept in the best
-    checkpoint."""
+    checkpoint under the buffer's name."""
     checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
     model = task.model
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.load_state_dict(current_state(model, checkpoint["state_dict"]), strict=True)
     model.eval()
+    buffer = getattr(model, weight.buffer)
     taxonomy = taxonomy_of(config, data)
     scores = []
-    for weight in LEVELS_MIX_GRID:
-        model.levels_mix.copy_(torch.tensor([1 - weight, weight]))
+    for candidate in weight.grid:
+        buffer.copy_(torch.tensor([1 - candidate, candidate]))
         paths = split_paths(model, config, data, taxonomy, "val", task, 1.0)
         tuned = calibrated_taxonomy(taxonomy, paths, DEFAULT_TARGET_PRECISION)
         scores.append(levels_figures(tuned, paths, None)["full_path"]["accuracy"])
-    best = LEVELS_MIX_GRID[scores.index(max(scores))]  # the fusion alone wins ties
-    model.levels_mix.copy_(torch.tensor([1 - best, best]))
+    best = weight.grid[scores.index(max(scores))]
+    buffer.copy_(torch.tensor([1 - best, best]))
     checkpoint["state_dict"] = model.state_dict()
-    checkpoint["levels_mix"] = {"text_weight": best, "val_full_path_accuracy": max(scores),
-                                "val_full_path_accuracy_by_weight": dict(zip(LEVELS_MIX_GRID, scores,
-                                                                             strict=True))}
+    checkpoint[weight.buffer] = {"weight": best, "weighs": weight.weighs,
+                                 "val_full_path_accuracy": max(scores),
+                                 "val_full_path_accuracy_by_weight": dict(zip(weight.grid, scores,
+                                                                              strict=True))}
     atomic_save(checkpoint, best_path)
-    tqdm.write(f"{config.model}: text levels weight {best:.2f} (val full path {max(scores):.3f}; "
-               f"the fusion's levels alone {scores[0]:.3f})")
+    tqdm.write(f"{config.model}: {weight.weighs} weight {best:.2f} (val full path {max(scores):.3f}; "
+               f"at {weight.grid[0]:.2f} {scores[0]:.3f})")
     return best
 
 
