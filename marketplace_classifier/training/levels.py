@@ -120,6 +120,11 @@ def fit_level_temperatures(taxonomy: Taxonomy, paths: SplitPaths) -> tuple[float
     return tuple(temperatures)
 
 
+def with_temperatures(taxonomy: Taxonomy, paths: SplitPaths) -> Taxonomy:
+    """`taxonomy` with its per-level temperatures fitted on `paths` (the validation listings)."""
+    return replace(taxonomy, temperatures=fit_level_temperatures(taxonomy, paths))
+
+
 # ------------------------------------------------------------------ answers and thresholds
 def decoded(taxonomy: Taxonomy, paths: SplitPaths) -> list[list[Level]]:
     return taxonomy.decode(paths.root_probabilities, paths.levels_log_probabilities)
@@ -135,6 +140,18 @@ def level_confidence(answers: list[list[Level]], truths: list[tuple[str, ...]], 
     correct = np.array([len(answer) >= level and tuple(a.name for a in answer[:level]) == truth[:level]
                         for answer, truth in zip(answers, truths, strict=True)])
     return reaches, confidence, correct
+
+
+def path_right(answers: list[list[Level]], truths: list[tuple[str, ...]]) -> np.ndarray:
+    """Per listing: whether its answer is its whole true path (the same categories, and ending
+    where the truth ends)."""
+    return np.array([tuple(a.name for a in answer) == truth
+                     for answer, truth in zip(answers, truths, strict=True)])
+
+
+def full_path_accuracy(taxonomy: Taxonomy, paths: SplitPaths) -> float:
+    """The share of listings whose answer is their whole true path (as levels_figures reports it)."""
+    return round(float(path_right(decoded(taxonomy, paths), paths.truths).mean()), 4)
 
 
 def choose_level_thresholds(taxonomy: Taxonomy, paths: SplitPaths, target_precision: float
@@ -159,8 +176,7 @@ def choose_end_thresholds(taxonomy: Taxonomy, paths: SplitPaths, target_precisio
     lengths = np.array([len(answer) for answer in answers])
     confident = np.array([taxonomy.confident_depth(answer, 0.0) for answer in answers]) == lengths
     last = np.array([answer[-1].probability for answer in answers])
-    right = np.array([tuple(a.name for a in answer) == truth
-                      for answer, truth in zip(answers, paths.truths, strict=True)])
+    right = path_right(answers, paths.truths)
     thresholds = []
     for level in range(2, taxonomy.depth + 1):
         ends = confident & (lengths == level)
@@ -171,7 +187,7 @@ def choose_end_thresholds(taxonomy: Taxonomy, paths: SplitPaths, target_precisio
 def calibrated_taxonomy(taxonomy: Taxonomy, paths: SplitPaths, target_precision: float) -> Taxonomy:
     """`taxonomy` with its per-level temperatures, review thresholds and end thresholds chosen on
     `paths` (the validation listings)."""
-    tuned = replace(taxonomy, temperatures=fit_level_temperatures(taxonomy, paths), end_thresholds=())
+    tuned = replace(with_temperatures(taxonomy, paths), end_thresholds=())
     tuned = replace(tuned, thresholds=choose_level_thresholds(tuned, paths, target_precision))
     return replace(tuned, end_thresholds=choose_end_thresholds(tuned, paths, target_precision))
 
@@ -205,8 +221,7 @@ def levels_figures(taxonomy: Taxonomy, paths: SplitPaths, root_threshold: float 
             "filed": round(float(filed.mean()), 4),
             "filed_precision": round(float(correct[filed].mean()), 4) if filed.any() else None,
         }
-    full = np.array([tuple(a.name for a in answer) == truth for answer, truth in zip(answers, paths.truths,
-                                                                                      strict=True)])
+    full = path_right(answers, paths.truths)
     to_end = depths == np.array([len(answer) for answer in answers])
     figures["full_path"] = {"accuracy": round(float(full.mean()), 4),
                             "accuracy_95ci": wilson_interval(int(full.sum()), len(full)),
@@ -256,4 +271,5 @@ def _at(values: tuple, index: int):
 
 
 __all__ = ["PATH_WEIGHTS", "PathWeight", "SplitPaths", "calibrated_taxonomy", "coverage_at", "depth_shares",
-           "exported_path_figures", "levels_figures", "split_paths"]
+           "exported_path_figures", "full_path_accuracy", "levels_figures", "split_paths",
+           "with_temperatures"]

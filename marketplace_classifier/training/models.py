@@ -251,7 +251,7 @@ class CombinedClassifier(nn.Module):
         register_branch_mixes(self, text_model.lexical)  # fusion, lexical
         if self.levels_fusion is not None and text_model.head.levels is not None:
             # the levels of the fusion and of the text model's own head, mixed by weights chosen on
-            # validation after training (train.choose_levels_mix); [1, 0] trains the fusion alone
+            # validation after training (train.choose_path_weights); [1, 0] trains the fusion alone
             self.register_buffer("levels_mix", torch.tensor([1.0, 0.0]))
 
     @torch.no_grad()

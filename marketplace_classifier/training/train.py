@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from marketplace_classifier.serving.model_kinds import TEXT
-from marketplace_classifier.training.calibration import DEFAULT_TARGET_PRECISION, split_outputs
+from marketplace_classifier.training.calibration import split_outputs
 from marketplace_classifier.training.checkpoints import (
     atomic_save,
     build_model,
@@ -41,9 +41,9 @@ from marketplace_classifier.training.distributed import (
 from marketplace_classifier.training.levels import (
     PATH_WEIGHTS,
     PathWeight,
-    calibrated_taxonomy,
-    levels_figures,
+    full_path_accuracy,
     split_paths,
+    with_temperatures,
 )
 from marketplace_classifier.training.models import CombinedClassifier, levels_logits, root_logits
 from marketplace_classifier.training.tasks import make_task, taxonomy_of, text_settings
@@ -317,63 +317,68 @@ def fit_lexical_idf(model: nn.Module, config: TrainConfig, texts) -> None:
 MIX_GRID = [step / 20 for step in range(21)]
 
 
+def reload_best(best_path: Path, model: nn.Module) -> dict:
+    """The best checkpoint, its weights loaded into `model` (in eval mode) for a choice on val."""
+    checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(current_state(model, checkpoint["state_dict"]), strict=True)
+    model.eval()
+    return checkpoint
+
+
+def keep_choices(best_path: Path, checkpoint: dict, model: nn.Module) -> None:
+    """The best checkpoint saved again with `model`'s buffers as chosen."""
+    checkpoint["state_dict"] = model.state_dict()
+    atomic_save(checkpoint, best_path)
+
+
 @torch.no_grad()
 def choose_mix(best_path: Path, task, config: TrainConfig) -> float:
     """Weight of the lexical branch against the other, chosen on the validation split and
     stored in the best checkpoint."""
-    checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
-    task.model.load_state_dict(checkpoint["state_dict"], strict=True)
-    task.model.eval()
+    checkpoint = reload_best(best_path, task.model)
     branches, labels = split_outputs(task, "val", config.batch_size)
     first, second = (torch.log_softmax(logits, 1) for logits in branches)
     scores = [((1 - w) * first + w * second).argmax(1).eq(labels).float().mean().item() for w in MIX_GRID]
     best = MIX_GRID[max(range(len(MIX_GRID)), key=lambda i: (scores[i], -abs(MIX_GRID[i] - 0.5)))]
     task.model.mix.copy_(torch.tensor([1 - best, best]))
-    checkpoint["state_dict"] = task.model.state_dict()
     checkpoint["mix"] = {"lexical_weight": best, "val_accuracy": max(scores),
                          "val_accuracy_by_weight": dict(zip(MIX_GRID, scores, strict=True))}
-    atomic_save(checkpoint, best_path)
+    keep_choices(best_path, checkpoint, task.model)
     tqdm.write(f"{config.model}: lexical weight {best:.2f} (val accuracy {max(scores):.3f}; "
                f"without it {scores[0]:.3f}, lexical alone {scores[-1]:.3f})")
     return best
 
 
 def choose_path_weights(best_path: Path, task, config: TrainConfig, data: CleanData) -> None:
-    """Each of the model's path weights in turn (PATH_WEIGHTS), the others as chosen before it."""
-    for weight in PATH_WEIGHTS:
-        if hasattr(task.model, weight.buffer):
-            choose_path_weight(best_path, task, config, data, weight)
+    """Each of the model's path weights in turn (PATH_WEIGHTS), the others as chosen before it,
+    kept in the best checkpoint under their buffers' names."""
+    weights = [weight for weight in PATH_WEIGHTS if hasattr(task.model, weight.buffer)]
+    if not weights:
+        return
+    checkpoint = reload_best(best_path, task.model)
+    for weight in weights:
+        checkpoint[weight.buffer] = choose_path_weight(task, config, data, weight)
+    keep_choices(best_path, checkpoint, task.model)
 
 
 @torch.no_grad()
-def choose_path_weight(best_path: Path, task, config: TrainConfig, data: CleanData,
-                       weight: PathWeight) -> float:
-    """The weight whose full path is most often right on the validation listings (per level
-    temperatures and thresholds fitted for each weight, as export fits them), kept in the best
-    checkpoint under the buffer's name."""
-    checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
-    model = task.model
-    model.load_state_dict(current_state(model, checkpoint["state_dict"]), strict=True)
-    model.eval()
-    buffer = getattr(model, weight.buffer)
+def choose_path_weight(task, config: TrainConfig, data: CleanData, weight: PathWeight) -> dict:
+    """Set the weight whose full path is most often right on the validation listings (per level
+    temperatures fitted for each weight, as export fits them; the review thresholds do not change
+    which path is answered) and return the choice with its scores."""
+    buffer = getattr(task.model, weight.buffer)
     taxonomy = taxonomy_of(config, data)
     scores = []
     for candidate in weight.grid:
         buffer.copy_(torch.tensor([1 - candidate, candidate]))
-        paths = split_paths(model, config, data, taxonomy, "val", task, 1.0)
-        tuned = calibrated_taxonomy(taxonomy, paths, DEFAULT_TARGET_PRECISION)
-        scores.append(levels_figures(tuned, paths, None)["full_path"]["accuracy"])
+        paths = split_paths(task.model, config, data, taxonomy, "val", task, 1.0)
+        scores.append(full_path_accuracy(with_temperatures(taxonomy, paths), paths))
     best = weight.grid[scores.index(max(scores))]
     buffer.copy_(torch.tensor([1 - best, best]))
-    checkpoint["state_dict"] = model.state_dict()
-    checkpoint[weight.buffer] = {"weight": best, "weighs": weight.weighs,
-                                 "val_full_path_accuracy": max(scores),
-                                 "val_full_path_accuracy_by_weight": dict(zip(weight.grid, scores,
-                                                                              strict=True))}
-    atomic_save(checkpoint, best_path)
     tqdm.write(f"{config.model}: {weight.weighs} weight {best:.2f} (val full path {max(scores):.3f}; "
                f"at {weight.grid[0]:.2f} {scores[0]:.3f})")
-    return best
+    return {"weight": best, "weighs": weight.weighs, "val_full_path_accuracy": max(scores),
+            "val_full_path_accuracy_by_weight": dict(zip(weight.grid, scores, strict=True))}
 
 
 def _one_epoch(model, task, forward, stepping: tuple, config: TrainConfig, device, cluster: Cluster,
